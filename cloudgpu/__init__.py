@@ -1,0 +1,54 @@
+"""cloudgpu: run notebook cells and whole sessions on remote GPUs.
+
+In a notebook::
+
+    %load_ext cloudgpu
+
+    %%remote gpu=H100
+    y = model(x)        # x goes there, y comes back
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    AuthenticationError,
+    CloudGPUError,
+    HardwareUnavailableError,
+    HostConnectionError,
+    HostStartError,
+    RemoteExecutionError,
+    RemoteKernelDiedError,
+    SerializationError,
+    UnknownHardwareError,
+    VersionSkewWarning,
+)
+from .hardware import Catalog, HardwareSpec, parse_spec  # noqa: E402
+
+__all__ = [
+    "AuthenticationError",
+    "Catalog",
+    "CloudGPUError",
+    "HardwareSpec",
+    "HardwareUnavailableError",
+    "HostConnectionError",
+    "HostStartError",
+    "RemoteExecutionError",
+    "RemoteKernelDiedError",
+    "SerializationError",
+    "UnknownHardwareError",
+    "VersionSkewWarning",
+    "__version__",
+    "load_ipython_extension",
+    "parse_spec",
+]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext cloudgpu``: register ``%%remote`` and ``%remote``."""
+    from .magics import load_ipython_extension as load
+
+    load(ipython)

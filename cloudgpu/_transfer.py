@@ -1,0 +1,82 @@
+"""Moving many frames in bounded messages: chunking on one side, reassembly on the other.
+
+A batch of named values is sent as one or more comm messages. The first carries the
+headers (name, codec, frame sizes); each message carries at most ``CHUNK`` bytes of
+frame data as binary buffers. Small frames pass through as zero-copy views; a frame
+split across messages is reassembled into one preallocated buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from .serialize import Serialized
+
+CHUNK = 4 * 2**20
+
+Piece = tuple[int, int, int]  # value index, frame index, offset in the frame
+
+
+def pack(values: dict[str, Serialized], chunk: int = CHUNK,
+         extra: dict[str, Any] | None = None) -> Iterator[tuple[dict[str, Any], list[memoryview]]]:
+    """Split ``values`` into ``(data, buffers)`` comm messages of at most ``chunk`` bytes each.
+
+    The first message's data holds ``vars``, every message ``pieces``, the last ``final: True``.
+    """
+    headers = [{"name": n, "codec": s.codec, "sizes": [f.nbytes for f in s.frames]}
+               for n, s in values.items()]
+    data: dict[str, Any] = {**(extra or {}), "vars": headers, "pieces": []}
+    buffers: list[memoryview] = []
+    room = chunk
+    for vi, s in enumerate(values.values()):
+        for fi, frame in enumerate(s.frames):
+            flat = frame.cast("B") if frame.ndim != 1 or frame.format != "B" else frame
+            offset = 0
+            while offset < flat.nbytes or (offset == 0 and flat.nbytes == 0):
+                if room == 0:
+                    yield data, buffers
+                    data, buffers, room = {**(extra or {}), "pieces": []}, [], chunk
+                take = min(room, flat.nbytes - offset)
+                data["pieces"].append([vi, fi, offset])
+                buffers.append(flat[offset: offset + take])
+                offset += take
+                room -= take
+                if flat.nbytes == 0:
+                    break
+    data["final"] = True
+    yield data, buffers
+
+
+class Assembler:
+    """Collects the messages of one batch and rebuilds each value's frames."""
+
+    def __init__(self) -> None:
+        self.headers: list[dict[str, Any]] = []
+        self._frames: list[list[Any]] = []
+        self.received = 0
+        self.total = 0
+        self.done = False
+
+    def feed(self, data: dict[str, Any], buffers: list[Any]) -> None:
+        """Take one message of the batch."""
+        if "vars" in data:
+            self.headers = data["vars"]
+            self._frames = [[None] * len(h["sizes"]) for h in self.headers]
+            self.total = sum(sum(h["sizes"]) for h in self.headers)
+        for (vi, fi, offset), buf in zip(data["pieces"], buffers):
+            view = memoryview(buf).cast("B")
+            size = self.headers[vi]["sizes"][fi]
+            if offset == 0 and view.nbytes == size:
+                self._frames[vi][fi] = view
+            else:
+                if self._frames[vi][fi] is None:
+                    self._frames[vi][fi] = bytearray(size)
+                self._frames[vi][fi][offset: offset + view.nbytes] = view
+            self.received += view.nbytes
+        self.done = bool(data.get("final"))
+
+    def values(self) -> dict[str, Serialized]:
+        """The reassembled values, by name."""
+        return {h["name"]: Serialized(h["codec"], [memoryview(f) for f in frames])
+                for h, frames in zip(self.headers, self._frames)}

@@ -1,0 +1,61 @@
+"""Jupyter messages on the kernel websocket, in the ``v1.kernel.websocket.jupyter.org`` framing."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+SUBPROTOCOL = "v1.kernel.websocket.jupyter.org"
+PROTOCOL_VERSION = "5.3"
+
+Message = dict[str, Any]
+
+
+def new_message(msg_type: str, content: dict[str, Any], session: str, *,
+                metadata: dict[str, Any] | None = None,
+                buffers: list[Any] | None = None) -> Message:
+    """A Jupyter message ready to send (the host signs it on the ZMQ side)."""
+    return {
+        "header": {
+            "msg_id": uuid.uuid4().hex,
+            "msg_type": msg_type,
+            "username": "cloudgpu",
+            "session": session,
+            "date": datetime.now(timezone.utc).isoformat(),
+            "version": PROTOCOL_VERSION,
+        },
+        "parent_header": {},
+        "metadata": metadata or {},
+        "content": content,
+        "buffers": buffers or [],
+    }
+
+
+def _dump(part: Any) -> bytes:
+    return json.dumps(part, separators=(",", ":"), default=str).encode()
+
+
+def encode(channel: str, msg: Message) -> bytes:
+    """Frame a message for the websocket: offsets, channel, JSON parts, raw buffers."""
+    parts: list[Any] = [channel.encode(), _dump(msg["header"]), _dump(msg["parent_header"]),
+                        _dump(msg["metadata"]), _dump(msg["content"]), *msg.get("buffers", ())]
+    n = len(parts) + 1
+    offsets = [8 * (n + 1)]
+    for part in parts:
+        offsets.append(offsets[-1] + memoryview(part).nbytes)
+    head = b"".join(x.to_bytes(8, "little") for x in (n, *offsets))
+    return b"".join([head, *parts])
+
+
+def decode(data: bytes) -> tuple[str, Message]:
+    """Unframe a websocket message; buffers stay zero-copy views into ``data``."""
+    view = memoryview(data)
+    n = int.from_bytes(view[:8], "little")
+    offsets = [int.from_bytes(view[8 * (i + 1): 8 * (i + 2)], "little") for i in range(n)]
+    parts = [view[offsets[i]: offsets[i + 1]] for i in range(n - 1)]
+    channel = bytes(parts[0]).decode()
+    header, parent, metadata, content = (json.loads(bytes(p)) for p in parts[1:5])
+    return channel, {"header": header, "parent_header": parent, "metadata": metadata,
+                     "content": content, "buffers": parts[5:], "msg_type": header.get("msg_type")}

@@ -1,0 +1,41 @@
+"""The ``cloudgpu`` command: one entry point, a subcommand per job."""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["main"]
+
+_USAGE = """\
+usage: cloudgpu <command> [options]
+
+Run notebook code on remote GPUs.
+
+commands:
+  host      run a cloudgpu host: Jupyter kernels with GPUs, for clients elsewhere
+  version   print the cloudgpu version
+
+`cloudgpu <command> --help` shows a command's options. In a notebook:
+`%load_ext cloudgpu`, then `%%remote gpu=H100` above a cell.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch ``cloudgpu <command> ...``."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_USAGE, end="")
+        return
+    command, rest = args[0], args[1:]
+    if command == "host":
+        from .remote_host.hostapp import HostApp
+
+        HostApp.launch_instance(rest)
+    elif command in ("version", "--version"):
+        from . import __version__
+
+        print(__version__)
+    else:
+        print(f"cloudgpu: unknown command `{command}`.\n", file=sys.stderr)
+        print(_USAGE, end="", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,183 @@
+"""Talking to one host: its REST API (httpx) and a kernel's websocket (websockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+
+from . import _wire
+from .errors import (
+    AuthenticationError,
+    CloudGPUError,
+    HardwareUnavailableError,
+    HostConnectionError,
+    UnknownHardwareError,
+)
+
+__all__ = ["HostClient", "KernelConnection"]
+
+Handler = Callable[[str, _wire.Message], None]
+
+
+class HostClient:
+    """The REST side of a host: inventory, kernels with GPUs, interrupt, shutdown.
+
+    Args:
+        url: the host's base URL, ``http://127.0.0.1:8899/``.
+        token: the host token, or a token a pool scoped to one kernel.
+    """
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self._http = httpx.AsyncClient(
+            base_url=self.url, headers={"Authorization": f"token {token}"},
+            timeout=httpx.Timeout(60.0, connect=10.0),
+        )
+
+    async def request(self, method: str, path: str, json: Any = None) -> Any:
+        """One REST call; errors come back as cloudgpu errors that say what to do."""
+        try:
+            response = await self._http.request(method, path, json=json)
+        except httpx.HTTPError as e:
+            raise HostConnectionError(
+                f"Cannot reach the cloudgpu host at {self.url}: {e.__class__.__name__}: {e}. "
+                f"Is it running?"
+            ) from e
+        if response.status_code == 403:
+            raise AuthenticationError(
+                f"The host at {self.url} refused our token (403): {_message(response)}"
+            )
+        if response.status_code == 400:
+            raise UnknownHardwareError(_message(response))
+        if response.status_code == 409:
+            raise HardwareUnavailableError(_message(response))
+        if response.status_code >= 400:
+            raise CloudGPUError(
+                f"{method} {path} on {self.url} failed ({response.status_code}): "
+                f"{_message(response)}"
+            )
+        return response.json() if response.content else None
+
+    async def info(self) -> dict[str, Any]:
+        """``GET /api/cloudgpu/host``: versions and inventory."""
+        return await self.request("GET", "/api/cloudgpu/host")  # type: ignore[no-any-return]
+
+    async def start_kernel(self, hardware: str) -> dict[str, Any]:
+        """Start a kernel holding ``hardware``; returns its kernel model."""
+        return await self.request(  # type: ignore[no-any-return]
+            "POST", "/api/cloudgpu/kernels", {"hardware": hardware}
+        )
+
+    async def interrupt(self, kernel_id: str) -> None:
+        """Interrupt whatever the kernel is running."""
+        await self.request("POST", f"/api/kernels/{kernel_id}/interrupt")
+
+    async def shutdown(self, kernel_id: str) -> None:
+        """Shut a kernel down (its GPUs are freed)."""
+        with contextlib.suppress(CloudGPUError):
+            await self.request("DELETE", f"/api/kernels/{kernel_id}")
+
+    async def connect(self, kernel_id: str, on_message: Handler) -> KernelConnection:
+        """Open the kernel's websocket; every message received goes to ``on_message``."""
+        return await KernelConnection.open(self, kernel_id, on_message)
+
+    async def aclose(self) -> None:
+        """Close the HTTP connection pool."""
+        await self._http.aclose()
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300] or response.reason_phrase
+    return str(body.get("message") or body.get("reason") or body)
+
+
+class KernelConnection:
+    """One websocket to one kernel: send messages on any channel, receive them all."""
+
+    def __init__(self, ws: ClientConnection, kernel_id: str, on_message: Handler) -> None:
+        self.ws = ws
+        self.kernel_id = kernel_id
+        self.session = uuid.uuid4().hex
+        self._on_message = on_message
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self.closed = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def open(cls, host: HostClient, kernel_id: str, on_message: Handler) -> KernelConnection:
+        """Connect to ``/api/kernels/{id}/channels`` with the v1 framing."""
+        ws_url = host.url.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels"
+        try:
+            ws = await connect(
+                ws_url,
+                subprotocols=[_wire.SUBPROTOCOL],  # type: ignore[list-item]
+                additional_headers={"Authorization": f"token {host.token}"},
+                max_size=None, compression=None, ping_interval=20, ping_timeout=120,
+                open_timeout=20,
+            )
+        except InvalidStatus as e:
+            if e.response.status_code == 403:
+                raise AuthenticationError(
+                    f"The host at {host.url} refused our token for kernel {kernel_id} (403)."
+                ) from e
+            raise HostConnectionError(
+                f"The host at {host.url} refused the websocket for kernel {kernel_id}: "
+                f"HTTP {e.response.status_code}."
+            ) from e
+        except (OSError, WebSocketException, TimeoutError) as e:
+            raise HostConnectionError(
+                f"Cannot open the kernel websocket at {ws_url}: {e.__class__.__name__}: {e}"
+            ) from e
+        if ws.subprotocol != _wire.SUBPROTOCOL:
+            await ws.close()
+            raise HostConnectionError(
+                f"The host at {host.url} does not speak {_wire.SUBPROTOCOL}; upgrade jupyter_server "
+                f"there (>= 2.10)."
+            )
+        return cls(ws, kernel_id, on_message)
+
+    def message(self, msg_type: str, content: dict[str, Any], **kw: Any) -> _wire.Message:
+        """A new message in this connection's session."""
+        return _wire.new_message(msg_type, content, self.session, **kw)
+
+    async def send(self, channel: str, msg: _wire.Message) -> None:
+        """Send one message.
+
+        Raises:
+            HostConnectionError: when the connection has dropped.
+        """
+        try:
+            await self.ws.send(_wire.encode(channel, msg))
+        except ConnectionClosed as e:
+            raise HostConnectionError(
+                f"The connection to kernel {self.kernel_id} dropped: {e}"
+            ) from e
+
+    async def _read(self) -> None:
+        try:
+            async for data in self.ws:
+                if isinstance(data, str):
+                    continue  # v1 is binary only
+                channel, msg = _wire.decode(data)
+                self._on_message(channel, msg)
+        except ConnectionClosed:
+            pass
+        finally:
+            if not self.closed.done():
+                self.closed.set_result(None)
+
+    async def close(self) -> None:
+        """Close the websocket."""
+        await self.ws.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader

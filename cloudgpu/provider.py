@@ -1,0 +1,37 @@
+"""Where sessions come from: the seam between the client and whatever hands out kernels.
+
+A provider turns a hardware spec into a ``Grant`` (a host, a kernel on it and a token)
+and takes it back. The embedded local default starts a host subprocess on this
+machine; the pool will be another provider.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from .hardware import HardwareSpec
+from .session import Grant
+
+__all__ = ["SessionProvider"]
+
+
+class SessionProvider(abc.ABC):
+    """Hands out kernels on the hardware asked for."""
+
+    #: Shown to users: where their cells run (``embedded local host``, a pool URL).
+    description: str = ""
+
+    @abc.abstractmethod
+    async def acquire(self, spec: HardwareSpec) -> Grant:
+        """Start (or wait for) a kernel on ``spec``.
+
+        Raises:
+            CloudGPUError: a subclass saying why none can be had.
+        """
+
+    @abc.abstractmethod
+    async def release(self, grant: Grant) -> None:
+        """Give a kernel back: stop it and free its hardware."""
+
+    async def aclose(self) -> None:
+        """Release whatever the provider itself holds (a host process, connections)."""

@@ -1,0 +1,117 @@
+"""Turning Python values into frames and back: cloudpickle, protocol 5, out-of-band buffers.
+
+A value becomes a list of frames: the pickle stream first, then each out-of-band buffer
+(numpy arrays, torch CPU tensors, ``bytes`` in a ``PickleBuffer``) as a zero-copy memoryview.
+What cloudpickle refuses, dill tries. Only exchange these with a peer you trust:
+unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import pickle
+import platform
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from .errors import SerializationError
+
+__all__ = ["Serialized", "describe_type", "dumps", "loads", "versions"]
+
+
+@dataclass
+class Serialized:
+    """One value as frames.
+
+    Attributes:
+        codec: ``cloudpickle``, ``dill`` or ``module`` (a module travels as its name).
+        frames: the pickle stream, then the out-of-band buffers.
+    """
+
+    codec: str
+    frames: list[memoryview] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        """Total size of the frames."""
+        return sum(f.nbytes for f in self.frames)
+
+    @property
+    def out_of_band(self) -> int:
+        """How many frames went out of band (not copied into the pickle stream)."""
+        return max(len(self.frames) - 1, 0)
+
+
+def describe_type(value: Any) -> str:
+    """A short, readable name of a value's type: ``numpy.ndarray``, ``_io.TextIOWrapper``."""
+    cls = type(value)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def dumps(value: Any, name: str = "value") -> Serialized:
+    """Serialize ``value``; ``name`` is what an error calls it.
+
+    Raises:
+        SerializationError: when neither cloudpickle nor dill can pickle it.
+    """
+    if isinstance(value, types.ModuleType):
+        return Serialized("module", [memoryview(value.__name__.encode())])
+    errors = []
+    for codec in ("cloudpickle", "dill"):
+        buffers: list[pickle.PickleBuffer] = []
+        try:
+            if codec == "cloudpickle":
+                stream = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+            else:
+                import dill
+
+                stream = dill.dumps(value, protocol=5, buffer_callback=buffers.append)
+        except Exception as e:  # both libraries raise a zoo of types for "cannot pickle"
+            errors.append(f"{codec}: {type(e).__name__}: {e}")
+            continue
+        return Serialized(codec, [memoryview(stream), *(b.raw() for b in buffers)])
+    raise SerializationError(
+        f"Cannot send `{name}` ({describe_type(value)}): it cannot be pickled "
+        f"({'; '.join(errors)}). Recreate it inside the remote cell, or leave it out of the "
+        f"cell's inputs."
+    )
+
+
+def loads(codec: str, frames: list[Any], name: str = "value") -> Any:
+    """Rebuild a value from its frames.
+
+    Raises:
+        SerializationError: when unpickling fails here (a missing module, version skew).
+    """
+    try:
+        if codec == "module":
+            import importlib
+
+            return importlib.import_module(bytes(frames[0]).decode())
+        if codec == "dill":
+            import dill
+
+            return dill.loads(frames[0], buffers=frames[1:])
+        return pickle.loads(frames[0], buffers=frames[1:])
+    except Exception as e:
+        raise SerializationError(
+            f"Cannot load `{name}` on {platform.node()} (Python {platform.python_version()}): "
+            f"{type(e).__name__}: {e}. Install the package it needs there, or check that both "
+            f"sides run the same Python and cloudpickle versions."
+        ) from e
+
+
+def versions() -> dict[str, str]:
+    """What the two sides compare before exchanging pickles."""
+    import dill
+
+    return {
+        "python": platform.python_version(),
+        "implementation": sys.implementation.name,
+        "cloudpickle": cloudpickle.__version__,
+        "dill": dill.__version__,
+    }

@@ -1,0 +1,121 @@
+"""The cloudgpu agent inside each remote kernel: receives and sends variables over a comm.
+
+Loaded by the host's kernels with ``--ext=cloudgpu.remote_host.agent``. The comm target
+``cloudgpu.agent`` understands three operations, each a comm message whose binary
+buffers carry the frames (see ``cloudgpu._transfer``):
+
+- ``push``: values to bind in the user namespace; a value that fails to load is
+  reported, and the next cell is rejected before it runs so it never sees stale inputs;
+- ``pull``: names to send back, skipped when the cell just run failed;
+- ``hello`` (on comm open): both sides' Python and cloudpickle versions.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import platform
+from typing import Any
+
+from IPython.core.error import InputRejected
+from IPython.core.interactiveshell import InteractiveShell
+
+from cloudgpu import __version__
+from cloudgpu._transfer import Assembler, pack
+from cloudgpu.errors import SerializationError
+from cloudgpu.serialize import Serialized, describe_type, dumps, loads, versions
+
+TARGET = "cloudgpu.agent"
+
+
+class _RejectAfterFailedPush(ast.NodeTransformer):
+    """Stops the next cell from running when its inputs did not arrive."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def visit_Module(self, node: ast.Module) -> ast.Module:
+        problems, self.agent.push_errors = self.agent.push_errors, {}
+        if problems:
+            lines = "\n".join(f"  {name}: {why}" for name, why in problems.items())
+            raise InputRejected(f"cloudgpu: the cell did not run; these inputs could not be "
+                                f"loaded on the remote side:\n{lines}")
+        return node
+
+
+class Agent:
+    """Serves one kernel's ``cloudgpu.agent`` comms."""
+
+    def __init__(self, shell: InteractiveShell) -> None:
+        self.shell = shell
+        self.push_errors: dict[str, str] = {}
+        self._incoming: dict[str, Assembler] = {}
+        shell.ast_transformers.append(_RejectAfterFailedPush(self))
+
+    def open(self, comm: Any, msg: dict[str, Any]) -> None:
+        """A client connected: answer its hello with our versions."""
+        comm.on_msg(lambda m: self.on_msg(comm, m))
+        comm.send({"op": "hello", "versions": versions(), "cloudgpu": __version__,
+                   "hostname": platform.node(), "pid": os.getpid(),
+                   "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                   "simulated_gpus": os.environ.get("CLOUDGPU_SIMULATED_GPUS", "")})
+
+    def on_msg(self, comm: Any, msg: dict[str, Any]) -> None:
+        """Dispatch one comm message."""
+        data = msg["content"]["data"]
+        op = data.get("op")
+        if op == "push":
+            self._on_push(comm, data, msg.get("buffers") or [])
+        elif op == "pull":
+            self._on_pull(comm, data)
+        else:
+            comm.send({"op": "error", "id": data.get("id"), "error": f"unknown op {op!r}"})
+
+    def _on_push(self, comm: Any, data: dict[str, Any], buffers: list[Any]) -> None:
+        batch = data["id"]
+        assembler = self._incoming.setdefault(batch, Assembler())
+        assembler.feed(data, buffers)
+        if not assembler.done:
+            return
+        del self._incoming[batch]
+        errors: dict[str, str] = {}
+        for name, value in assembler.values().items():
+            try:
+                self.shell.user_ns[name] = loads(value.codec, value.frames, name)
+            except SerializationError as e:
+                errors[name] = str(e)
+        self.push_errors.update(errors)
+        comm.send({"op": "pushed", "id": batch, "errors": errors})
+
+    def _on_pull(self, comm: Any, data: dict[str, Any]) -> None:
+        batch = data["id"]
+        if data.get("only_if_ok", True) and not self.shell.last_execution_succeeded:
+            comm.send({"op": "pulled", "id": batch, "skipped": "the cell failed",
+                       "vars": [], "pieces": [], "final": True})
+            return
+        values: dict[str, Serialized] = {}
+        errors: dict[str, str] = {}
+        missing = []
+        for name in data["names"]:
+            if name not in self.shell.user_ns:
+                missing.append(name)
+                continue
+            value = self.shell.user_ns[name]
+            try:
+                values[name] = dumps(value, name)
+            except SerializationError:
+                errors[name] = f"{describe_type(value)} cannot be pickled; it stays remote"
+        for part, buffers in pack(values, extra={"op": "pulled", "id": batch}):
+            if part.get("final"):
+                part.update(errors=errors, missing=missing)
+            comm.send(part, buffers=buffers)
+
+
+def load_ipython_extension(shell: InteractiveShell) -> None:
+    """Register the ``cloudgpu.agent`` comm target in this kernel."""
+    kernel = getattr(shell, "kernel", None)
+    if kernel is None:  # plain IPython: nothing to serve
+        return
+    agent = Agent(shell)
+    kernel.comm_manager.register_target(TARGET, agent.open)
+    shell.cloudgpu_agent = agent  # type: ignore[attr-defined]

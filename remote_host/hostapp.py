@@ -1,0 +1,174 @@
+"""``cloudgpu host``: a Jupyter Server that runs kernels on this machine's GPUs for remote clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from typing import Any
+
+from jupyter_server.serverapp import ServerApp
+from jupyter_server.utils import url_path_join
+from tornado.ioloop import PeriodicCallback
+from traitlets import Integer, Unicode, default
+from traitlets.config import Config
+
+from cloudgpu import __version__
+from cloudgpu.hardware import Catalog
+
+from .auth import HostIdentityProvider
+from .handlers import HOST_HANDLERS
+from .inventory import Inventory
+from .kernels import AgentKernelSpecManager, GPUKernelManager
+
+__all__ = ["HostApp"]
+
+_HOST_CONFIG_DEFAULTS = {
+    # Our client coalesces output itself; Jupyter's iopub rate limit would drop a flood.
+    "ZMQChannelsWebsocketConnection": {"limit_rate": False},
+    # Live remote kernels should not be culled by Jupyter; the pool culls sessions.
+    "ServerApp": {"open_browser": False},
+}
+
+
+class HostApp(ServerApp):
+    """A cloudgpu host: the Jupyter kernel REST and websocket API, plus GPUs per kernel.
+
+    Every request needs the host token. Kernels load the cloudgpu agent, which moves
+    variables to and from the notebook that drives them.
+    """
+
+    name = "cloudgpu-host"
+    version = __version__
+    description = (
+        "Run a cloudgpu host: Jupyter kernels with the cloudgpu agent, one GPU set per kernel.\n\n"
+        "Listens on 127.0.0.1 unless --ip says otherwise. Every HTTP and websocket request "
+        "must carry the token (`Authorization: token T`); without --token (or "
+        "CLOUDGPU_HOST_TOKEN) one is generated and printed once."
+    )
+    examples = (
+        "cloudgpu host --port 8899 --token \"$(openssl rand -hex 24)\"\n"
+        "cloudgpu host --simulate H100:2,A100-80GB:4   # no GPUs here: pretend, clearly labelled"
+    )
+    config_file_name = Unicode("cloudgpu_host_config", config=True)  # type: ignore[assignment]
+
+    aliases = {
+        "ip": "ServerApp.ip",
+        "port": "ServerApp.port",
+        "token": "IdentityProvider.token",
+        "simulate": "HostApp.simulate",
+        "info-file": "HostApp.info_file",
+        "parent-pid": "HostApp.parent_pid",
+        "certfile": "ServerApp.certfile",
+        "keyfile": "ServerApp.keyfile",
+        "log-level": "Application.log_level",
+        "config": "ServerApp.config_file",
+    }
+    flags: dict[str, Any] = {}
+
+    default_services = ("api", "kernels", "kernelspecs", "shutdown")
+
+    simulate = Unicode(
+        "",
+        help="Pretend this host has these GPUs, e.g. `H100:2,A100-80GB:4`. Every inventory "
+        "field says `simulated: true`. Default: $CLOUDGPU_SIMULATE, else the real GPUs via NVML.",
+    ).tag(config=True)
+    info_file = Unicode(
+        "",
+        help="Write the host's URL and pid here as JSON once it listens (for a parent process).",
+    ).tag(config=True)
+    parent_pid = Integer(
+        0, help="Stop when this process is gone (used by the embedded local default)."
+    ).tag(config=True)
+
+    @default("simulate")
+    def _default_simulate(self) -> str:
+        return os.environ.get("CLOUDGPU_SIMULATE", "")
+
+    @default("ip")
+    def _default_ip(self) -> str:
+        return "127.0.0.1"
+
+    @default("allow_root")
+    def _default_allow_root(self) -> bool:
+        # Jupyter refuses root to protect a browser session; hosts run in containers as root.
+        return True
+
+    @default("kernel_manager_class")
+    def _default_kernel_manager_class(self) -> type:
+        return GPUKernelManager
+
+    @default("kernel_spec_manager_class")
+    def _default_kernel_spec_manager_class(self) -> type:
+        return AgentKernelSpecManager
+
+    @default("identity_provider_class")
+    def _default_identity_provider_class(self) -> type:
+        return HostIdentityProvider
+
+    def initialize(self, argv: list[str] | None = None, **kwargs: Any) -> None:  # type: ignore[override]
+        """Apply host defaults under the user's config, then start Jupyter Server's setup."""
+        self.update_config(Config(_HOST_CONFIG_DEFAULTS))
+        token = os.environ.pop("CLOUDGPU_HOST_TOKEN", "")
+        if token:
+            self.update_config(Config({"IdentityProvider": {"token": token}}))
+        super().initialize(argv, **kwargs)
+
+    def init_configurables(self) -> None:
+        """Create the inventory and hand it to the kernel manager."""
+        super().init_configurables()
+        catalog = Catalog.default()
+        km = self.kernel_manager
+        km.catalog = catalog
+        km.inventory = Inventory.discover(self.simulate or None)
+        if not self.identity_provider.token:
+            self.identity_provider.token = secrets.token_hex(24)
+            print(f"cloudgpu host token (shown once): {self.identity_provider.token}",
+                  file=sys.stderr)
+        self.identity_provider.token_generated = False
+
+    def find_server_extensions(self) -> None:
+        """A host serves kernels only: no JupyterLab or other server extensions."""
+        self.jpserver_extensions = {}
+
+    def init_webapp(self) -> None:
+        """Add our handlers beside Jupyter's kernel API."""
+        super().init_webapp()
+        base = self.web_app.settings["base_url"]
+        self.web_app.add_handlers(
+            ".*$", [(url_path_join(base, path), handler) for path, handler in HOST_HANDLERS]
+        )
+
+    def write_server_info_file(self) -> None:
+        """Write the --info-file (not Jupyter's server list: a host is not a notebook server)."""
+        if not self.info_file:
+            return
+        info = {"url": self.connection_url, "port": self.port, "pid": os.getpid(),
+                "simulated": self.kernel_manager.inventory.simulated}
+        tmp = f"{self.info_file}.tmp"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, self.info_file)
+
+    def remove_server_info_file(self) -> None:
+        """Remove the --info-file on the way out."""
+        if self.info_file and os.path.exists(self.info_file):
+            os.unlink(self.info_file)
+
+    def write_browser_open_files(self) -> None:
+        """No browser for a host."""
+
+    def start_app(self) -> None:
+        """Start serving; watch the parent process when one was named."""
+        super().start_app()
+        if self.parent_pid:
+            PeriodicCallback(self._check_parent, 500).start()
+
+    def _check_parent(self) -> None:
+        if os.getppid() != self.parent_pid:
+            self.log.warning("Parent process %s is gone; stopping the host.", self.parent_pid)
+            self.stop()
+
+
+main = launch_new_instance = HostApp.launch_instance

@@ -1,0 +1,116 @@
+"""The host's kernels: each starts with the cloudgpu agent loaded and its own set of GPUs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
+from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+from traitlets import Float, Instance, Unicode
+
+from cloudgpu.hardware import Catalog, HardwareSpec
+
+from .inventory import Device, Inventory
+
+__all__ = ["AGENT_KERNEL_NAME", "AgentKernelSpecManager", "GPUKernelManager"]
+
+AGENT_KERNEL_NAME = "cloudgpu-python"
+
+
+class AgentKernelSpecManager(KernelSpecManager):
+    """Offers exactly one kernel: this host's Python with the cloudgpu agent loaded."""
+
+    stdout_flush_interval = Float(
+        0.02,
+        help="Seconds the remote kernel holds stdout back before sending it "
+        "(ipykernel's default is 0.2; lower means output shows sooner).",
+    ).tag(config=True)
+
+    def _spec(self) -> KernelSpec:
+        argv = [
+            sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+            "--ext=cloudgpu.remote_host.agent",
+            f"--OutStream.flush_interval={self.stdout_flush_interval}",
+        ]
+        return KernelSpec(
+            argv=argv,
+            display_name=f"Python {sys.version_info.major}.{sys.version_info.minor} (cloudgpu host)",
+            language="python",
+            interrupt_mode="signal",
+            resource_dir=str(Path(__file__).parent),
+            metadata={"debugger": True},
+        )
+
+    def find_kernel_specs(self) -> dict[str, str]:
+        """The one kernel this host runs."""
+        return {AGENT_KERNEL_NAME: str(Path(__file__).parent)}
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        """Our spec for our name; every other name is unknown here."""
+        if kernel_name != AGENT_KERNEL_NAME:
+            raise NoSuchKernel(kernel_name)
+        return self._spec()
+
+    def get_all_specs(self) -> dict[str, Any]:
+        """The kernelspec listing ``/api/kernelspecs`` serves."""
+        return {
+            AGENT_KERNEL_NAME: {
+                "resource_dir": str(Path(__file__).parent),
+                "spec": self._spec().to_dict(),
+            }
+        }
+
+
+class GPUKernelManager(AsyncMappingKernelManager):
+    """A Jupyter Server kernel manager that gives each kernel its GPUs.
+
+    Kernels started through the standard ``POST /api/kernels`` get no GPU; the
+    ``POST /api/cloudgpu/kernels`` endpoint passes a hardware spec, and the devices
+    it reserves are what the kernel sees through ``CUDA_VISIBLE_DEVICES``.
+    GPUs are freed when the kernel is shut down or dies.
+    """
+
+    inventory = Instance(Inventory)
+    catalog = Instance(Catalog)
+    default_kernel_name = Unicode(AGENT_KERNEL_NAME)
+
+    async def start_gpu_kernel(self, spec: HardwareSpec) -> tuple[str, list[Device]]:
+        """Start a kernel holding the devices ``spec`` asks for.
+
+        Raises:
+            NoCapacityError: when the host cannot give that hardware now.
+        """
+        reservation = f"pending-{os.urandom(8).hex()}"
+        devices = self.inventory.allocate(spec, reservation, self.catalog)
+        env = dict(os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d.index) for d in devices)
+        if devices and devices[0].simulated:
+            env["CLOUDGPU_SIMULATED_GPUS"] = ",".join(d.type for d in devices)
+        try:
+            kernel_id: str = await self.start_kernel(kernel_name=AGENT_KERNEL_NAME, env=env)
+        except BaseException:
+            self.inventory.release(reservation)
+            raise
+        self.inventory.reassign(reservation, kernel_id)
+        return kernel_id, devices
+
+    async def start_kernel(self, **kwargs: Any) -> str:  # type: ignore[override]
+        """Start a kernel; one started without GPUs sees none."""
+        env = kwargs.setdefault("env", dict(os.environ))
+        env.setdefault("CUDA_VISIBLE_DEVICES", "")
+        kwargs["kernel_name"] = kwargs.get("kernel_name") or AGENT_KERNEL_NAME
+        return await super().start_kernel(**kwargs)  # type: ignore[no-any-return]
+
+    def remove_kernel(self, kernel_id: str) -> Any:
+        """Forget a kernel (shut down or dead) and free its GPUs."""
+        self.inventory.release(kernel_id)
+        return super().remove_kernel(kernel_id)
+
+    def kernel_model(self, kernel_id: str) -> dict[str, Any]:
+        """The standard kernel model plus the GPUs it holds."""
+        model: dict[str, Any] = super().kernel_model(kernel_id)
+        model["cloudgpu"] = {"gpus": [d.__dict__ for d in self.inventory.held_by(kernel_id)]}
+        return model
