@@ -13,6 +13,7 @@ Run notebook code on remote GPUs.
 
 commands:
   host      run a cloudgpu host: Jupyter kernels with GPUs, for clients elsewhere
+  run       execute a notebook headless and print each cell's outputs
   version   print the cloudgpu version
 
 `cloudgpu <command> --help` shows a command's options. In a notebook:
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> None:
         from .remote_host.hostapp import HostApp
 
         HostApp.launch_instance(rest)
+    elif command == "run":
+        from .runner import main as run_main
+
+        run_main(rest)
     elif command in ("version", "--version"):
         from . import __version__
 

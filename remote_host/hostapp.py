@@ -27,6 +27,8 @@ __all__ = ["HostApp"]
 _HOST_CONFIG_DEFAULTS = {
     # Our client coalesces output itself; Jupyter's iopub rate limit would drop a flood.
     "ZMQChannelsWebsocketConnection": {"limit_rate": False},
+    # Kernels talk to the host over Unix sockets: nothing listens on TCP but the host itself.
+    "KernelManager": {"transport": "ipc"},
     # Live remote kernels should not be culled by Jupyter; the pool culls sessions.
     "ServerApp": {"open_browser": False},
 }

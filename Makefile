@@ -1,0 +1,27 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.cloudgpu-installed
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "cloudgpu needs Python >= 3.10; set PYTHON=python3.X")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $@
+
+## Run examples/quickstart.ipynb headless on the embedded local default and print every output.
+demo: $(STAMP)
+	$(VENV)/bin/cloudgpu run examples/quickstart.ipynb
+
+## Run the whole test suite.
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
