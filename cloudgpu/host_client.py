@@ -93,6 +93,12 @@ class HostClient:
         """Close the HTTP connection pool."""
         await self._http.aclose()
 
+    async def __aenter__(self) -> HostClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
 
 def _message(response: httpx.Response) -> str:
     try:

@@ -8,6 +8,7 @@ import secrets
 import sys
 from typing import Any
 
+from jupyter_server.auth.identity import IdentityProvider
 from jupyter_server.serverapp import ServerApp
 from jupyter_server.utils import url_path_join
 from tornado.ioloop import PeriodicCallback
@@ -68,6 +69,8 @@ class HostApp(ServerApp):
         "config": "ServerApp.config_file",
     }
     flags: dict[str, Any] = {}
+    subcommands: dict[str, Any] = {}
+    classes = [*ServerApp.classes, IdentityProvider, AgentKernelSpecManager, GPUKernelManager]
 
     default_services = ("api", "kernels", "kernelspecs", "shutdown")
 

@@ -1,0 +1,232 @@
+"""The host: a real `cloudgpu host` process, driven over HTTP and websockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from cloudgpu.errors import AuthenticationError, HardwareUnavailableError, UnknownHardwareError
+from cloudgpu.host_client import HostClient
+from cloudgpu.remote_host.inventory import Inventory
+from cloudgpu.session import Grant, RemoteSession
+
+pytestmark = pytest.mark.timeout(90)
+
+
+class Host:
+    def __init__(self, url: str, token: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.url, self.token, self.proc, self.log = url, token, proc, log
+
+    def get(self, path: str, token: str | None = None) -> httpx.Response:
+        headers = {"Authorization": f"token {token}".strip()} if token is not None else {}
+        return httpx.get(self.url + path, headers=headers, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    tmp = tmp_path_factory.mktemp("host")
+    token = secrets.token_hex(24)
+    info, log = tmp / "info.json", tmp / "host.log"
+    env = dict(os.environ, CLOUDGPU_HOST_TOKEN=token)
+    env.pop("CLOUDGPU_SIMULATE", None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cloudgpu", "host", "--port=0", f"--info-file={info}",
+             "--simulate=H100:2,A100-80GB:1", "--log-level=DEBUG"],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while not info.exists():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "host did not start"
+        time.sleep(0.05)
+    yield Host(json.loads(info.read_text())["url"].rstrip("/"), token, proc, log)
+    proc.terminate()
+    proc.wait(20)
+    assert not info.exists(), "the info file outlived the host"
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_inventory_is_simulated_and_says_so(host: Host) -> None:
+    body = host.get("/api/cloudgpu/host", host.token).json()
+    inv = body["inventory"]
+    assert inv["simulated"] is True
+    assert [g["type"] for g in inv["gpus"]] == ["H100", "H100", "A100-80GB"]
+    assert all(g["simulated"] is True for g in inv["gpus"])
+    assert all("simulated" in g["name"] for g in inv["gpus"])
+    assert body["python"].count(".") == 2
+
+
+@pytest.mark.parametrize("token", [None, "", "wrong-token"])
+def test_http_without_the_right_token_is_403_with_a_clear_message(host: Host,
+                                                                 token: str | None) -> None:
+    for path in ("/api/cloudgpu/host", "/api/kernels", "/api/kernelspecs", "/"):
+        response = host.get(path, token)
+        assert response.status_code == 403, path
+    message = host.get("/api/kernels", token).json()["message"]
+    assert "requires its token" in message
+    assert ("missing" if not token else "wrong") in message
+
+
+def test_token_in_query_also_works_but_prefix_does_not(host: Host) -> None:
+    assert httpx.get(f"{host.url}/api/kernels?token={host.token}").status_code == 200
+    assert host.get("/api/kernels", host.token[:-1]).status_code == 403
+    assert host.get("/api/kernels", host.token + "x").status_code == 403
+
+
+def test_websocket_with_a_wrong_token_is_refused(host: Host) -> None:
+    async def go() -> None:
+        async with HostClient(host.url, host.token) as client:
+            kernel = await client.request("POST", "/api/kernels", {})
+        ws = host.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
+        for headers in ({}, {"Authorization": "token nope"}):
+            with pytest.raises(InvalidStatus) as info:
+                async with connect(ws, additional_headers=headers):
+                    pass
+            assert info.value.response.status_code == 403
+        with pytest.raises(AuthenticationError, match="refused our token"):
+            await HostClient(host.url, "nope").connect(kernel["id"], lambda *a: None)
+        async with HostClient(host.url, host.token) as client:
+            await client.shutdown(kernel["id"])
+
+    run(go())
+
+
+def test_client_reports_a_wrong_token_clearly(host: Host) -> None:
+    async def go() -> None:
+        async with HostClient(host.url, "not-the-token") as client:
+            with pytest.raises(AuthenticationError, match="refused our token"):
+                await client.info()
+
+    run(go())
+
+
+def test_any_jupyter_client_can_drive_a_host_kernel(host: Host) -> None:
+    """The standard kernel API with the default (JSON) websocket protocol, no cloudgpu client."""
+
+    async def go() -> str:
+        headers = {"Authorization": f"token {host.token}"}
+        async with httpx.AsyncClient(base_url=host.url, headers=headers) as http:
+            kernel = (await http.post("/api/kernels", json={})).json()
+            ws_url = host.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
+            async with connect(ws_url, additional_headers=headers) as ws:
+                msg_id = secrets.token_hex(8)
+                await ws.send(json.dumps({
+                    "channel": "shell",
+                    "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t",
+                               "session": "s", "version": "5.3"},
+                    "parent_header": {}, "metadata": {},
+                    "content": {"code": "import os; print('gpus=[' + os.environ.get("
+                                        "'CUDA_VISIBLE_DEVICES', '?') + ']')",
+                                "silent": False},
+                }))
+                while True:
+                    msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                    if msg["msg_type"] == "stream" and msg["parent_header"]["msg_id"] == msg_id:
+                        text: str = msg["content"]["text"]
+                        break
+            await http.delete(f"/api/kernels/{kernel['id']}")
+            return text
+
+    # A kernel started through the plain API holds no GPU.
+    assert run(go()).strip() == "gpus=[]"
+
+
+def test_gpu_kernels_get_their_own_devices_and_free_them(host: Host) -> None:
+    async def go() -> None:
+        async with HostClient(host.url, host.token) as client:
+            two = await client.start_kernel("H100:2")
+            assert [g["index"] for g in two["cloudgpu"]["gpus"]] == [0, 1]
+            with pytest.raises(HardwareUnavailableError, match="H100: 0 free"):
+                await client.start_kernel("H100")
+            a100 = await client.start_kernel("H100|A100-80GB")  # fallback to what is free
+            assert [g["type"] for g in a100["cloudgpu"]["gpus"]] == ["A100-80GB"]
+
+            grant = Grant(host.url, host.token, two["id"], "H100:2", two["cloudgpu"]["gpus"], True)
+            session = await RemoteSession.open(grant)
+            out: list[str] = []
+            result = await session.run_cell(
+                "import os; print(os.environ['CUDA_VISIBLE_DEVICES'], "
+                "os.environ['CLOUDGPU_SIMULATED_GPUS'])", {}, [],
+                lambda kind, msg: out.append(msg["content"].get("text", "")),
+            )
+            assert result.status == "ok"
+            assert "".join(out).split() == ["0,1", "H100,H100"]
+            await session.close(shutdown=True)
+            await client.shutdown(a100["id"])
+
+            inv = (await client.info())["inventory"]
+            assert all(g["kernel_id"] is None for g in inv["gpus"])
+            again = await client.start_kernel("H100")
+            await client.shutdown(again["id"])
+
+    run(go())
+
+
+def test_unknown_hardware_is_400_naming_it(host: Host) -> None:
+    async def go() -> None:
+        async with HostClient(host.url, host.token) as client:
+            with pytest.raises(UnknownHardwareError, match="H1000"):
+                await client.start_kernel("H1000")
+
+    run(go())
+
+
+def test_host_listens_on_loopback_only_and_never_logs_the_token(host: Host) -> None:
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    mine = [line for line in out.splitlines() if f"pid={host.proc.pid}," in line]
+    assert mine, out
+    for line in mine:
+        local = line.split()[3]
+        assert local.startswith(("127.0.0.1:", "[::1]:")), line
+    # The log ran at DEBUG through every request above, good and bad.
+    log = host.log.read_text()
+    assert "Kernel started" in log
+    assert host.token not in log
+    assert not re.search(r"token=[0-9a-f]{20,}", log)
+
+
+def test_nvml_absent_means_cpu_only() -> None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        pytest.skip("this machine has an NVIDIA driver; the CPU-only path cannot be seen here")
+    except pynvml.NVMLError:
+        pass
+    inv = Inventory.discover(None)
+    assert inv.devices == [] and inv.simulated is False
+    assert inv.to_json()["gpus"] == []
+
+
+@pytest.mark.gpu
+def test_real_gpus_come_from_nvml() -> None:
+    pynvml = pytest.importorskip("pynvml")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        pytest.skip(f"no NVIDIA driver here ({e}); real-GPU inventory needs one")
+    count = pynvml.nvmlDeviceGetCount()
+    pynvml.nvmlShutdown()
+    inv = Inventory.discover(None)
+    assert len(inv.devices) == count > 0
+    assert not inv.simulated
+    assert inv.driver and inv.cuda

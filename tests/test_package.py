@@ -1,0 +1,95 @@
+"""Packaging: the wheel carries every subpackage, editable installs stay live, public names are fixed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBPACKAGES = {
+    "cloudgpu": "cloudgpu",
+    "cloudgpu.magics": "magics",
+    "cloudgpu.kernel": "kernel",
+    "cloudgpu.remote_host": "remote_host",
+    "cloudgpu.labextension": "labextension",
+}
+
+
+@pytest.mark.timeout(180)
+def test_wheel_ships_every_subpackage_and_the_catalog(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path),
+         str(ROOT)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("cloudgpu-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for package, folder in SUBPACKAGES.items():
+        for source in (ROOT / folder).glob("*.py"):
+            shipped = f"{package.replace('.', '/')}/{source.name}"
+            assert shipped in names, f"{source.relative_to(ROOT)} is missing from the wheel"
+    assert "cloudgpu/data/catalog.json" in names
+    assert "cloudgpu/py.typed" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "cloudgpu = cloudgpu.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_editable_install_maps_folders_into_the_namespace() -> None:
+    import importlib
+
+    for package, folder in SUBPACKAGES.items():
+        module = importlib.import_module(package)
+        assert Path(module.__file__).resolve() == (ROOT / folder / "__init__.py").resolve()
+
+
+@pytest.mark.parametrize(("module", "expected"), [
+    ("cloudgpu", {
+        "AuthenticationError", "Catalog", "CloudGPUError", "HardwareSpec",
+        "HardwareUnavailableError", "HostConnectionError", "HostStartError",
+        "RemoteExecutionError", "RemoteKernelDiedError", "SerializationError",
+        "UnknownHardwareError", "VersionSkewWarning", "__version__", "load_ipython_extension",
+        "parse_spec",
+    }),
+    ("cloudgpu.magics", {"RemoteMagics", "load_ipython_extension"}),
+    ("cloudgpu.remote_host", {"Device", "HostApp", "Inventory", "NoCapacityError"}),
+])
+def test_exported_members(module: str, expected: set[str]) -> None:
+    import importlib
+
+    mod = importlib.import_module(module)
+    assert set(mod.__all__) == expected
+    for name in expected:
+        assert getattr(mod, name) is not None
+
+
+def test_every_error_says_when_it_is_raised() -> None:
+    import cloudgpu.errors as errors
+
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        assert cls.__doc__ and cls.__doc__.split()[0] in ("Raised", "Warned"), name
+        if issubclass(cls, Exception) and not issubclass(cls, Warning):
+            assert issubclass(cls, errors.CloudGPUError), name
+
+
+@pytest.mark.parametrize(("argv", "expect"), [
+    (["--help"], "commands:"),
+    (["host", "--help"], "--simulate"),
+    (["run", "--help"], "--output"),
+])
+def test_cli_help(argv: list[str], expect: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "cloudgpu", *argv], capture_output=True,
+                         text=True, timeout=60, check=True)
+    assert expect in out.stdout
+
+
+def test_cli_unknown_command_fails_with_usage() -> None:
+    out = subprocess.run([sys.executable, "-m", "cloudgpu", "hots"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2
+    assert "unknown command `hots`" in out.stderr
+    assert "host" in out.stderr
