@@ -21,7 +21,7 @@ from cloudgpu.hardware import Catalog
 from .auth import HostIdentityProvider
 from .handlers import HOST_HANDLERS
 from .inventory import Inventory
-from .kernels import AgentKernelSpecManager, GPUKernelManager
+from .kernels import AgentKernelSpecManager, GPUKernelManager, LowLatencyWebsocketConnection
 
 __all__ = ["HostApp"]
 
@@ -107,6 +107,10 @@ class HostApp(ServerApp):
     @default("kernel_spec_manager_class")
     def _default_kernel_spec_manager_class(self) -> type:
         return AgentKernelSpecManager
+
+    @default("kernel_websocket_connection_class")
+    def _default_kernel_websocket_connection_class(self) -> type:
+        return LowLatencyWebsocketConnection
 
     @default("identity_provider_class")
     def _default_identity_provider_class(self) -> type:
