@@ -18,7 +18,7 @@ from pathlib import Path
 from .hardware import HardwareSpec
 from .errors import HostStartError
 from .host_client import HostClient
-from .provider import SessionProvider
+from .provider import SessionProvider, StatusCallback
 from .session import Grant
 
 __all__ = ["EmbeddedHostProvider", "LocalHostProcess"]
@@ -126,8 +126,11 @@ class EmbeddedHostProvider(SessionProvider):
             assert self._client is not None
             return self._client
 
-    async def acquire(self, spec: HardwareSpec) -> Grant:
+    async def acquire(self, spec: HardwareSpec, *,
+                      on_status: StatusCallback | None = None) -> Grant:
         """Start a kernel on the local host holding ``spec``."""
+        if on_status is not None:
+            on_status(f"starting on {spec.display} ({self.description}) ...")
         host = await self._host()
         model = await host.start_kernel(str(spec))
         gpus = model.get("cloudgpu", {}).get("gpus", [])

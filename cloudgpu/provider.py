@@ -8,11 +8,16 @@ machine; the pool will be another provider.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 from .hardware import HardwareSpec
 from .session import Grant
 
-__all__ = ["SessionProvider"]
+__all__ = ["SessionProvider", "StatusCallback"]
+
+#: Receives human-readable progress while a session is being granted:
+#: ``waiting for H100: 2 ahead of you``, ``starting on 1x H100 ...``.
+StatusCallback = Callable[[str], None]
 
 
 class SessionProvider(abc.ABC):
@@ -22,8 +27,9 @@ class SessionProvider(abc.ABC):
     description: str = ""
 
     @abc.abstractmethod
-    async def acquire(self, spec: HardwareSpec) -> Grant:
-        """Start (or wait for) a kernel on ``spec``.
+    async def acquire(self, spec: HardwareSpec, *,
+                      on_status: StatusCallback | None = None) -> Grant:
+        """Start (or wait for) a kernel on ``spec``, reporting progress to ``on_status``.
 
         Raises:
             CloudGPUError: a subclass saying why none can be had.
