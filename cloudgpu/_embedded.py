@@ -62,6 +62,9 @@ class LocalHostProcess:
             self.proc = subprocess.Popen(
                 cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                # Its own session: interrupting the kernel signals the kernel's whole process
+                # group, and the host must not die of that SIGINT.
+                start_new_session=True,
             )
         atexit.register(self.stop)
         deadline = time.monotonic() + self.start_timeout

@@ -1,0 +1,459 @@
+"""Tests for the ``%%remote`` magic, driven through a real local IPython kernel.
+
+Each test talks to a real ``python3`` ipykernel through jupyter_client, exactly as a
+notebook front end does: it sends cells and reads what the kernel publishes on iopub.
+The first ``%%remote`` cell in that kernel starts the embedded ``cloudgpu host``
+subprocess on 127.0.0.1 and a remote kernel there. The only fake is the GPU: the local
+kernel runs with ``CLOUDGPU_SIMULATE=H100:1`` so the host offers one simulated H100.
+
+Most tests share one local kernel (module scope), because starting kernels and hosts is
+slow; each test sets up the remote state it relies on. The orphan tests start their own.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager, start_new_kernel
+
+MAGIC = "get_ipython().magics_manager.registry['RemoteMagics']"
+CLIENT = "__import__('cloudgpu.client', fromlist=['get_client']).get_client()"
+
+
+# --- driving a local kernel --------------------------------------------------
+
+
+@dataclass
+class Message:
+    """One iopub message of an execution, with when it arrived (time.monotonic())."""
+
+    at: float
+    msg_type: str
+    content: dict[str, Any]
+
+
+@dataclass
+class Execution:
+    """Everything one execute request produced."""
+
+    started: float
+    messages: list[Message] = field(default_factory=list)
+    reply: dict[str, Any] = field(default_factory=dict)
+    reply_at: float = 0.0
+
+    @property
+    def status(self) -> str:
+        return str(self.reply.get("status"))
+
+    def of(self, *types: str) -> list[Message]:
+        return [m for m in self.messages if m.msg_type in types]
+
+    def stream(self, name: str = "stdout") -> str:
+        return "".join(m.content["text"] for m in self.of("stream") if m.content["name"] == name)
+
+    def error_text(self) -> str:
+        """All the error text the user sees: error tracebacks and stderr."""
+        parts = ["\n".join(m.content["traceback"]) for m in self.of("error")]
+        return "\n".join([*parts, self.stream("stderr")])
+
+    def displays(self) -> list[Message]:
+        """display_data/update_display_data that are not cloudgpu's own status line."""
+        return [m for m in self.of("display_data", "update_display_data")
+                if "cloudgpu" not in m.content.get("metadata", {})]
+
+    def status_lines(self) -> list[str]:
+        return [m.content["data"]["text/plain"] for m in self.of("display_data",
+                                                                 "update_display_data")
+                if "cloudgpu" in m.content.get("metadata", {})]
+
+    def describe(self) -> str:
+        lines = [f"reply: {self.reply}"]
+        lines += [f"  {m.at - self.started:6.3f} {m.msg_type}: {m.content}" for m in self.messages]
+        return "\n".join(lines)
+
+
+def run(kc: BlockingKernelClient, code: str, timeout: float = 60,
+        on_message: Callable[[Message], None] | None = None) -> Execution:
+    """Execute ``code``; collect its iopub messages until idle, then its execute_reply."""
+    msg_id = kc.execute(code)
+    ex = Execution(started=time.monotonic())
+    deadline = ex.started + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no idle within {timeout} s for {code!r}:\n{ex.describe()}")
+        try:
+            msg = kc.get_iopub_msg(timeout=left)
+        except Exception:  # queue.Empty
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        m = Message(time.monotonic(), msg["msg_type"], msg["content"])
+        if m.msg_type == "status":
+            if m.content["execution_state"] == "idle":
+                break
+            continue
+        ex.messages.append(m)
+        if on_message is not None:
+            on_message(m)
+    while True:
+        reply = kc.get_shell_msg(timeout=max(deadline - time.monotonic(), 1))
+        if reply["parent_header"].get("msg_id") == msg_id:
+            ex.reply, ex.reply_at = reply["content"], time.monotonic()
+            return ex
+
+
+def ok(kc: BlockingKernelClient, code: str, timeout: float = 60) -> Execution:
+    """Execute ``code`` and require that it succeeded."""
+    ex = run(kc, code, timeout)
+    assert ex.status == "ok", ex.describe()
+    return ex
+
+
+def value(kc: BlockingKernelClient, expr: str) -> Any:
+    """Evaluate ``expr`` in the local kernel; its repr must be a Python literal."""
+    msg_id = kc.execute("", silent=True, user_expressions={"v": f"repr({expr})"})
+    while True:
+        reply = kc.get_shell_msg(timeout=30)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            break
+    result = reply["content"]["user_expressions"]["v"]
+    assert result["status"] == "ok", result
+    return ast.literal_eval(ast.literal_eval(result["data"]["text/plain"]))
+
+
+def start_local_kernel() -> tuple[KernelManager, BlockingKernelClient]:
+    env = dict(os.environ, CLOUDGPU_SIMULATE="H100:1")
+    km, kc = start_new_kernel(kernel_name="python3", env=env, startup_timeout=60)
+    return km, kc
+
+
+def stop_local_kernel(km: KernelManager, kc: BlockingKernelClient) -> None:
+    kc.stop_channels()
+    if km.is_alive():
+        km.shutdown_kernel(now=False)
+    km.cleanup_resources()
+
+
+@pytest.fixture(scope="module")
+def local() -> Iterator[tuple[KernelManager, BlockingKernelClient]]:
+    """One local kernel with ``%load_ext cloudgpu`` done, shared by the module."""
+    km, client = start_local_kernel()
+    try:
+        ok(client, "%load_ext cloudgpu")
+        yield km, client
+    finally:
+        stop_local_kernel(km, client)
+
+
+@pytest.fixture
+def kc(local: tuple[KernelManager, BlockingKernelClient]) -> BlockingKernelClient:
+    """The shared local kernel's client."""
+    return local[1]
+
+
+def remote_pid(kc: BlockingKernelClient, spec: str = "cpu") -> int:
+    pid: int = value(kc, f"{CLIENT}.sessions[{spec!r}].remote['pid']")
+    return pid
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` no longer runs (a zombie nobody reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def wait_gone(pids: dict[str, int], within: float = 15) -> dict[str, int]:
+    """The processes of ``pids`` still running after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        alive = {name: pid for name, pid in pids.items() if not gone(pid)}
+        if not alive:
+            return {}
+        time.sleep(0.1)
+    return {name: pid for name, pid in pids.items() if not gone(pid)}
+
+
+# --- the quickstart and sessions ---------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_quickstart_numpy_goes_there_and_back_out_of_band(kc: BlockingKernelClient) -> None:
+    ok(kc, "%load_ext cloudgpu")  # again, as the README's first cell: harmless
+    ok(kc, "import numpy as np\n"
+           "x = np.random.default_rng(0).random(1_000_000)\n"
+           "def scale(a, k):\n"
+           "    return a * k\n")
+    ex = ok(kc, "%%remote gpu=cpu\n"
+                "print('scaling', len(x), 'values')\n"
+                "import time\n"
+                "time.sleep(1)\n"
+                "y = scale(x, 2.0)\n", timeout=90)
+    assert ex.stream() == "scaling 1000000 values\n"
+    assert any("session ready" in line for line in ex.status_lines()), ex.describe()
+    assert value(kc, "float(y.sum() / x.sum())") == 2.0
+    assert value(kc, "type(y).__name__") == "ndarray"
+    sent = value(kc, f"{MAGIC}.last_result.sent")
+    received = value(kc, f"{MAGIC}.last_result.received")
+    assert sent["x"]["out_of_band"] >= 1 and sent["x"]["bytes"] >= 8_000_000
+    assert "scale" in sent
+    assert received["y"]["out_of_band"] >= 1 and received["y"]["bytes"] >= 8_000_000
+    assert value(kc, f"{MAGIC}.last_result.seconds") >= 1.0
+
+
+@pytest.mark.timeout(90)
+def test_second_cell_reuses_the_remote_kernel_and_new_starts_afresh(
+        kc: BlockingKernelClient) -> None:
+    ok(kc, "%%remote gpu=cpu --no-pull\n"
+           "import json as remote_json\n"
+           "remote_only = 41\n", timeout=60)
+    first_pid = remote_pid(kc)
+    assert value(kc, "'remote_only' in globals() or 'remote_json' in globals()") is False
+
+    ex = ok(kc, "%%remote gpu=cpu\nprint(remote_json.dumps(remote_only + 1))\n")
+    assert ex.stream() == "42\n"
+    assert remote_pid(kc) == first_pid
+
+    ex = run(kc, "%%remote gpu=cpu --new\nprint(remote_only)\n", timeout=60)
+    assert ex.status == "error", ex.describe()
+    assert "NameError" in ex.error_text()
+    assert remote_pid(kc) != first_pid
+
+
+# --- values that travel --------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_functions_lambdas_and_class_instances_round_trip(kc: BlockingKernelClient) -> None:
+    ok(kc, "def double(v):\n"
+           "    return 2 * v\n"
+           "square = lambda v: v * v\n"
+           "class Box:\n"
+           "    def __init__(self, v):\n"
+           "        self.v = v\n"
+           "    def get(self):\n"
+           "        return self.v * 10\n"
+           "box = Box(3)\n")
+    ex = ok(kc, "%%remote\n"
+                "print(double(21), square(4), box.get())\n"
+                "double_back, square_back = double, square\n"
+                "box_back = Box(box.v + 1)\n"
+                "def triple(v):\n"
+                "    return 3 * v\n"
+                "cube = lambda v: v ** 3\n")
+    assert ex.stream() == "42 16 30\n"
+    assert value(kc, "(double_back(5), square_back(3), triple(2), cube(2))") == (10, 9, 6, 8)
+    assert value(kc, "box_back.get()") == 40
+    assert value(kc, "isinstance(box_back, Box)") is True
+
+
+@pytest.mark.timeout(90)
+def test_pandas_dataframe_round_trips_and_remote_changes_come_back(
+        kc: BlockingKernelClient) -> None:
+    ok(kc, "import pandas as pd\n"
+           "df = pd.DataFrame({'a': [1, 2, 3], 'b': ['x', 'y', None],\n"
+           "                   't': pd.date_range('2024-01-01', periods=3)})\n"
+           "original = df.copy()\n")
+    ok(kc, "%%remote\n"
+           "df_back = df\n"
+           "df = df.assign(c=df['a'] * 2)\n")
+    assert value(kc, "df_back.equals(original)") is True
+    assert value(kc, "list(df.columns)") == ["a", "b", "t", "c"]
+    assert value(kc, "df['c'].tolist()") == [2, 4, 6]
+    assert value(kc, "df.drop(columns='c').equals(original)") is True
+
+
+@pytest.mark.timeout(90)
+def test_20_mb_array_goes_both_ways_bit_exact(kc: BlockingKernelClient) -> None:
+    ok(kc, "import hashlib, numpy as np\n"
+           "big = np.random.default_rng(1).random(20 * 2**20 // 8)\n"
+           "big[7] = np.nan\n"
+           "big_hash = hashlib.sha256(big.tobytes()).hexdigest()\n")
+    ok(kc, "%%remote\n"
+           "import hashlib, numpy as np\n"
+           "seen_hash = hashlib.sha256(big.tobytes()).hexdigest()\n"
+           "made = big[::-1] * 1.0\n", timeout=60)
+    assert value(kc, "seen_hash == big_hash") is True
+    assert value(kc, "made.tobytes() == big[::-1].tobytes()") is True
+    assert value(kc, f"{MAGIC}.last_result.sent['big']['bytes']") >= 20 * 2**20
+    assert value(kc, f"{MAGIC}.last_result.received['made']['bytes']") >= 20 * 2**20
+
+
+# --- output shows up locally, as it happens -------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_matplotlib_figure_shows_as_png(kc: BlockingKernelClient) -> None:
+    ex = ok(kc, "%%remote --no-pull\n"
+                "import matplotlib.pyplot as plt\n"
+                "plt.plot([1, 3, 2])\n"
+                "plt.show()\n", timeout=60)
+    pngs = [m for m in ex.displays() if "image/png" in m.content["data"]]
+    assert len(pngs) == 1, ex.describe()
+
+
+@pytest.mark.timeout(60)
+def test_stream_output_arrives_while_the_cell_runs(kc: BlockingKernelClient) -> None:
+    ex = ok(kc, "%%remote\n"
+                "import time\n"
+                "print('before')\n"
+                "time.sleep(1.5)\n"
+                "print('after')\n")
+    arrived = {m.content["text"].strip(): m.at for m in ex.of("stream")}
+    assert set(arrived) == {"before", "after"}, ex.describe()
+    assert arrived["after"] - arrived["before"] >= 1.0
+    assert ex.reply_at - arrived["before"] >= 1.0
+
+
+@pytest.mark.timeout(60)
+def test_carriage_return_progress_display_updates_and_clear_output(
+        kc: BlockingKernelClient) -> None:
+    ex = ok(kc, "%%remote --no-pull\n"
+                "import time\n"
+                "for i in range(3):\n"
+                "    print(f'\\r{i}/3', end='', flush=True)\n"
+                "    time.sleep(0.1)\n")
+    assert ex.stream() == "\r0/3\r1/3\r2/3"
+
+    ex = ok(kc, "%%remote --no-pull\n"
+                "from IPython.display import display\n"
+                "h = display('a', display_id=True)\n"
+                "h.update('b')\n")
+    shown = [(m.msg_type, m.content["data"]["text/plain"],
+              m.content.get("transient", {}).get("display_id")) for m in ex.displays()]
+    assert [(t, text) for t, text, _ in shown] == [
+        ("display_data", "'a'"), ("update_display_data", "'b'")], ex.describe()
+    assert shown[0][2] and shown[0][2] == shown[1][2]
+
+    ex = ok(kc, "%%remote --no-pull\n"
+                "from IPython.display import clear_output\n"
+                "print('going')\n"
+                "clear_output()\n"
+                "print('gone')\n")
+    kinds = [m.msg_type for m in ex.of("stream", "clear_output")]
+    assert kinds == ["stream", "clear_output", "stream"], ex.describe()
+
+
+# --- failures ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_remote_exception_fails_the_cell_with_the_remote_traceback(
+        kc: BlockingKernelClient) -> None:
+    ok(kc, "not_pulled = 'local'")
+    ex = run(kc, "%%remote\n"
+                 "not_pulled = 'remote'\n"
+                 "assigned_in_failed_cell = 1\n"
+                 "1 / 0\n")
+    assert ex.status == "error", ex.describe()
+    [error] = ex.of("error")
+    text = "\n".join(error.content["traceback"])
+    assert "ZeroDivisionError" in text and "Remote traceback" in text
+    assert value(kc, "'assigned_in_failed_cell' in globals()") is False
+    assert value(kc, "not_pulled") == "local"
+    ok(kc, "%%remote\nafter_error = 'fine'\n")
+    assert value(kc, "after_error") == "fine"
+
+
+@pytest.mark.timeout(90)
+def test_interrupting_the_local_kernel_interrupts_the_remote_cell(
+        local: tuple[KernelManager, BlockingKernelClient]) -> None:
+    km, kc = local
+    ok(kc, "%%remote --no-pull\nsurvivor = 41\n", timeout=60)
+    pid = remote_pid(kc)
+    interrupted_at: list[float] = []
+
+    def interrupt_on_start(m: Message) -> None:
+        if m.msg_type == "stream" and "start" in m.content["text"] and not interrupted_at:
+            interrupted_at.append(time.monotonic())
+            km.interrupt_kernel()
+
+    ex = run(kc, "%%remote\n"
+                 "import time\n"
+                 "print('start', flush=True)\n"
+                 "time.sleep(30)\n"
+                 "never = 1\n", timeout=25, on_message=interrupt_on_start)
+    assert interrupted_at, ex.describe()
+    assert ex.status == "error", ex.describe()
+    assert "KeyboardInterrupt" in ex.error_text()
+    assert ex.reply_at - interrupted_at[0] < 15  # not the 30 s the cell would sleep
+    assert value(kc, "'never' in globals()") is False
+
+    ex = ok(kc, "%%remote\nprint(survivor + 1)\n")
+    assert ex.stream() == "42\n"
+    assert remote_pid(kc) == pid
+
+
+@pytest.mark.timeout(60)
+def test_unpicklable_input_fails_before_the_cell_runs(kc: BlockingKernelClient) -> None:
+    ok(kc, "%%remote --no-pull\nmarker = []\n")
+    ok(kc, "numbers = (i for i in range(3))")
+    ex = run(kc, "%%remote\n"
+                 "marker.append('ran')\n"
+                 "print(list(numbers))\n")
+    assert ex.status == "error", ex.describe()
+    text = ex.error_text()
+    assert "`numbers` (generator)" in text, text
+    ex = ok(kc, "%%remote --no-pull\nprint(marker)\n")
+    assert ex.stream() == "[]\n"
+
+
+@pytest.mark.timeout(30)
+def test_unknown_gpu_is_an_error_that_names_the_known_types(kc: BlockingKernelClient) -> None:
+    ex = run(kc, "%%remote gpu=H1000\nprint('ran')\n")
+    assert ex.status == "error", ex.describe()
+    text = ex.error_text()
+    assert "Unknown GPU `H1000`" in text and "H100" in text.replace("H1000", ""), text
+    assert "ran" not in ex.stream()
+
+
+@pytest.mark.timeout(90)
+def test_simulated_h100_session_sees_its_device(kc: BlockingKernelClient) -> None:
+    ex = ok(kc, "%%remote gpu=H100\n"
+                "import os\n"
+                "visible = os.environ['CUDA_VISIBLE_DEVICES']\n", timeout=60)
+    assert value(kc, "visible") == "0"
+    assert any("H100" in line and "simulated" in line for line in ex.status_lines()), \
+        ex.describe()
+
+
+# --- nothing left behind -----------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("how", ["shutdown", "sigkill"])
+def test_host_and_remote_kernel_go_away_with_the_local_kernel(how: str) -> None:
+    km, kc = start_local_kernel()
+    try:
+        ok(kc, "%load_ext cloudgpu")
+        ok(kc, "%%remote gpu=cpu\nx = 1\n", timeout=60)
+        pids = {"host": value(kc, f"{CLIENT}.provider.process.proc.pid"),
+                "remote kernel": remote_pid(kc),
+                "local kernel": value(kc, "__import__('os').getpid()")}
+        assert not any(gone(pid) for pid in pids.values())
+        if how == "shutdown":
+            kc.stop_channels()
+            km.shutdown_kernel()
+        else:
+            os.kill(pids["local kernel"], signal.SIGKILL)
+        left = wait_gone(pids)
+        for pid in left.values():  # don't leave them running when the test fails
+            os.kill(pid, signal.SIGKILL)
+        assert left == {}
+    finally:
+        kc.stop_channels()
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+        km.cleanup_resources()
