@@ -42,8 +42,12 @@ class HostClient:
             timeout=httpx.Timeout(60.0, connect=10.0),
         )
 
-    async def request(self, method: str, path: str, json: Any = None) -> Any:
-        """One REST call; errors come back as cloudgpu errors that say what to do."""
+    async def request(self, method: str, path: str, json: Any = None,
+                      missing_ok: bool = False) -> Any:
+        """One REST call; errors come back as cloudgpu errors that say what to do.
+
+        With ``missing_ok``, a 404 returns None instead of raising.
+        """
         try:
             response = await self._http.request(method, path, json=json)
         except httpx.HTTPError as e:
@@ -55,6 +59,8 @@ class HostClient:
             raise AuthenticationError(
                 f"The host at {self.url} refused our token (403): {_message(response)}"
             )
+        if response.status_code == 404 and missing_ok:
+            return None
         if response.status_code == 400:
             raise UnknownHardwareError(_message(response))
         if response.status_code == 409:
@@ -70,10 +76,22 @@ class HostClient:
         """``GET /api/cloudgpu/host``: versions and inventory."""
         return await self.request("GET", "/api/cloudgpu/host")  # type: ignore[no-any-return]
 
-    async def start_kernel(self, hardware: str) -> dict[str, Any]:
-        """Start a kernel holding ``hardware``; returns its kernel model."""
+    async def start_kernel(self, hardware: str, scoped_token: str | None = None) -> dict[str, Any]:
+        """Start a kernel holding ``hardware``; returns its kernel model.
+
+        With ``scoped_token``, that token will open this kernel (and nothing else).
+        """
+        body: dict[str, Any] = {"hardware": hardware}
+        if scoped_token:
+            body["scoped_token"] = scoped_token
         return await self.request(  # type: ignore[no-any-return]
-            "POST", "/api/cloudgpu/kernels", {"hardware": hardware}
+            "POST", "/api/cloudgpu/kernels", body
+        )
+
+    async def kernel(self, kernel_id: str) -> dict[str, Any] | None:
+        """The kernel's model (state, last activity), or None when the host has no such kernel."""
+        return await self.request(  # type: ignore[no-any-return]
+            "GET", f"/api/kernels/{kernel_id}", missing_ok=True
         )
 
     async def interrupt(self, kernel_id: str) -> None:

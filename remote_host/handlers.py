@@ -37,7 +37,11 @@ class HostInfoHandler(APIHandler):
 
 
 class GPUKernelsHandler(APIHandler):
-    """``POST /api/cloudgpu/kernels`` with ``{"hardware": "H100:2"}``: a kernel holding those GPUs."""
+    """``POST /api/cloudgpu/kernels`` with ``{"hardware": "H100:2"}``: a kernel holding those GPUs.
+
+    With ``"scoped_token": T`` the new kernel also opens to T, and T opens nothing else:
+    that is how a pool hands one session to one user.
+    """
 
     @web.authenticated
     async def post(self) -> None:
@@ -47,10 +51,16 @@ class GPUKernelsHandler(APIHandler):
             spec = parse_spec(str(body.get("hardware", "cpu")), km.catalog)
         except UnknownHardwareError as e:
             raise web.HTTPError(400, reason="Unknown hardware", log_message=str(e)) from None
+        scoped = body.get("scoped_token")
+        if scoped is not None and (not isinstance(scoped, str) or len(scoped) < 16):
+            raise web.HTTPError(400, reason="Bad token",
+                                log_message="`scoped_token` must be a string of 16+ characters.")
         try:
             kernel_id, _ = await km.start_gpu_kernel(spec)
         except NoCapacityError as e:
             raise web.HTTPError(409, reason="No capacity", log_message=str(e)) from None
+        if scoped:
+            self.identity_provider.add_scoped_token(scoped, kernel_id)
         self.set_status(201)
         self.finish(json.dumps(km.kernel_model(kernel_id), default=str))
 

@@ -111,8 +111,11 @@ class GPUKernelManager(AsyncMappingKernelManager):
         return await super().start_kernel(**kwargs)  # type: ignore[no-any-return]
 
     def remove_kernel(self, kernel_id: str) -> Any:
-        """Forget a kernel (shut down or dead) and free its GPUs."""
+        """Forget a kernel (shut down or dead), free its GPUs and revoke its scoped tokens."""
         self.inventory.release(kernel_id)
+        identity = getattr(self.parent, "identity_provider", None)
+        if identity is not None and hasattr(identity, "forget_kernel"):
+            identity.forget_kernel(kernel_id)
         return super().remove_kernel(kernel_id)
 
     def kernel_model(self, kernel_id: str) -> dict[str, Any]:

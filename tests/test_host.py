@@ -230,3 +230,32 @@ def test_real_gpus_come_from_nvml() -> None:
     assert len(inv.devices) == count > 0
     assert not inv.simulated
     assert inv.driver and inv.cuda
+
+
+def test_a_scoped_token_opens_its_kernel_and_nothing_else(host: Host) -> None:
+    scoped = secrets.token_urlsafe(32)
+
+    async def go() -> None:
+        async with HostClient(host.url, host.token) as admin:
+            mine = await admin.start_kernel("cpu", scoped_token=scoped)
+            other = await admin.start_kernel("cpu")
+            async with HostClient(host.url, scoped) as user:
+                assert (await user.kernel(mine["id"]))["id"] == mine["id"]
+                await user.interrupt(mine["id"])
+                conn = await user.connect(mine["id"], lambda *a: None)
+                await conn.close()
+                for method, path in [("GET", "/api/kernels"), ("GET", "/api/cloudgpu/host"),
+                                     ("GET", f"/api/kernels/{other['id']}"),
+                                     ("DELETE", f"/api/kernels/{other['id']}"),
+                                     ("POST", "/api/cloudgpu/kernels")]:
+                    with pytest.raises(AuthenticationError, match="scoped to one kernel"):
+                        await user.request(method, path)
+                with pytest.raises(AuthenticationError):
+                    await user.connect(other["id"], lambda *a: None)
+                await admin.shutdown(mine["id"])
+                # The kernel is gone, and so is its token.
+                with pytest.raises(AuthenticationError, match="wrong"):
+                    await user.kernel(mine["id"])
+            await admin.shutdown(other["id"])
+
+    run(go())
