@@ -13,6 +13,7 @@ Run notebook code on remote GPUs.
 
 commands:
   host      run a cloudgpu host: Jupyter kernels with GPUs, for clients elsewhere
+  pool      run a cloudgpu pool: hands out hosts' GPUs, meters cost, keeps the ledger
   run       execute a notebook headless and print each cell's outputs
   version   print the cloudgpu version
 
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> None:
         from .remote_host.hostapp import HostApp
 
         HostApp.launch_instance(rest)
+    elif command == "pool":
+        from .remote_host.poolapp import PoolApp
+
+        PoolApp.launch_instance(rest)
     elif command == "run":
         from .runner import main as run_main
 

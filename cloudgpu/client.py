@@ -4,51 +4,80 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import sys
 import threading
+from collections.abc import Mapping
+from typing import Any
 
-from ._loop import run_sync
+from ._loop import get_loop, run_sync
+from .errors import CloudGPUError
 from .hardware import HardwareSpec
-from .provider import SessionProvider
+from .provider import SessionProvider, StatusCallback
 from .session import RemoteSession
 
-__all__ = ["Client", "get_client"]
+__all__ = ["Client", "default_provider", "get_client"]
+
+
+def default_provider() -> SessionProvider:
+    """The configured pool, or this user's local pool (found or started)."""
+    from .config import load_client_config
+    from .pool_client import PoolProvider
+
+    settings = load_client_config()
+    if settings.pool_url:
+        return PoolProvider(settings.pool_url, settings.token)
+    from ._localpool import local_pool
+
+    url, token = local_pool()
+    return PoolProvider(url, token, description="local pool")
 
 
 class Client:
     """Keeps one remote session per hardware spec, reusing it from cell to cell.
 
     Args:
-        provider: where kernels come from; the embedded local host by default.
+        provider: where kernels come from; by default the configured or local pool,
+            looked up on first use.
     """
 
     def __init__(self, provider: SessionProvider | None = None) -> None:
-        if provider is None:
-            from ._embedded import EmbeddedHostProvider
-
-            provider = EmbeddedHostProvider()
-        self.provider = provider
+        self._provider = provider
         self.sessions: dict[str, RemoteSession] = {}
         self._lock = asyncio.Lock()
 
-    async def session(self, spec: HardwareSpec, *, new: bool = False) -> RemoteSession:
+    @property
+    def provider(self) -> SessionProvider:
+        """The provider, found (and the local pool started) on first use."""
+        if self._provider is None:
+            self._provider = default_provider()
+        return self._provider
+
+    async def session(self, spec: HardwareSpec, *, new: bool = False,
+                      on_status: StatusCallback | None = None,
+                      options: Mapping[str, Any] | None = None) -> RemoteSession:
         """The live session for ``spec``; a fresh one when ``new`` or when the old one is gone.
 
-        Returns the previous session's stop reason through ``RemoteSession.replaced_reason``.
+        A replaced session's end reason (idleness, budget) is on ``replaced_reason``.
         """
         key = str(spec)
         async with self._lock:
             old = self.sessions.get(key)
             if old is not None and old.alive and not new:
                 return old
+            reason = None
             if old is not None:
+                if not old.alive and not new:
+                    reason = await self.provider.ended_reason(old.grant) or old.stopped_reason
                 await self._drop(key)
-            grant = await self.provider.acquire(spec)
+            provider = self.provider if self._provider is not None else \
+                await asyncio.get_running_loop().run_in_executor(None, lambda: self.provider)
+            grant = await provider.acquire(spec, on_status=on_status, options=options)
             try:
                 session = await RemoteSession.open(grant)
             except BaseException:
-                await self.provider.release(grant)
+                await provider.release(grant)
                 raise
-            session.replaced_reason = None if old is None or new else old.stopped_reason
+            session.replaced_reason = reason
             self.sessions[key] = session
             return session
 
@@ -69,9 +98,10 @@ class Client:
             return stopped
 
     async def aclose(self) -> None:
-        """Stop every session and the provider."""
+        """Release every session, then close the provider."""
         await self.shutdown()
-        await self.provider.aclose()
+        if self._provider is not None:
+            await self._provider.aclose()
 
 
 _default: Client | None = None
@@ -79,11 +109,12 @@ _default_lock = threading.Lock()
 
 
 def get_client() -> Client:
-    """This process's client, made on first use and closed at exit."""
+    """This process's client, made on first use; its sessions are released at exit."""
     global _default
     with _default_lock:
         if _default is None:
             _default = Client()
+            get_loop()
             atexit.register(_close_default)
         return _default
 
@@ -91,8 +122,10 @@ def get_client() -> Client:
 def _close_default() -> None:
     global _default
     client, _default = _default, None
-    if client is not None:
+    if client is not None and client.sessions:
+        # Release the hardware now rather than when the pool notices nobody is connected.
         try:
-            run_sync(client.aclose(), timeout=15)
-        except Exception:  # at exit, the host is stopped below regardless
-            pass
+            run_sync(client.aclose(), timeout=20)
+        except (CloudGPUError, TimeoutError) as e:
+            print(f"cloudgpu: could not release remote sessions at exit ({e}); the pool stops "
+                  f"them once it sees no notebook connected.", file=sys.stderr)

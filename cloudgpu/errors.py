@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "BudgetExceededError",
     "CloudGPUError",
     "HardwareUnavailableError",
     "HostConnectionError",
@@ -22,6 +23,10 @@ class CloudGPUError(Exception):
 
 class UnknownHardwareError(CloudGPUError, ValueError):
     """Raised when a hardware spec names a GPU type the catalog does not know or is malformed."""
+
+
+class BudgetExceededError(CloudGPUError):
+    """Raised when a budget (a session's max_cost or a daily limit) is spent."""
 
 
 class HardwareUnavailableError(CloudGPUError):

@@ -8,7 +8,8 @@ machine; the pool will be another provider.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from .hardware import HardwareSpec
 from .session import Grant
@@ -27,9 +28,12 @@ class SessionProvider(abc.ABC):
     description: str = ""
 
     @abc.abstractmethod
-    async def acquire(self, spec: HardwareSpec, *,
-                      on_status: StatusCallback | None = None) -> Grant:
+    async def acquire(self, spec: HardwareSpec, *, on_status: StatusCallback | None = None,
+                      options: Mapping[str, Any] | None = None) -> Grant:
         """Start (or wait for) a kernel on ``spec``, reporting progress to ``on_status``.
+
+        ``options`` may hold ``max_cost`` (dollars), ``idle_timeout`` (seconds) and
+        ``notebook`` (a name to group cost by); providers ignore what they do not support.
 
         Raises:
             CloudGPUError: a subclass saying why none can be had.
@@ -38,6 +42,14 @@ class SessionProvider(abc.ABC):
     @abc.abstractmethod
     async def release(self, grant: Grant) -> None:
         """Give a kernel back: stop it and free its hardware."""
+
+    async def ended_reason(self, grant: Grant) -> str | None:
+        """Why a granted session ended (budget, idleness, ...), or None if unknown."""
+        return None
+
+    async def warnings(self, grant: Grant) -> list[str]:
+        """Current warnings about a session, such as a budget nearly spent."""
+        return []
 
     async def aclose(self) -> None:
         """Release whatever the provider itself holds (a host process, connections)."""

@@ -47,6 +47,9 @@ class Grant:
         hardware: the hardware spec granted, canonical (``H100:2``, ``cpu``).
         gpus: the devices the kernel holds, as the host reports them.
         simulated: True when those GPUs are simulated.
+        session_id: the pool's session id, when a pool granted it.
+        rate_per_hour: dollars per hour this hardware costs (count x price).
+        started: when billing started (epoch seconds).
     """
 
     host_url: str
@@ -55,6 +58,15 @@ class Grant:
     hardware: str
     gpus: list[dict[str, Any]] = field(default_factory=list)
     simulated: bool = False
+    session_id: str | None = None
+    rate_per_hour: float = 0.0
+    started: float = 0.0
+
+    def cost(self, now: float | None = None) -> float:
+        """Dollars billed so far, computed here (no round trip)."""
+        if not self.started:
+            return 0.0
+        return max((now or time.time()) - self.started, 0.0) / 3600 * self.rate_per_hour
 
     @property
     def display(self) -> str:

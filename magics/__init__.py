@@ -11,7 +11,7 @@ __all__ = ["RemoteMagics", "load_ipython_extension"]
 
 def load_ipython_extension(ipython: Any) -> None:
     """Register the magics and the renderer for remote tracebacks."""
-    from .remote import install_error_display
+    from .remote import install_error_display  # noqa: PLC0415
 
     ipython.register_magics(RemoteMagics)
     install_error_display(ipython)

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import queue
 import sys
 import time
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from IPython.display import clear_output, publish_display_data
 
 from cloudgpu import _loop
 from cloudgpu.client import get_client
 from cloudgpu.errors import (
     CloudGPUError,
     HardwareUnavailableError,
-    RemoteExecutionError,
+    HostConnectionError,
+    RemoteKernelDiedError,
     SerializationError,
     UnknownHardwareError,
 )
@@ -25,11 +28,14 @@ from cloudgpu.hardware import HardwareSpec, parse_spec
 from cloudgpu.serialize import Serialized, dumps, loads
 from cloudgpu.session import CellResult, RemoteSession
 
+from . import _report
+from ._display import Progress, money, publish_status, render_error, show
 from ._names import analyze
 
 __all__ = ["RemoteMagics", "install_error_display"]
 
-_KEY_VALUE_OPTIONS = ("gpu",)
+T = TypeVar("T")
+_KEY_VALUE_OPTIONS = ("gpu", "max_cost", "idle_timeout")
 
 
 def _split_names(text: str | None) -> list[str]:
@@ -37,15 +43,49 @@ def _split_names(text: str | None) -> list[str]:
 
 
 def _key_values_to_flags(line: str) -> str:
-    """Accept ``gpu=H100`` as well as ``--gpu H100``."""
+    """Accept ``gpu=H100 max_cost=2.5`` as well as ``--gpu H100 --max-cost 2.5``."""
     words = []
     for word in line.split():
         key, sep, value = word.partition("=")
         if sep and key in _KEY_VALUE_OPTIONS:
-            words += [f"--{key}", value]
+            words += [f"--{key.replace('_', '-')}", value]
         else:
             words.append(word)
     return " ".join(words)
+
+
+Event = tuple[str, Any]
+
+
+def _wait(coro_factory: Callable[[Callable[[str, Any], None]], Coroutine[Any, Any, T]],
+          handle: Callable[[str, Any], None],
+          on_interrupt: Callable[[], str] | None = None) -> T:
+    """Run a coroutine on the background loop; show its events from this (main) thread.
+
+    The coroutine gets a thread-safe ``emit(kind, payload)``. A first Ctrl-C calls
+    ``on_interrupt`` (when given) and keeps waiting; without one, or on a second Ctrl-C,
+    the coroutine is cancelled and KeyboardInterrupt propagates.
+    """
+    events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+    future: concurrent.futures.Future[T] = _loop.submit(
+        coro_factory(lambda kind, payload: events.put((kind, payload)))
+    )
+    interrupted = False
+    while True:
+        try:
+            try:
+                handle(*events.get(timeout=0.05))
+            except queue.Empty:
+                if future.done():
+                    while not events.empty():
+                        handle(*events.get())
+                    return future.result()
+        except KeyboardInterrupt:
+            if interrupted or on_interrupt is None:
+                future.cancel()
+                raise
+            interrupted = True
+            print(on_interrupt(), file=sys.stderr)
 
 
 @magics_class
@@ -67,19 +107,28 @@ class RemoteMagics(Magics):
               help="Bring nothing back; the cell's results stay in the remote kernel.")
     @argument("--new", action="store_true",
               help="Start a fresh remote kernel for this hardware instead of reusing the last.")
+    @argument("--max-cost", type=float, default=None,
+              help="Stop the session once it has cost this many dollars (max_cost=2.50). "
+                   "Applies when a new session starts.")
+    @argument("--idle-timeout", type=float, default=None,
+              help="Seconds the session may sit idle before the pool stops it "
+                   "(idle_timeout=600; default: the pool's, 15 minutes).")
     @cell_magic
     def remote(self, line: str, cell: str) -> None:
         """Run this cell on remote hardware, moving its variables there and back.
 
         Usage::
 
-            %%remote gpu=H100 [--push a,b] [--pull c,d] [--no-pull] [--new]
+            %%remote gpu=H100 [max_cost=2.50] [idle_timeout=600] [--push a,b] [--pull c,d]
+                     [--no-pull] [--new]
 
         The names the cell reads that exist in your notebook are sent (modules are
         imported there, not copied); the names it assigns come back. Output shows up
         as it happens. A second ``%%remote`` cell with the same hardware reuses the same
-        remote kernel, so imports and remote-only variables are still there.
+        remote kernel, so imports and remote-only variables are still there. While the
+        hardware is busy the cell waits in line and says so; interrupt to give up.
 
+        After the cell, one line says where it ran, how long it took and what it cost.
         Interrupt the kernel to interrupt the remote cell. An exception there fails
         this cell with the remote traceback.
         """
@@ -95,7 +144,8 @@ class RemoteMagics(Magics):
         if not args.no_pull:
             writes = [n for n in names.writes if n not in names.imports] if names else []
             pull = list(dict.fromkeys(writes + _split_names(args.pull)))
-        session = self._session(spec, new=args.new)
+        options = {"max_cost": args.max_cost, "idle_timeout": args.idle_timeout}
+        session = self._session(spec, args.new, options)
         result = self._run(session, cell, push, pull)
         self.last_result = result
         self._finish(session, result)
@@ -113,56 +163,72 @@ class RemoteMagics(Magics):
             values[name] = dumps(ns[name], name)  # an unpicklable input fails here, before anything runs
         return values
 
-    def _session(self, spec: HardwareSpec, new: bool) -> RemoteSession:
+    def _session(self, spec: HardwareSpec, new: bool, options: dict[str, Any]) -> RemoteSession:
         client = get_client()
-        fresh = new or str(spec) not in client.sessions or not client.sessions[str(spec)].alive
-        handle = None
-        if fresh:
-            handle = publish_status(f"cloudgpu: starting a {spec.display} session on the "
-                                    f"{client.provider.description} ...")
+        existing = client.sessions.get(str(spec))
+        if existing is not None and existing.alive and not new:
+            return existing
+        handle = publish_status(f"cloudgpu: asking for {spec.display} ...")
         started = time.perf_counter()
+
+        def on_event(kind: str, text: str) -> None:
+            publish_status(f"cloudgpu: {text}", handle)
+
         try:
-            session = _loop.run_sync(client.session(spec, new=new))
+            session = _wait(lambda emit: client.session(
+                spec, new=new, on_status=lambda text: emit("status", text), options=options,
+            ), on_event)
+        except KeyboardInterrupt:
+            publish_status(f"cloudgpu: gave up waiting for {spec.display}", handle)
+            raise
         except HardwareUnavailableError as e:
             raise HardwareUnavailableError(
-                f"{e} Ask for other hardware (`gpu=cpu` always works locally), or, on a machine "
-                f"without GPUs, simulate some with CLOUDGPU_SIMULATE=H100:1 before starting Jupyter."
+                f"{e} (`gpu=cpu` always works locally; on a machine without GPUs, simulate some "
+                f"with CLOUDGPU_SIMULATE=H100:1 before the first session starts.)"
             ) from None
-        if handle is not None:
-            note = f" (the previous one stopped: {session.replaced_reason})" \
-                if session.replaced_reason else ""
-            publish_status(f"cloudgpu: {session.grant.display} session ready in "
-                           f"{time.perf_counter() - started:.1f} s{note}", handle)
-            for text in session.version_warnings:
-                print(f"cloudgpu warning: {text}", file=sys.stderr)
+        note = f" (the previous one was stopped: {session.replaced_reason})" \
+            if session.replaced_reason else ""
+        where = client.provider.description
+        publish_status(f"cloudgpu: {session.grant.display} session ready on the {where} in "
+                       f"{time.perf_counter() - started:.1f} s{note}", handle)
+        for text in session.version_warnings:
+            print(f"cloudgpu warning: {text}", file=sys.stderr)
         return session
 
     def _run(self, session: RemoteSession, code: str, push: dict[str, Serialized],
              pull: list[str]) -> CellResult:
-        events: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
-        future = _loop.submit(session.run_cell(code, push, pull, lambda *e: events.put(e)))
-        progress = _Progress()
-        interrupted = False
-        while True:
+        progress = Progress()
+        provider = get_client().provider
+
+        async def run(emit: Callable[[str, Any], None]) -> tuple[CellResult, list[str]]:
+            # Budget warnings travel beside the cell, not after it: no extra round trip.
+            warnings = asyncio.ensure_future(provider.warnings(session.grant))
             try:
-                try:
-                    kind, payload = events.get(timeout=0.05)
-                except queue.Empty:
-                    if future.done():
-                        while not events.empty():
-                            _show(*events.get(), progress)
-                        break
-                    continue
-                _show(kind, payload, progress)
-            except KeyboardInterrupt:
-                if interrupted:
-                    future.cancel()
-                    raise
-                interrupted = True
-                print("cloudgpu: interrupting the remote cell (interrupt again to stop waiting)",
-                      file=sys.stderr)
-                _loop.submit(session.interrupt())
-        return future.result()
+                result = await session.run_cell(code, push, pull, emit)
+            except (HostConnectionError, RemoteKernelDiedError) as e:
+                warnings.cancel()
+                reason = await provider.ended_reason(session.grant)
+                if reason:
+                    raise RemoteKernelDiedError(
+                        f"The {session.grant.display} session was stopped: {reason}. Your local "
+                        f"variables are unchanged; the next %%remote cell starts a new session."
+                    ) from None
+                raise e
+            return result, await warnings
+
+        def on_event(kind: str, payload: Any) -> None:
+            if kind == "progress":
+                progress.update(payload, time.perf_counter())
+            else:
+                show(payload)
+
+        def interrupt() -> str:
+            _loop.submit(session.interrupt())
+            return "cloudgpu: interrupting the remote cell (interrupt again to stop waiting)"
+
+        result, warnings = _wait(run, on_event, interrupt)
+        result.warnings = warnings  # type: ignore[attr-defined]
+        return result
 
     def _finish(self, session: RemoteSession, result: CellResult) -> None:
         if result.push_errors:
@@ -178,10 +244,17 @@ class RemoteMagics(Magics):
             ns[name] = loads(value.codec, value.frames, name)
         for name, why in result.pull_errors.items():
             print(f"cloudgpu: `{name}` stayed remote: {why}", file=sys.stderr)
-        publish_status(f"cloudgpu · {session.grant.display} · {result.seconds:.2f} s")
+        grant = session.grant
+        line = f"cloudgpu · {grant.display} · {result.seconds:.2f} s"
+        if grant.rate_per_hour:
+            line += (f" · {money(grant.rate_per_hour * result.seconds / 3600)} this cell"
+                     f" · {money(grant.cost())} session")
+        for warning in getattr(result, "warnings", []):
+            line += f" · ⚠ {warning}"
+        publish_status(line)
 
     @magic_arguments()
-    @argument("action", choices=["status", "shutdown"], help="What to do.")
+    @argument("action", choices=["status", "hardware", "cost", "shutdown"], help="What to do.")
     @argument("--all", action="store_true", help="With shutdown: stop every session.")
     @argument("--gpu", "-g", default=None, help="With shutdown: the hardware whose session to stop.")
     @line_magic("remote")
@@ -190,25 +263,33 @@ class RemoteMagics(Magics):
 
         Usage::
 
-            %remote status                 # sessions, hardware, state
-            %remote shutdown --all         # stop every session and free its hardware
-            %remote shutdown gpu=H100      # stop one
+            %remote status              # your sessions: hardware, state, idle time, cost
+            %remote hardware            # the catalog: prices, free/total, queue length
+            %remote cost                # today's spending: total, this notebook, per session
+            %remote shutdown --all      # stop every session of this notebook, free the GPUs
+            %remote shutdown gpu=H100   # stop one
         """
         args = parse_argstring(self.remote_line, _key_values_to_flags(line))
         client = get_client()
-        if args.action == "status":
-            if not client.sessions:
-                print("No remote sessions. Run a `%%remote` cell to start one.")
-            for key, s in client.sessions.items():
-                state = "alive" if s.alive else f"stopped ({s.stopped_reason})"
-                print(f"{key:<16} {s.grant.display:<24} {state:<10} kernel {s.kernel_id} "
-                      f"on {s.grant.host_url}")
+        if args.action == "shutdown":
+            if not args.all and args.gpu is None:
+                raise UsageError(
+                    "Say which session to stop: `%remote shutdown gpu=H100`, or `--all`."
+                )
+            spec = None if args.all else _parse_hardware(args.gpu)
+            stopped = _loop.run_sync(client.shutdown(spec))
+            print(f"Stopped: {', '.join(stopped)}" if stopped else "No such session was running.")
             return
-        if not args.all and args.gpu is None:
-            raise UsageError("Say which session to stop: `%remote shutdown gpu=H100`, or `--all`.")
-        spec = None if args.all else _parse_hardware(args.gpu)
-        stopped = _loop.run_sync(client.shutdown(spec))
-        print(f"Stopped: {', '.join(stopped)}" if stopped else "No such session was running.")
+        pool = getattr(client.provider, "pool", None)
+        if pool is None:
+            raise UsageError(f"`%remote {args.action}` needs a pool; this client has none.")
+        mine = {s.grant.session_id for s in client.sessions.values()}
+        if args.action == "status":
+            print(_report.status(_loop.run_sync(pool.sessions()), mine))
+        elif args.action == "hardware":
+            print(_report.hardware(_loop.run_sync(pool.hardware())))
+        else:
+            print(_report.cost(_loop.run_sync(pool.cost()), mine))
 
 
 def _parse_hardware(text: str) -> HardwareSpec:
@@ -218,83 +299,6 @@ def _parse_hardware(text: str) -> HardwareSpec:
         raise UsageError(str(e)) from None
 
 
-class _Progress:
-    """A single updating line for transfers big enough to take a while."""
-
-    def __init__(self) -> None:
-        self.handle: str | None = None
-        self.last = 0.0
-
-    def update(self, info: dict[str, Any]) -> None:
-        now = time.perf_counter()
-        finished = info["done"] >= info["total"]
-        if not finished and now - self.last < 0.25:
-            return
-        self.last = now
-        verb = "sending" if info["direction"] == "push" else "receiving"
-        text = (f"cloudgpu: {verb} {info['done'] / 2**20:,.0f} / "
-                f"{info['total'] / 2**20:,.0f} MiB")
-        self.handle = publish_status(text, self.handle)
-
-
-def publish_status(text: str, handle: str | None = None) -> str:
-    """Show (or update in place) one quiet status line; returns its display id."""
-    import uuid
-
-    display_id = handle or uuid.uuid4().hex
-    publish_display_data(
-        {"text/plain": text,
-         "text/html": f'<span style="color: var(--jp-ui-font-color2, gray); '
-                      f'font-size: smaller">{_escape(text)}</span>'},
-        metadata={"cloudgpu": {"status": True}},
-        transient={"display_id": display_id},
-        update=handle is not None,
-    )
-    return display_id
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _show(kind: str, payload: dict[str, Any], progress: _Progress) -> None:
-    """Show one remote output under the running cell, from the main thread."""
-    if kind == "progress":
-        progress.update(payload)
-        return
-    msg_type = payload["msg_type"]
-    content = payload["content"]
-    if msg_type == "stream":
-        stream = sys.stderr if content.get("name") == "stderr" else sys.stdout
-        stream.write(content.get("text", ""))
-        stream.flush()
-    elif msg_type == "clear_output":
-        clear_output(wait=content.get("wait", False))
-    elif msg_type in ("display_data", "execute_result", "update_display_data"):
-        publish_display_data(
-            content.get("data", {}), content.get("metadata", {}),
-            transient=content.get("transient") or None,
-            **({"update": True} if msg_type == "update_display_data" else {}),
-        )
-
-
-def _render_error(shell: Any, etype: type, value: BaseException, tb: Any,
-                  tb_offset: int | None = None) -> list[str]:
-    """Show a remote exception as its remote traceback, any other cloudgpu error as one line."""
-    if isinstance(value, RemoteExecutionError):
-        header = f"\x1b[1mRemote traceback\x1b[0m (on {getattr(value, 'host', 'the remote host')}):"
-        stb = [header, *value.traceback] if value.traceback else \
-            [header, f"{value.ename}: {value.evalue}"]
-    else:
-        stb = [f"\x1b[31m{etype.__name__}\x1b[0m: {value}"]
-    show = getattr(shell, "_showtraceback", None)
-    if show is not None:
-        show(etype, value, stb)
-    else:  # plain IPython
-        print("\n".join(stb), file=sys.stderr)
-    return stb
-
-
 def install_error_display(shell: Any) -> None:
     """Render cloudgpu errors without a local traceback through our own code."""
-    shell.set_custom_exc((CloudGPUError,), _render_error)
+    shell.set_custom_exc((CloudGPUError,), render_error)

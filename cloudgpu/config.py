@@ -1,0 +1,48 @@
+"""Client configuration: which pool to use. Zero configuration means the local pool.
+
+Set in ``cloudgpu_config.py`` (or ``.json``) in a Jupyter config folder
+(``jupyter --paths``)::
+
+    c.ClientConfig.pool_url = "https://gpus.example.com"
+    c.ClientConfig.token = "..."
+
+or with the environment variables ``CLOUDGPU_POOL`` and ``CLOUDGPU_TOKEN``, which win.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jupyter_core.paths import jupyter_config_path
+from traitlets import Unicode
+from traitlets.config import Configurable
+from traitlets.config.loader import Config, ConfigFileNotFound, JSONFileConfigLoader, \
+    PyFileConfigLoader
+
+__all__ = ["ClientConfig", "load_client_config"]
+
+
+class ClientConfig(Configurable):
+    """Where notebooks get their hardware from."""
+
+    pool_url = Unicode(
+        "", help="The pool to use (env CLOUDGPU_POOL). Empty: the per-user local pool, "
+        "started on first use."
+    ).tag(config=True)
+    token = Unicode("", help="Your token for that pool (env CLOUDGPU_TOKEN).").tag(config=True)
+
+
+def load_client_config() -> ClientConfig:
+    """Read ``cloudgpu_config.{json,py}`` from Jupyter's config path, then the environment."""
+    config = Config()
+    for folder in reversed(jupyter_config_path()):  # later (user) folders win
+        for loader_cls, name in ((JSONFileConfigLoader, "cloudgpu_config.json"),
+                                 (PyFileConfigLoader, "cloudgpu_config.py")):
+            try:
+                config.merge(loader_cls(name, path=folder).load_config())
+            except ConfigFileNotFound:
+                continue
+    settings = ClientConfig(config=config)
+    settings.pool_url = os.environ.get("CLOUDGPU_POOL", settings.pool_url)
+    settings.token = os.environ.get("CLOUDGPU_TOKEN", settings.token)
+    return settings

@@ -1,0 +1,194 @@
+"""Talking to a pool: its REST API, and the provider that gets sessions from it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from . import errors
+from .errors import (
+    AuthenticationError,
+    BudgetExceededError,
+    CloudGPUError,
+    HardwareUnavailableError,
+    HostConnectionError,
+)
+from .hardware import HardwareSpec
+from .provider import SessionProvider, StatusCallback
+from .session import Grant
+
+__all__ = ["PoolClient", "PoolProvider"]
+
+# When the pool names no error class (a 403 from authentication, say).
+_ERRORS = {402: BudgetExceededError, 403: AuthenticationError, 409: HardwareUnavailableError}
+
+
+class PoolClient:
+    """The pool's REST API, with errors turned into cloudgpu errors that say what to do."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.url,
+                                       headers={"Authorization": f"token {token}"},
+                                       timeout=httpx.Timeout(90.0, connect=10.0))
+
+    async def request(self, method: str, path: str, json: Any = None,
+                      params: dict[str, Any] | None = None) -> Any:
+        """One call; 4xx answers raise the matching cloudgpu error with the pool's message."""
+        try:
+            response = await self._http.request(method, path, json=json, params=params)
+        except httpx.HTTPError as e:
+            raise HostConnectionError(
+                f"Cannot reach the cloudgpu pool at {self.url}: {e.__class__.__name__}: {e}. "
+                f"Is it running? (`cloudgpu pool --help`)"
+            ) from e
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {}
+            message = body.get("message") or response.text or response.reason_phrase
+            cls = getattr(errors, str(body.get("error")), None)
+            if not (isinstance(cls, type) and issubclass(cls, CloudGPUError)):
+                cls = _ERRORS.get(response.status_code, CloudGPUError)
+            raise cls(message)
+        return response.json()
+
+    async def info(self) -> dict[str, Any]:
+        """``GET /api/pool``."""
+        return await self.request("GET", "/api/pool")  # type: ignore[no-any-return]
+
+    async def hardware(self) -> list[dict[str, Any]]:
+        """``GET /api/hardware``."""
+        return (await self.request("GET", "/api/hardware"))["hardware"]  # type: ignore[no-any-return]
+
+    async def create(self, hardware: str, **options: Any) -> dict[str, Any]:
+        """``POST /api/sessions``."""
+        body = {"hardware": hardware, **{k: v for k, v in options.items() if v is not None}}
+        return await self.request("POST", "/api/sessions", body)  # type: ignore[no-any-return]
+
+    async def session(self, session_id: str, wait: float = 0.0,
+                      version: int = -1) -> dict[str, Any]:
+        """``GET /api/sessions/{id}``; with ``wait``, returns once it changed past ``version``."""
+        params = {"wait": wait, "version": version} if wait else None
+        return await self.request(  # type: ignore[no-any-return]
+            "GET", f"/api/sessions/{session_id}", params=params
+        )
+
+    async def sessions(self, all: bool = False) -> list[dict[str, Any]]:
+        """``GET /api/sessions``: your active sessions (or all of today's)."""
+        params = {"all": 1} if all else None
+        return (await self.request("GET", "/api/sessions", params=params))["sessions"]  # type: ignore[no-any-return]
+
+    async def delete(self, session_id: str) -> dict[str, Any]:
+        """``DELETE /api/sessions/{id}``: stop it and free its hardware."""
+        return await self.request("DELETE", f"/api/sessions/{session_id}")  # type: ignore[no-any-return]
+
+    async def cost(self) -> dict[str, Any]:
+        """``GET /api/cost``."""
+        return await self.request("GET", "/api/cost")  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+
+def describe_wait(session: Mapping[str, Any]) -> str:
+    """The live line a waiting cell shows: ``waiting for H100: 2 ahead of you``."""
+    if session["state"] == "queued":
+        what = " or ".join(session.get("waiting_for") or [session["hardware"]])
+        ahead = session.get("ahead", 0)
+        return f"waiting for {what}: {ahead} ahead of you" if ahead else \
+            f"waiting for {what}: you are next"
+    count, gpu = session.get("count"), session.get("gpu_type")
+    what = "CPU" if gpu in (None, "cpu") else f"{count}x {gpu}"
+    simulated = " (simulated)" if session.get("simulated") else ""
+    return f"starting on {what}{simulated} ..."
+
+
+class PoolProvider(SessionProvider):
+    """Sessions from a pool: queued, granted, metered and released there.
+
+    Args:
+        url: the pool's URL.
+        token: your token for it.
+        description: how to name it to users (``local pool``, a URL).
+    """
+
+    def __init__(self, url: str, token: str, description: str | None = None) -> None:
+        self.pool = PoolClient(url, token)
+        self.description = description or f"pool at {url}"
+
+    async def acquire(self, spec: HardwareSpec, *, on_status: StatusCallback | None = None,
+                      options: Mapping[str, Any] | None = None) -> Grant:
+        """Ask the pool and wait, reporting the queue position live, until granted.
+
+        Cancelling (an interrupted cell) withdraws the request.
+
+        Raises:
+            CloudGPUError: a subclass naming why (unknown hardware, budget, none here).
+        """
+        opts = dict(options or {})
+        opts.setdefault("notebook", os.environ.get("JPY_SESSION_NAME"))
+        session = await self.pool.create(str(spec), **opts)
+        try:
+            last = ""
+            while session["state"] in ("queued", "starting"):
+                text = describe_wait(session)
+                if on_status is not None and text != last:
+                    on_status(text)
+                last = text
+                session = await self.pool.session(session["id"], wait=20,
+                                                  version=session["version"])
+        except BaseException:
+            await asyncio.shield(self._withdraw(session["id"]))
+            raise
+        if session["state"] != "running":
+            raise HardwareUnavailableError(
+                f"The pool could not start a session on `{spec}`: "
+                f"{session.get('stop_reason') or session['state']}."
+            )
+        return Grant(host_url=session["host_url"], token=session["token"],
+                     kernel_id=session["kernel_id"],
+                     hardware=f"{session['gpu_type']}:{session['count']}",
+                     gpus=session["gpus"], simulated=session["simulated"],
+                     session_id=session["id"], rate_per_hour=session["rate_per_hour"] or 0.0,
+                     started=session["started"] or 0.0)
+
+    async def _withdraw(self, session_id: str) -> None:
+        try:
+            await self.pool.delete(session_id)
+        except CloudGPUError:
+            pass  # already gone; nothing is held
+
+    async def release(self, grant: Grant) -> None:
+        """Stop the session at the pool: the kernel goes, the GPUs are free at once."""
+        if grant.session_id:
+            await self._withdraw(grant.session_id)
+
+    async def ended_reason(self, grant: Grant) -> str | None:
+        """The pool's stop reason for the session (idleness, budget, ...)."""
+        if not grant.session_id:
+            return None
+        try:
+            session = await self.pool.session(grant.session_id)
+        except CloudGPUError:
+            return None
+        return session.get("stop_reason") if session["state"] not in ("running",) else None
+
+    async def warnings(self, grant: Grant) -> list[str]:
+        """Budget warnings the pool has for the session."""
+        if not grant.session_id:
+            return []
+        try:
+            return list((await self.pool.session(grant.session_id)).get("warnings", []))
+        except CloudGPUError:
+            return []
+
+    async def aclose(self) -> None:
+        """Close the HTTP client (sessions are released by the client first)."""
+        await self.pool.aclose()

@@ -1,0 +1,128 @@
+"""The interface every pool backend implements, and how the pool finds one by name.
+
+A backend knows where kernels can run (slots: hosts, Ray nodes) and starts, probes and
+stops kernels there. The pool decides *which* slot; the backend does the rest. Backends
+are found through the ``cloudgpu.backends`` entry point group, so a package can add one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from traitlets.config import LoggingConfigurable
+
+from cloudgpu.errors import CloudGPUError
+from cloudgpu.hardware import Choice
+from cloudgpu.host_client import HostClient
+
+from .scheduler import Slot
+
+__all__ = ["Backend", "HostsBackend", "Placement", "load_backend"]
+
+ENTRY_POINT_GROUP = "cloudgpu.backends"
+
+
+@dataclass
+class Placement:
+    """A kernel a backend started for a session."""
+
+    slot_id: str
+    host_url: str
+    kernel_id: str
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    simulated: bool = False
+
+
+class Backend(LoggingConfigurable):
+    """Where a pool's kernels run."""
+
+    name: ClassVar[str] = ""
+
+    # Traitlets' metaclass rules out abc.ABC here; subclasses must override these four.
+
+    async def start(self) -> list[Slot]:
+        """Bring the backend up; return the slots it offers."""
+        raise NotImplementedError
+
+    async def launch(self, slot_id: str, choice: Choice, scoped_token: str) -> Placement:
+        """Start a kernel holding ``choice`` on ``slot_id``, opened by ``scoped_token``."""
+        raise NotImplementedError
+
+    async def stop(self, placement: Placement) -> None:
+        """Stop that kernel and free its hardware."""
+        raise NotImplementedError
+
+    async def probe(self, placement: Placement) -> dict[str, Any] | None:
+        """The kernel's Jupyter model (``execution_state``, ``last_activity``), None if gone."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release what the backend holds."""
+
+
+class HostsBackend(Backend):
+    """A backend whose slots are cloudgpu hosts reached by URL with their host token."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.hosts: dict[str, HostClient] = {}
+
+    async def slot_for(self, url: str, token: str) -> Slot:
+        """Read a host's inventory and offer it as a slot (its URL is the slot id)."""
+        client = HostClient(url, token)
+        info = await client.info()
+        inventory = info["inventory"]
+        total: dict[str, int] = {}
+        for gpu in inventory["gpus"]:
+            total[gpu["type"]] = total.get(gpu["type"], 0) + 1
+        self.hosts[client.url] = client
+        return Slot(client.url, total, simulated=bool(inventory["simulated"]))
+
+    async def launch(self, slot_id: str, choice: Choice, scoped_token: str) -> Placement:
+        """Start the kernel through the host's ``POST /api/cloudgpu/kernels``."""
+        model = await self.hosts[slot_id].start_kernel(str(choice), scoped_token=scoped_token)
+        gpus = model.get("cloudgpu", {}).get("gpus", [])
+        return Placement(slot_id, slot_id, model["id"], gpus,
+                         simulated=any(g.get("simulated") for g in gpus))
+
+    async def stop(self, placement: Placement) -> None:
+        """``DELETE /api/kernels/{id}`` on its host."""
+        host = self.hosts.get(placement.slot_id)
+        if host is not None:
+            await host.shutdown(placement.kernel_id)
+
+    async def probe(self, placement: Placement) -> dict[str, Any] | None:
+        """``GET /api/kernels/{id}``; None when the host no longer has it or is gone."""
+        host = self.hosts.get(placement.slot_id)
+        if host is None:
+            return None
+        try:
+            return await host.kernel(placement.kernel_id)
+        except CloudGPUError:
+            return None
+
+    async def close(self) -> None:
+        """Close the HTTP clients."""
+        for client in self.hosts.values():
+            await client.aclose()
+        self.hosts.clear()
+
+
+def load_backend(name: str) -> type[Backend]:
+    """The backend class registered under ``name`` in the ``cloudgpu.backends`` group.
+
+    Raises:
+        CloudGPUError: naming the backends that are installed.
+    """
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if name not in found:
+        raise CloudGPUError(
+            f"Unknown pool backend `{name}`. Installed: {', '.join(sorted(found)) or 'none'}. "
+            f"(Backends register under the `{ENTRY_POINT_GROUP}` entry point group.)"
+        )
+    cls = found[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise CloudGPUError(f"Pool backend `{name}` ({found[name].value}) is not a Backend.")
+    return cls

@@ -1,0 +1,70 @@
+"""The ``local`` backend: one host subprocess on this machine with all of its GPUs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from traitlets import Unicode, default
+
+from .backend import HostsBackend
+from .local_host import LocalHostProcess
+from .scheduler import Slot
+
+__all__ = ["LocalBackend"]
+
+
+class LocalBackend(HostsBackend):
+    """Kernels on a ``cloudgpu host`` this pool starts on 127.0.0.1.
+
+    The host outlives a crashed pool, and the pool adopts it again on restart, so running
+    sessions survive; a pool that stops normally stops its host.
+    """
+
+    name = "local"
+
+    simulate = Unicode(
+        "", help="A simulated inventory for the local host (`H100:2,A100-80GB:4`); "
+        "default $CLOUDGPU_SIMULATE. Empty: the real GPUs (NVML), or CPU only."
+    ).tag(config=True)
+    state_dir = Unicode(help="Where the host's state file and log live.").tag(config=True)
+
+    @default("simulate")
+    def _default_simulate(self) -> str:
+        return os.environ.get("CLOUDGPU_SIMULATE", "")
+
+    @default("state_dir")
+    def _default_state_dir(self) -> str:
+        from jupyter_core.paths import jupyter_runtime_dir
+
+        return os.path.join(jupyter_runtime_dir(), "cloudgpu-local-host")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.process: LocalHostProcess | None = None
+
+    async def start(self) -> list[Slot]:
+        """Adopt the host a previous pool left running, or start one."""
+        simulate = self.simulate or None
+        process = LocalHostProcess.adopt(self.state_dir, simulate)
+        if process is not None:
+            try:
+                slot = await self.slot_for(process.url, process.token)
+                self.process = process
+                self.log.info("Adopted the local host at %s (pid %s)", process.url, process.pid)
+                return [slot]
+            except Exception as e:  # it answers no more: start a fresh one below
+                self.log.warning("Could not adopt the local host at %s: %s", process.url, e)
+                process.stop()
+        process = LocalHostProcess(simulate, self.state_dir, tied=False)
+        await asyncio.get_running_loop().run_in_executor(None, process.start)
+        self.process = process
+        return [await self.slot_for(process.url, process.token)]
+
+    async def close(self) -> None:
+        """Stop the local host with its kernels."""
+        await super().close()
+        if self.process is not None:
+            process, self.process = self.process, None
+            await asyncio.get_running_loop().run_in_executor(None, process.stop)

@@ -1,0 +1,443 @@
+"""The pool's core: sessions from request to release, metering, budgets and idle culling.
+
+All state changes go through here, are written to the ledger before anyone is told,
+and wake whoever waits on that session (``wait``), so clients see queue positions and
+stops as they happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cloudgpu.errors import BudgetExceededError, CloudGPUError, HardwareUnavailableError
+from cloudgpu.hardware import CPU, Catalog, Choice, HardwareSpec, parse_spec
+
+from .backend import Backend, Placement
+from .ledger import Ledger, SessionRecord
+from .scheduler import Scheduler
+
+__all__ = ["BudgetExceededError", "Pool", "SessionNotFound"]
+
+WARN_AT = 0.8
+
+
+class SessionNotFound(CloudGPUError):
+    """Raised when a session id is unknown or belongs to another user."""
+
+
+def start_of_day(now: float) -> float:
+    """Local midnight before ``now``: budgets are per calendar day where the pool runs."""
+    day = dt.datetime.fromtimestamp(now).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day.timestamp()
+
+
+class Pool:
+    """Sessions on a backend's hardware, metered into a ledger.
+
+    Args:
+        backend: where kernels run.
+        ledger: where sessions are recorded.
+        catalog: hardware types and prices.
+        idle_timeout: seconds of inactivity before a session is stopped (0: never).
+        daily_limit: dollars per user per day (0: no limit); ``user_limits`` overrides per user.
+        meter_interval: how often costs and budgets are checked, seconds.
+        cull_interval: how often kernels are probed for idleness, seconds.
+        disconnected_timeout: seconds a running session may have no client connected
+            before it is stopped (its notebook went away without releasing it; 0: never).
+    """
+
+    def __init__(self, backend: Backend, ledger: Ledger, catalog: Catalog, *,
+                 idle_timeout: float = 900.0, daily_limit: float = 0.0,
+                 user_limits: dict[str, float] | None = None, meter_interval: float = 1.0,
+                 cull_interval: float = 30.0, disconnected_timeout: float = 0.0,
+                 log: logging.Logger | None = None) -> None:
+        self.backend = backend
+        self.ledger = ledger
+        self.catalog = catalog
+        self.idle_timeout = idle_timeout
+        self.daily_limit = daily_limit
+        self.user_limits = user_limits or {}
+        self.meter_interval = meter_interval
+        self.cull_interval = cull_interval
+        self.disconnected_timeout = disconnected_timeout
+        self._disconnected_since: dict[str, float] = {}
+        self._idle_since: dict[str, float] = {}
+        self.log = log or logging.getLogger("cloudgpu.pool")
+        self.scheduler = Scheduler(catalog)
+        self.sessions: dict[str, SessionRecord] = {}  # active ones; ended ones live in the ledger
+        self._versions: dict[str, int] = {}
+        self._changed = asyncio.Condition()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._launching: dict[str, asyncio.Task[Any]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bring the backend up, reconcile the ledger with it, start metering and culling."""
+        for slot in await self.backend.start():
+            self.scheduler.add_slot(slot)
+        await self.reconcile()
+        self._tasks = [asyncio.create_task(self._every(self.meter_interval, self.meter)),
+                       asyncio.create_task(self._every(self.cull_interval, self.cull))]
+        self._dispatch()
+
+    async def close(self, stop_sessions: bool = True) -> None:
+        """Stop background work; with ``stop_sessions`` also every running session."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if stop_sessions:
+            for rec in list(self.sessions.values()):
+                await self.stop(rec.id, "the pool shut down")
+        await self.backend.close()
+
+    async def reconcile(self) -> None:
+        """Match the ledger's active sessions with what the hosts really run.
+
+        Queued sessions queue again in their old order; a running session whose kernel is
+        still there keeps running (and its GPUs stay taken); one whose kernel is gone ends
+        at the last moment it was seen alive, so nothing is billed twice or lost.
+        """
+        for rec in self.ledger.active():
+            if rec.state == "running" and rec.kernel_id:
+                model = await self.backend.probe(self._placement(rec))
+                if model is not None:
+                    self.sessions[rec.id] = rec
+                    self.scheduler.allocate(rec.host_id or "", rec.gpu_type or CPU, rec.count or 0)
+                    self._arm_budget(rec)
+                    continue
+                rec.ended = rec.last_seen or rec.started or rec.created
+                self._finish(rec, "stopped", "its kernel was lost while the pool was down")
+                continue
+            # queued, or starting with no kernel recorded: ask for the hardware again.
+            rec.state = "queued"
+            self.ledger.save(rec)
+            self.sessions[rec.id] = rec
+            self.scheduler.enqueue(rec.id, parse_spec(rec.hardware, self.catalog))
+
+    async def _every(self, seconds: float, job: Callable[[], Any]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except Exception:  # a failed round must not end metering or culling for good
+                self.log.exception("%s failed; retrying in %.1f s", job.__name__, seconds)
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    async def create(self, user: str, hardware: str, *, max_cost: float | None = None,
+                     idle_timeout: float | None = None, notebook: str | None = None) -> SessionRecord:
+        """Ask for a session; it is queued and granted as soon as the hardware is free.
+
+        Raises:
+            UnknownHardwareError: the spec is malformed or names unknown hardware.
+            HardwareUnavailableError: no host here could ever give it.
+            BudgetExceededError: the user's daily budget is spent.
+        """
+        spec = parse_spec(hardware, self.catalog)
+        self.scheduler.check_feasible(spec)
+        limit = self.limit_for(user)
+        if limit and self.spent_today(user) >= limit:
+            raise BudgetExceededError(
+                f"Your daily budget of ${limit:.2f} is spent (${self.spent_today(user):.2f} "
+                f"today). New sessions start again tomorrow, or ask the pool's operator to raise "
+                f"PoolApp.daily_limit."
+            )
+        if max_cost is not None and max_cost <= 0:
+            raise CloudGPUError(f"max_cost must be a positive number of dollars, not {max_cost}.")
+        rec = SessionRecord(
+            id=secrets.token_hex(8), user=user, hardware=str(spec), state="queued",
+            created=time.time(), max_cost=max_cost,
+            idle_timeout=self.idle_timeout if idle_timeout is None else idle_timeout,
+            notebook=notebook,
+        )
+        self.ledger.save(rec)
+        self.sessions[rec.id] = rec
+        self.scheduler.enqueue(rec.id, spec)
+        await self._notify(rec.id)
+        self._dispatch()
+        return rec
+
+    def _dispatch(self) -> None:
+        for decision in self.scheduler.schedule():
+            rec = self.sessions[decision.request_id]
+            task = asyncio.create_task(self._launch(rec, decision.slot_id, decision.choice))
+            self._launching[rec.id] = task
+            task.add_done_callback(lambda _t, sid=rec.id: self._launching.pop(sid, None))
+
+    async def _launch(self, rec: SessionRecord, slot_id: str, choice: Choice) -> None:
+        price = self.catalog.get(choice.type).price_per_hour
+        rec.state, rec.gpu_type, rec.count, rec.host_id = "starting", choice.type, choice.count, slot_id
+        rec.rate_per_hour = price * choice.count
+        rec.token = secrets.token_urlsafe(32)
+        self.ledger.save(rec)
+        await self._notify(rec.id)
+        try:
+            placement = await self.backend.launch(slot_id, choice, rec.token)
+        except Exception as e:
+            self.scheduler.release(slot_id, choice.type, choice.count)
+            self.log.warning("Could not start a kernel for session %s: %s", rec.id, e)
+            self._finish(rec, "failed", f"the host could not start a kernel: {e}")
+            await self._notify(rec.id)
+            self._dispatch()
+            return
+        rec.host_url, rec.kernel_id = placement.host_url, placement.kernel_id
+        rec.gpus, rec.simulated = placement.gpus, placement.simulated
+        rec.state = "running"
+        rec.started = rec.last_seen = time.time()
+        self.ledger.save(rec)
+        self._arm_budget(rec)
+        await self._notify(rec.id)
+
+    def _placement(self, rec: SessionRecord) -> Placement:
+        return Placement(rec.host_id or "", rec.host_url or "", rec.kernel_id or "", rec.gpus,
+                         rec.simulated)
+
+    def _finish(self, rec: SessionRecord, state: str, reason: str) -> None:
+        rec.state, rec.stop_reason = state, reason
+        if rec.ended is None:
+            rec.ended = time.time()
+        self.ledger.save(rec)
+        self.sessions.pop(rec.id, None)
+        self._idle_since.pop(rec.id, None)
+        self._disconnected_since.pop(rec.id, None)
+
+    async def stop(self, session_id: str, reason: str, state: str = "stopped") -> SessionRecord:
+        """End a session whatever its state: dequeue it, or stop its kernel and free its GPUs."""
+        rec = self.sessions.get(session_id) or self.ledger.get(session_id)
+        if rec is None:
+            raise SessionNotFound(f"No session `{session_id}`.")
+        if not rec.active:
+            return rec
+        if rec.state == "queued":
+            self.scheduler.cancel(rec.id)
+            self._finish(rec, "cancelled", reason)
+        else:
+            launching = self._launching.get(rec.id)
+            if launching is not None:
+                await asyncio.shield(launching)  # let the kernel exist, then stop it
+            self._finish(rec, state, reason)
+            if rec.kernel_id:
+                await self.backend.stop(self._placement(rec))
+            self.scheduler.release(rec.host_id or "", rec.gpu_type or CPU, rec.count or 0)
+        await self._notify(rec.id)
+        self._dispatch()
+        return rec
+
+    def get(self, user: str, session_id: str) -> SessionRecord:
+        """A user's session (active or ended).
+
+        Raises:
+            SessionNotFound: when it does not exist or is someone else's.
+        """
+        rec = self.sessions.get(session_id) or self.ledger.get(session_id)
+        if rec is None or rec.user != user:
+            raise SessionNotFound(f"No session `{session_id}` of yours.")
+        return rec
+
+    def version(self, session_id: str) -> int:
+        """Bumped on every change of the session."""
+        return self._versions.get(session_id, 0)
+
+    async def _notify(self, session_id: str) -> None:
+        async with self._changed:
+            self._versions[session_id] = self._versions.get(session_id, 0) + 1
+            self._changed.notify_all()
+
+    async def wait(self, session_id: str, version: int, timeout: float) -> None:
+        """Return when the session changed past ``version``, or after ``timeout`` seconds."""
+        async with self._changed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self.version(session_id) != version), timeout
+                )
+
+    def position(self, session_id: str) -> tuple[int, list[str]]:
+        """Queued requests ahead of this one for the same hardware, and that hardware."""
+        return self.scheduler.position(session_id)
+
+    # -- money ---------------------------------------------------------------------------------
+
+    def limit_for(self, user: str) -> float:
+        """The user's daily limit in dollars (0: none)."""
+        return self.user_limits.get(user, self.daily_limit)
+
+    def spent_today(self, user: str, now: float | None = None) -> float:
+        """What the user's sessions cost since local midnight."""
+        now = now or time.time()
+        midnight = start_of_day(now)
+        return sum(r.cost(now, since=midnight) for r in self.ledger.for_user(user, midnight))
+
+    async def meter(self) -> None:
+        """Record liveness; warn at 80% of a budget and stop sessions at 100%.
+
+        A session's own ``max_cost`` is exact (see ``_arm_budget``); daily limits, shared by
+        all of a user's sessions, are checked here every ``meter_interval``.
+        """
+        now = time.time()
+        running = [r for r in self.sessions.values() if r.state == "running"]
+        self.ledger.touch([r.id for r in running], now)
+        for rec in running:
+            rec.last_seen = now
+        for user in {r.user for r in running}:
+            limit = self.limit_for(user)
+            if not limit:
+                continue
+            spent = self.spent_today(user, now)
+            what = f"your daily budget of ${limit:.2f}"
+            for rec in [r for r in running if r.user == user]:
+                if spent >= limit:
+                    await self.stop(rec.id, f"{what} is spent (${spent:.2f} today)")
+                elif spent >= WARN_AT * limit:
+                    await self._warn(rec, f"{spent / limit:.0%} of {what} used")
+
+    def _arm_budget(self, rec: SessionRecord) -> None:
+        """Warn at exactly 80% of ``max_cost`` and stop at exactly 100%, by timers."""
+        if not rec.max_cost or not rec.rate_per_hour or rec.started is None:
+            return
+        loop = asyncio.get_running_loop()
+        full = rec.max_cost / rec.rate_per_hour * 3600
+        elapsed = time.time() - rec.started
+        what = f"the session's max_cost of ${rec.max_cost:.2f}"
+
+        def warn() -> None:
+            self._spawn(self._warn(rec, f"80% of {what} used"))
+
+        def stop() -> None:
+            self._spawn(self.stop(rec.id, f"{what} was reached"))
+
+        loop.call_later(max(WARN_AT * full - elapsed, 0), warn)
+        loop.call_later(max(full - elapsed, 0), stop)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _warn(self, rec: SessionRecord, warning: str) -> None:
+        if rec.state != "running" or warning in rec.warnings:
+            return
+        rec.warnings.append(warning)
+        self.ledger.save(rec)
+        await self._notify(rec.id)
+
+    def cost_report(self, user: str, now: float | None = None) -> dict[str, Any]:
+        """Today's spending of one user: total, by notebook, by session."""
+        now = now or time.time()
+        midnight = start_of_day(now)
+        records = self.ledger.for_user(user, midnight)
+        by_notebook: dict[str, float] = {}
+        for r in records:
+            key = r.notebook or "(unnamed)"
+            by_notebook[key] = by_notebook.get(key, 0.0) + r.cost(now, since=midnight)
+        limit = self.limit_for(user)
+        return {
+            "user": user,
+            "today": sum(by_notebook.values()),
+            "daily_limit": limit or None,
+            "by_notebook": by_notebook,
+            "sessions": [{"id": r.id, "hardware": r.hardware, "gpu_type": r.gpu_type,
+                          "count": r.count, "state": r.state, "notebook": r.notebook,
+                          "cost": r.cost(now), "simulated": r.simulated} for r in records],
+        }
+
+    # -- idleness ------------------------------------------------------------------------------
+
+    async def cull(self) -> None:
+        """Stop sessions whose kernel has been idle longer than their timeout, or is gone."""
+        now = time.time()
+        for rec in [r for r in self.sessions.values() if r.state == "running"]:
+            model = await self.backend.probe(self._placement(rec))
+            if rec.id not in self.sessions:
+                continue  # stopped meanwhile
+            if model is None:
+                await self.stop(rec.id, "its remote kernel is gone (it died, or its host did)")
+                continue
+            if self._abandoned(rec, model, now):
+                await self.stop(rec.id, f"no notebook was connected to it for "
+                                        f"{_duration(self.disconnected_timeout)}")
+                continue
+            busy = model.get("execution_state") == "busy"
+            last = _parse_time(model.get("last_activity")) or rec.started or now
+            if busy:
+                self._idle_since.pop(rec.id, None)
+            else:
+                self._idle_since[rec.id] = last
+            timeout = rec.idle_timeout or 0
+            if not timeout or busy:
+                continue
+            if now - last > timeout:
+                await self.stop(rec.id, f"idle: nothing ran for {_duration(now - last)} "
+                                        f"(idle_timeout {_duration(timeout)})")
+
+    def _abandoned(self, rec: SessionRecord, model: dict[str, Any], now: float) -> bool:
+        if not self.disconnected_timeout or model.get("connections", 1) > 0:
+            self._disconnected_since.pop(rec.id, None)
+            return False
+        since = self._disconnected_since.setdefault(rec.id, now)
+        return now - since >= self.disconnected_timeout
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def hardware(self) -> list[dict[str, Any]]:
+        """Every catalog type with free/total counts, price and queue length."""
+        out = []
+        for hw in self.catalog:
+            total = sum(s.total.get(hw.name, 0) for s in self.scheduler.slots.values())
+            free = sum(s.free(hw.name) for s in self.scheduler.slots.values())
+            simulated = any(s.simulated and s.total.get(hw.name) for s in
+                            self.scheduler.slots.values())
+            out.append({"type": hw.name, "memory_gb": hw.memory_gb,
+                        "price_per_hour": hw.price_per_hour, "price_source": hw.price_source,
+                        "total": total if hw.is_gpu else None,
+                        "free": free if hw.is_gpu else None,
+                        "queued": self.scheduler.queue_length(hw.name),
+                        "simulated": simulated, "available": bool(total) or not hw.is_gpu})
+        return out
+
+    def view(self, rec: SessionRecord, *, with_token: bool) -> dict[str, Any]:
+        """A session as the REST API shows it to its owner."""
+        ahead, waiting_for = self.position(rec.id) if rec.state == "queued" else (0, [])
+        body: dict[str, Any] = {
+            "id": rec.id, "user": rec.user, "hardware": rec.hardware, "state": rec.state,
+            "created": rec.created, "started": rec.started, "ended": rec.ended,
+            "gpu_type": rec.gpu_type, "count": rec.count, "rate_per_hour": rec.rate_per_hour,
+            "cost": rec.cost(), "max_cost": rec.max_cost, "idle_timeout": rec.idle_timeout,
+            "notebook": rec.notebook, "stop_reason": rec.stop_reason, "warnings": rec.warnings,
+            "simulated": rec.simulated, "gpus": rec.gpus, "host_url": rec.host_url,
+            "kernel_id": rec.kernel_id, "ahead": ahead, "waiting_for": waiting_for,
+            "version": self.version(rec.id),
+            "idle_since": self._idle_since.get(rec.id) if rec.state == "running" else None,
+        }
+        if with_token and rec.state == "running":
+            body["token"] = rec.token
+        return body
+
+
+def _parse_time(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min"
+
+
+# `HardwareSpec` and `HardwareUnavailableError` are part of this module's vocabulary.
+_ = (HardwareSpec, HardwareUnavailableError)

@@ -1,0 +1,180 @@
+"""The pool's REST API under ``/api/``: hardware, sessions, cost. Every request names its user."""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tornado import web
+
+from cloudgpu import __version__
+from cloudgpu.errors import CloudGPUError, HardwareUnavailableError, UnknownHardwareError
+
+from .pool import BudgetExceededError, Pool, SessionNotFound
+
+__all__ = ["POOL_HANDLERS"]
+
+_STATUS = [(UnknownHardwareError, 400), (HardwareUnavailableError, 409),
+           (BudgetExceededError, 402), (SessionNotFound, 404), (CloudGPUError, 400)]
+
+
+
+
+def api(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """Answer a cloudgpu error with its message and the HTTP status that fits it."""
+
+    @functools.wraps(method)
+    async def wrapper(self: PoolHandler, *args: Any) -> None:
+        try:
+            await method(self, *args)
+        except CloudGPUError as e:
+            status = next(code for cls, code in _STATUS if isinstance(e, cls))
+            self.write_json({"message": str(e), "status": status, "error": type(e).__name__},
+                            status)
+
+    return wrapper
+
+
+class PoolHandler(web.RequestHandler):
+    """Authenticates every request and answers errors as JSON ``{"message": ...}``."""
+
+    user: str
+
+    @property
+    def pool(self) -> Pool:
+        return self.settings["pool"]  # type: ignore[no-any-return]
+
+    def prepare(self) -> None:
+        """Find the user the token belongs to, in constant time; 403 otherwise."""
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() not in ("token", "bearer"):
+            given = self.get_query_argument("token", "")
+        user = None
+        for token, name in self.settings["users"].items():
+            if given and hmac.compare_digest(given.encode(), token.encode()):
+                user = name
+        if user is None:
+            raise web.HTTPError(403, reason="Forbidden", log_message=(
+                f"This cloudgpu pool needs a valid token (`Authorization: token T`); the one "
+                f"given is {'wrong' if given else 'missing'}. Set CLOUDGPU_TOKEN to the token "
+                f"the pool's operator gave you."))
+        self.user = user
+
+    def write_json(self, body: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body, default=str))
+
+    def body(self) -> dict[str, Any]:
+        if not self.request.body:
+            return {}
+        try:
+            data = json.loads(self.request.body)
+        except ValueError:
+            raise web.HTTPError(400, log_message="The request body is not JSON.") from None
+        if not isinstance(data, dict):
+            raise web.HTTPError(400, log_message="The request body must be a JSON object.")
+        return data
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None))[1]
+        message = self._reason
+        if isinstance(exc, web.HTTPError) and exc.log_message:
+            message = exc.log_message
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"message": message, "status": status_code}))
+
+
+
+class InfoHandler(PoolHandler):
+    """``GET /api/pool``: who you are and what the pool is."""
+
+    @api
+    async def get(self) -> None:
+        slots = self.pool.scheduler.slots.values()
+        self.write_json({"cloudgpu": __version__, "user": self.user,
+                         "backend": self.pool.backend.name, "hosts": len(slots),
+                         "simulated": any(s.simulated for s in slots),
+                         "idle_timeout": self.pool.idle_timeout,
+                         "daily_limit": self.pool.limit_for(self.user) or None})
+
+
+class HardwareHandler(PoolHandler):
+    """``GET /api/hardware``: every type with free/total, price and queue length."""
+
+    @api
+    async def get(self) -> None:
+        self.write_json({"hardware": self.pool.hardware()})
+
+
+class SessionsHandler(PoolHandler):
+    """``GET /api/sessions`` (yours) and ``POST /api/sessions`` ``{"hardware": "H100"}``."""
+
+    @api
+    async def get(self) -> None:
+        pool = self.pool
+        show_all = self.get_query_argument("all", "0") not in ("0", "false", "")
+        records = [r for r in pool.ledger.for_user(self.user) if show_all or r.active]
+        self.write_json({"sessions": [pool.view(r, with_token=False) for r in records]})
+
+    @api
+    async def post(self) -> None:
+        body = self.body()
+        hardware = body.get("hardware")
+        if not isinstance(hardware, str):
+            raise web.HTTPError(400, log_message='Give the hardware: {"hardware": "H100"}.')
+        rec = await self.pool.create(
+            self.user, hardware, max_cost=_number(body, "max_cost"),
+            idle_timeout=_number(body, "idle_timeout"), notebook=body.get("notebook"),
+        )
+        self.write_json(self.pool.view(rec, with_token=True), 201)
+
+
+class SessionHandler(PoolHandler):
+    """``GET /api/sessions/{id}[?wait=S&version=V]`` (long poll) and ``DELETE`` (stop)."""
+
+    @api
+    async def get(self, session_id: str) -> None:
+        pool = self.pool
+        pool.get(self.user, session_id)
+        wait = min(float(self.get_query_argument("wait", "0") or 0), 60.0)
+        if wait > 0:
+            version = int(self.get_query_argument("version", "-1"))
+            await pool.wait(session_id, version, wait)
+        self.write_json(pool.view(pool.get(self.user, session_id), with_token=True))
+
+    @api
+    async def delete(self, session_id: str) -> None:
+        self.pool.get(self.user, session_id)
+        rec = await self.pool.stop(session_id, "stopped by its owner")
+        self.write_json(self.pool.view(rec, with_token=False))
+
+
+class CostHandler(PoolHandler):
+    """``GET /api/cost``: today's spending, by notebook and by session."""
+
+    @api
+    async def get(self) -> None:
+        self.write_json(self.pool.cost_report(self.user))
+
+
+def _number(body: dict[str, Any], key: str) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise web.HTTPError(400, log_message=f"`{key}` must be a number, not {value!r}.")
+    return float(value)
+
+
+POOL_HANDLERS: list[tuple[str, type[PoolHandler]]] = [
+    (r"/api/pool", InfoHandler),
+    (r"/api/hardware", HardwareHandler),
+    (r"/api/sessions", SessionsHandler),
+    (r"/api/sessions/([0-9a-f]+)", SessionHandler),
+    (r"/api/cost", CostHandler),
+]

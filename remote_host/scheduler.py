@@ -1,0 +1,185 @@
+"""Who gets which GPUs: first come, first served per GPU type, with fallbacks.
+
+Pure bookkeeping, no I/O, so a decision costs microseconds even with a thousand hosts.
+A request's choices are tried in order; a GPU type an earlier request is still waiting
+for is not handed to a later one (no overtaking within a type). ``cpu`` is never scarce.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from cloudgpu.errors import HardwareUnavailableError
+from cloudgpu.hardware import CPU, Catalog, Choice, HardwareSpec
+
+__all__ = ["Decision", "Scheduler", "Slot"]
+
+
+@dataclass
+class Slot:
+    """A place kernels run (a host), with its GPUs by type and how many are in use."""
+
+    id: str
+    total: dict[str, int]
+    used: dict[str, int] = field(default_factory=dict)
+    simulated: bool = False
+
+    def free(self, gpu_type: str) -> int:
+        """Unused GPUs of ``gpu_type`` here."""
+        return self.total.get(gpu_type, 0) - self.used.get(gpu_type, 0)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A queued request granted: where, and exactly what (``any`` resolved to a type)."""
+
+    request_id: str
+    slot_id: str
+    choice: Choice
+
+
+@dataclass
+class _Request:
+    id: str
+    spec: HardwareSpec
+    seq: int
+
+
+class Scheduler:
+    """Slots, the queue, and the decisions that match them."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.slots: dict[str, Slot] = {}
+        self._queue: list[_Request] = []
+        self._seq = itertools.count()
+        # GPU types, cheapest first, for `any`.
+        self._by_price = [t.name for t in sorted(catalog, key=lambda t: t.price_per_hour)
+                          if t.is_gpu]
+
+    def add_slot(self, slot: Slot) -> None:
+        """A host joined (or re-joined) the pool."""
+        self.slots[slot.id] = slot
+
+    def remove_slot(self, slot_id: str) -> None:
+        """A host left the pool."""
+        self.slots.pop(slot_id, None)
+
+    def _types_for(self, choice: Choice) -> list[str]:
+        if choice.is_any:
+            return [t for t in self._by_price if any(s.total.get(t) for s in self.slots.values())]
+        return [choice.type]
+
+    def check_feasible(self, spec: HardwareSpec) -> None:
+        """Raise unless some choice of ``spec`` fits on some host when everything is free.
+
+        Raises:
+            HardwareUnavailableError: naming what the pool has, so waiting would be forever.
+        """
+        for choice in spec.choices:
+            if choice.is_cpu:
+                if self.slots:
+                    return
+                continue
+            for gpu_type in self._types_for(choice):
+                if any(s.total.get(gpu_type, 0) >= choice.count for s in self.slots.values()):
+                    return
+        raise HardwareUnavailableError(
+            f"No host in this pool can ever give `{spec}`: it has {self.describe() or 'no hosts'}."
+            f" Ask for hardware it has (`%remote hardware` lists it)."
+        )
+
+    def describe(self) -> str:
+        """What the pool holds, for messages: ``H100 x2 (one host), cpu``."""
+        totals: dict[str, list[int]] = {}
+        for slot in self.slots.values():
+            for gpu_type, n in slot.total.items():
+                totals.setdefault(gpu_type, []).append(n)
+        parts = [f"{t} x{sum(ns)} (at most {max(ns)} per host)" for t, ns in totals.items()]
+        return ", ".join([*parts, "cpu"] if self.slots else parts)
+
+    def enqueue(self, request_id: str, spec: HardwareSpec) -> None:
+        """Put a request at the back of the queue."""
+        self._queue.append(_Request(request_id, spec, next(self._seq)))
+
+    def cancel(self, request_id: str) -> bool:
+        """Take a request out of the queue; False when it was not queued."""
+        before = len(self._queue)
+        self._queue = [r for r in self._queue if r.id != request_id]
+        return len(self._queue) != before
+
+    @property
+    def queued(self) -> list[str]:
+        """Queued request ids, first in line first."""
+        return [r.id for r in self._queue]
+
+    def position(self, request_id: str) -> tuple[int, list[str]]:
+        """How many queued requests wait for the same types ahead of this one, and the types."""
+        for i, req in enumerate(self._queue):
+            if req.id == request_id:
+                mine = {t for c in req.spec.choices for t in self._types_for(c)}
+                ahead = sum(1 for r in self._queue[:i]
+                            if mine & {t for c in r.spec.choices for t in self._types_for(c)})
+                return ahead, sorted(mine)
+        return 0, []
+
+    def queue_length(self, gpu_type: str) -> int:
+        """Queued requests that would take ``gpu_type``."""
+        return sum(1 for r in self._queue
+                   if any(gpu_type in self._types_for(c) for c in r.spec.choices))
+
+    def allocate(self, slot_id: str, gpu_type: str, count: int) -> None:
+        """Mark GPUs in use (a grant, or a running session found again after a restart)."""
+        if gpu_type == CPU or slot_id not in self.slots:
+            return
+        slot = self.slots[slot_id]
+        slot.used[gpu_type] = slot.used.get(gpu_type, 0) + count
+
+    def release(self, slot_id: str, gpu_type: str, count: int) -> None:
+        """Give GPUs back."""
+        if gpu_type == CPU or slot_id not in self.slots:
+            return
+        slot = self.slots[slot_id]
+        slot.used[gpu_type] = max(slot.used.get(gpu_type, 0) - count, 0)
+
+    def _place(self, choice: Choice, gpu_type: str) -> Slot | None:
+        if gpu_type == CPU:
+            return next(iter(self.slots.values()), None)
+        best: Slot | None = None
+        for slot in self.slots.values():
+            free = slot.free(gpu_type)
+            # Best fit: the host with the fewest free GPUs that still fits keeps big holes open.
+            if free >= choice.count and (best is None or free < best.free(gpu_type)):
+                best = slot
+                if free == choice.count:
+                    break
+        return best
+
+    def schedule(self) -> list[Decision]:
+        """Grant what can be granted now, in queue order; the rest keeps its place."""
+        decisions: list[Decision] = []
+        blocked: set[str] = set()
+        remaining: list[_Request] = []
+        for req in self._queue:
+            decision = self._decide(req, blocked)
+            if decision is None:
+                remaining.append(req)
+                blocked.update(t for c in req.spec.choices for t in self._types_for(c)
+                               if t != CPU)
+                continue
+            self.allocate(decision.slot_id, decision.choice.type, decision.choice.count)
+            decisions.append(decision)
+        self._queue = remaining
+        return decisions
+
+    def _decide(self, req: _Request, blocked: Iterable[str]) -> Decision | None:
+        for choice in req.spec.choices:
+            for gpu_type in self._types_for(choice):
+                if gpu_type in blocked:
+                    continue
+                slot = self._place(choice, gpu_type)
+                if slot is not None:
+                    return Decision(req.id, slot.id, Choice(gpu_type, choice.count))
+        return None
