@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
     AuthenticationError,
+    BudgetExceededError,
     CloudGPUError,
     HardwareUnavailableError,
     HostConnectionError,
@@ -30,6 +31,7 @@ from .hardware import Catalog, HardwareSpec, parse_spec  # noqa: E402
 
 __all__ = [
     "AuthenticationError",
+    "BudgetExceededError",
     "Catalog",
     "CloudGPUError",
     "HardwareSpec",

@@ -42,7 +42,7 @@ class HostConnectionError(CloudGPUError):
 
 
 class HostStartError(CloudGPUError):
-    """Raised when the embedded local host process fails to start."""
+    """Raised when a local pool or host process fails to start."""
 
 
 class AuthenticationError(CloudGPUError):

@@ -1,8 +1,8 @@
 """Where sessions come from: the seam between the client and whatever hands out kernels.
 
 A provider turns a hardware spec into a ``Grant`` (a host, a kernel on it and a token)
-and takes it back. The embedded local default starts a host subprocess on this
-machine; the pool will be another provider.
+and takes it back. The pool provider (``cloudgpu.pool_client.PoolProvider``) is the one
+cloudgpu ships; the local pool is the embedded default.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ StatusCallback = Callable[[str], None]
 class SessionProvider(abc.ABC):
     """Hands out kernels on the hardware asked for."""
 
-    #: Shown to users: where their cells run (``embedded local host``, a pool URL).
+    #: Shown to users: where their cells run (``local pool``, a pool URL).
     description: str = ""
 
     @abc.abstractmethod

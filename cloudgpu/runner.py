@@ -53,13 +53,13 @@ def run_notebook(path: str, *, timeout: int = 600, output: str | None = None,
     import nbformat
     from nbclient import NotebookClient
 
-    from jupyter_client.manager import AsyncKernelManager
+    from traitlets.config import Config
 
     nb = nbformat.read(path, as_version=4)
-    name = kernel_name or nb.metadata.get("kernelspec", {}).get("name", "python3")
-    # IPC sockets: local only, and no plain-TCP warning from the kernel.
-    km = AsyncKernelManager(kernel_name=name, transport="ipc")
-    client = NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": "."}})
+    config = Config()
+    config.KernelManager.transport = "ipc"  # local only, and no plain-TCP warning from the kernel
+    client = NotebookClient(nb, kernel_name=kernel_name or "", timeout=timeout, config=config,
+                            resources={"metadata": {"path": "."}})
     if echo:
         _orig = client.async_execute_cell
 
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="cloudgpu run",
         description="Execute a notebook headless (nbclient) and print each cell's outputs. "
-        "%%remote cells run on the configured hardware; with nothing configured, on the "
-        "embedded local host.",
+        "%%remote cells run on the configured pool; with nothing configured, on this user's "
+        "local pool (started on first use).",
     )
     parser.add_argument("notebook", help="path of the .ipynb to run")
     parser.add_argument("--output", "-o", help="also save the executed notebook here")

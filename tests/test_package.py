@@ -48,7 +48,7 @@ def test_editable_install_maps_folders_into_the_namespace() -> None:
 
 @pytest.mark.parametrize(("module", "expected"), [
     ("cloudgpu", {
-        "AuthenticationError", "Catalog", "CloudGPUError", "HardwareSpec",
+        "AuthenticationError", "BudgetExceededError", "Catalog", "CloudGPUError", "HardwareSpec",
         "HardwareUnavailableError", "HostConnectionError", "HostStartError",
         "RemoteExecutionError", "RemoteKernelDiedError", "SerializationError",
         "UnknownHardwareError", "VersionSkewWarning", "__version__", "load_ipython_extension",
@@ -80,6 +80,7 @@ def test_every_error_says_when_it_is_raised() -> None:
     (["--help"], "commands:"),
     (["host", "--help"], "--simulate"),
     (["run", "--help"], "--output"),
+    (["pool", "--help"], "--backend"),
 ])
 def test_cli_help(argv: list[str], expect: str) -> None:
     out = subprocess.run([sys.executable, "-m", "cloudgpu", *argv], capture_output=True,
