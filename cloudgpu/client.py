@@ -73,7 +73,7 @@ class Client:
                 await asyncio.get_running_loop().run_in_executor(None, lambda: self.provider)
             grant = await provider.acquire(spec, on_status=on_status, options=options)
             try:
-                session = await RemoteSession.open(grant)
+                session = await RemoteSession.open(grant, wait=False)
             except BaseException:
                 await provider.release(grant)
                 raise

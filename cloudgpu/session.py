@@ -150,13 +150,19 @@ class RemoteSession:
         self._runs: dict[str, _CellRun] = {}  # by execute msg_id, push id and pull id
 
     @classmethod
-    async def open(cls, grant: Grant) -> RemoteSession:
-        """Connect to the granted kernel and exchange versions with its agent."""
+    async def open(cls, grant: Grant, *, wait: bool = True) -> RemoteSession:
+        """Connect to the granted kernel and greet its agent with our versions.
+
+        With ``wait=False`` the agent's answer is not awaited here: the first cell, sent
+        right behind the greeting on the same channel, collects it, saving a round trip.
+        """
         session = cls(grant, HostClient(grant.host_url, grant.token))
         try:
             await session._connect()
+            if wait:
+                await session.ready()
         except BaseException:
-            await session.host.aclose()
+            await session.close(shutdown=False)
             raise
         return session
 
@@ -170,12 +176,20 @@ class RemoteSession:
             {"comm_id": self.comm_id, "target_name": AGENT_TARGET,
              "data": {"versions": versions()}},
         ))
+
+    async def ready(self, timeout: float = 60.0) -> None:
+        """Wait for the agent's greeting; afterwards ``remote`` and ``version_warnings`` are set.
+
+        Raises:
+            HostConnectionError: when the agent does not answer in time.
+        """
+        assert self._hello is not None
         try:
-            self.remote = await asyncio.wait_for(self._hello, 60)
+            self.remote = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
         except asyncio.TimeoutError:
             raise HostConnectionError(
-                f"The remote kernel {self.grant.kernel_id} did not answer within 60 s; "
-                f"it may still be starting or the cloudgpu agent is not loaded there."
+                f"The remote kernel {self.grant.kernel_id} did not answer within {timeout:.0f} s;"
+                f" it may still be starting, or the cloudgpu agent is not loaded there."
             ) from None
         self.version_warnings = _version_skew(versions(), self.remote.get("versions", {}))
 
@@ -219,7 +233,10 @@ class RemoteSession:
                 await conn.send("shell", self._comm_msg(
                     {"op": "pull", "id": run.pull_id, "names": pull, "only_if_ok": True}
                 ))
-            reply, _, pushed, pulled = await asyncio.gather(*run.futures())
+            waits: list[Any] = list(run.futures())
+            if not self.remote:  # the greeting was pipelined in front of this cell
+                waits.append(self.ready())
+            reply, _, pushed, pulled, *_ = await asyncio.gather(*waits)
         finally:
             for key in (run.exec_id, run.push_id, run.pull_id):
                 self._runs.pop(key, None)

@@ -191,8 +191,6 @@ class RemoteMagics(Magics):
         where = client.provider.description
         publish_status(f"cloudgpu: {session.grant.display} session ready on the {where} in "
                        f"{time.perf_counter() - started:.1f} s{note}", handle)
-        for text in session.version_warnings:
-            print(f"cloudgpu warning: {text}", file=sys.stderr)
         return session
 
     def _run(self, session: RemoteSession, code: str, push: dict[str, Serialized],
@@ -231,6 +229,10 @@ class RemoteMagics(Magics):
         return result
 
     def _finish(self, session: RemoteSession, result: CellResult) -> None:
+        if session.version_warnings and not getattr(session, "warned", False):
+            session.warned = True  # type: ignore[attr-defined]
+            for text in session.version_warnings:  # before any unpickling error they explain
+                print(f"cloudgpu warning: {text}", file=sys.stderr)
         if result.push_errors:
             raise SerializationError(
                 "The cell did not run: these inputs could not be loaded remotely:\n"

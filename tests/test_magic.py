@@ -462,3 +462,18 @@ def test_remote_kernel_goes_away_with_the_local_kernel(how: str) -> None:
         if km.has_kernel:
             km.shutdown_kernel(now=True)
         km.cleanup_resources()
+
+
+@pytest.mark.timeout(90)
+def test_python_version_skew_is_warned_naming_both_versions(kc: BlockingKernelClient) -> None:
+    """The local side pretends to run Python 3.9.1; the remote kernel runs this Python."""
+    ok(kc, "import cloudgpu.session as _s\n_real_versions = _s.versions\n"
+           "_s.versions = lambda: dict(_real_versions(), python='3.9.1')")
+    try:
+        ex = ok(kc, "%%remote gpu=cpu --new\nimport platform\nv = platform.python_version()")
+        remote_version = value(kc, "v")
+        warning = ex.stream("stderr")
+        assert "3.9.1" in warning and remote_version in warning, ex.describe()
+        assert "Python" in warning and "same Python minor version" in warning
+    finally:
+        ok(kc, "_s.versions = _real_versions")
