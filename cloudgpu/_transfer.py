@@ -1,5 +1,8 @@
 """Moving many frames in bounded messages: chunking on one side, reassembly on the other.
 
+A value whose ``codec`` is ``keep`` has no frames: it tells the other side to keep the
+value it already holds under that name (see the agent's fingerprint check).
+
 A batch of named values is sent as one or more comm messages. The first carries the
 headers (name, codec, frame sizes); each message carries at most ``CHUNK`` bytes of
 frame data as binary buffers. Small frames pass through as zero-copy views; a frame
@@ -24,7 +27,8 @@ def pack(values: dict[str, Serialized], chunk: int = CHUNK,
 
     The first message's data holds ``vars``, every message ``pieces``, the last ``final: True``.
     """
-    headers = [{"name": n, "codec": s.codec, "sizes": [f.nbytes for f in s.frames]}
+    headers = [{"name": n, "codec": s.codec, "sizes": [f.nbytes for f in s.frames],
+                **({"digest": s.digest} if s.digest else {})}
                for n, s in values.items()]
     data: dict[str, Any] = {**(extra or {}), "vars": headers, "pieces": []}
     buffers: list[memoryview] = []
@@ -78,5 +82,5 @@ class Assembler:
 
     def values(self) -> dict[str, Serialized]:
         """The reassembled values, by name."""
-        return {h["name"]: Serialized(h["codec"], [memoryview(f) for f in frames])
+        return {h["name"]: Serialized(h["codec"], [memoryview(f) for f in frames], h.get("digest"))
                 for h, frames in zip(self.headers, self._frames)}

@@ -22,7 +22,7 @@ from .errors import (
     RemoteKernelDiedError,
 )
 from .host_client import HostClient, KernelConnection
-from .serialize import Serialized, versions
+from .serialize import FINGERPRINT_MIN, Serialized, versions
 
 __all__ = ["CellResult", "Grant", "RemoteSession"]
 
@@ -90,8 +90,10 @@ class CellResult:
         push_errors: inputs that could not be loaded remotely, and why.
         seconds: wall time from the first byte sent to the last received.
         error: the remote exception when ``status`` is ``error``.
-        sent: what went out per input name: ``{"bytes": n, "out_of_band": frames}``.
+        sent: what went out per input name: ``{"bytes": n, "out_of_band": frames}``
+            (0 bytes for an input the remote kernel already held).
         received: the same for what came back.
+        stale: inputs the remote side said had changed there, and were sent again.
     """
 
     status: str
@@ -103,6 +105,7 @@ class CellResult:
     error: RemoteExecutionError | None = None
     sent: dict[str, dict[str, int]] = field(default_factory=dict)
     received: dict[str, dict[str, int]] = field(default_factory=dict)
+    stale: list[str] = field(default_factory=list)
 
 
 class _CellRun:
@@ -146,6 +149,8 @@ class RemoteSession:
         self.version_warnings: list[str] = []
         self.stopped_reason: str | None = None
         self.replaced_reason: str | None = None
+        #: What the remote kernel holds, by name: fingerprints of big values sent or received.
+        self.fingerprints: dict[str, str] = {}
         self._hello: asyncio.Future[dict[str, Any]] | None = None
         self._runs: dict[str, _CellRun] = {}  # by execute msg_id, push id and pull id
 
@@ -207,10 +212,43 @@ class RemoteSession:
                        sink: Sink) -> CellResult:
         """Push inputs, run ``code``, pull outputs: all sent at once, answered in order.
 
+        A big input the remote kernel already holds unchanged (same fingerprint on both
+        sides) is not sent again; if the remote copy changed meanwhile, the agent refuses
+        the cell before it runs and it is sent again, whole, with the inputs.
+
         Raises:
             RemoteKernelDiedError: when the kernel dies or restarts during the cell.
             HostConnectionError: when the connection drops.
         """
+        outgoing = {name: Serialized("keep") if self._holds(name, value) else value
+                    for name, value in push.items()}
+        result = await self._run_once(code, outgoing, pull, sink)
+        stale = result.stale
+        if stale:
+            for name in stale:
+                self.fingerprints.pop(name, None)
+            outgoing.update({name: push[name] for name in stale})
+            retry = await self._run_once(code, outgoing, pull, sink)
+            retry.seconds += result.seconds
+            retry.stale = stale
+            result = retry
+        if not result.push_errors:
+            for name, value in push.items():
+                if value.nbytes >= FINGERPRINT_MIN:
+                    self.fingerprints[name] = value.fingerprint
+        for name, value in result.pulled.items():
+            if value.digest:  # the agent fingerprinted it as it left
+                self.fingerprints[name] = value.digest
+            else:
+                self.fingerprints.pop(name, None)
+        result.sent = _stats(outgoing)
+        return result
+
+    def _holds(self, name: str, value: Serialized) -> bool:
+        return value.nbytes >= FINGERPRINT_MIN and self.fingerprints.get(name) == value.fingerprint
+
+    async def _run_once(self, code: str, push: dict[str, Serialized], pull: list[str],
+                        sink: Sink) -> CellResult:
         if not self.alive or self.conn is None:
             raise RemoteKernelDiedError(
                 f"The remote kernel is gone ({self.stopped_reason or 'connection closed'})."
@@ -246,7 +284,7 @@ class RemoteSession:
             push_errors=pushed.get("errors", {}),
             pull_errors=pulled.get("errors", {}),
             seconds=time.perf_counter() - started,
-            sent=_stats(push),
+            stale=pushed.get("stale", []),
         )
         if result.status == "ok" and pull:
             result.pulled = run.assembler.values()

@@ -477,3 +477,24 @@ def test_python_version_skew_is_warned_naming_both_versions(kc: BlockingKernelCl
         assert "Python" in warning and "same Python minor version" in warning
     finally:
         ok(kc, "_s.versions = _real_versions")
+
+
+@pytest.mark.timeout(120)
+def test_an_unchanged_big_input_is_not_sent_again(kc: BlockingKernelClient) -> None:
+    ok(kc, "import numpy as np\nbig_in = np.arange(3_000_000, dtype=np.float64)")
+    cell = "%%remote gpu=cpu\ntotal = float(big_in.sum())"
+    ok(kc, cell)
+    assert value(kc, f"{MAGIC}.last_result.sent['big_in']['bytes']") > 24_000_000
+    ok(kc, cell)
+    assert value(kc, f"{MAGIC}.last_result.sent['big_in']['bytes']") == 0
+    # Changed locally: sent again.
+    ok(kc, "big_in[0] = 1e9")
+    ok(kc, cell)
+    assert value(kc, f"{MAGIC}.last_result.sent['big_in']['bytes']") > 24_000_000
+    assert value(kc, "total") == 3_000_000 * 2_999_999 / 2 + 1e9
+    # Changed remotely (and not pulled back): the remote copy is replaced by ours before the
+    # cell runs, as if it had been sent.
+    ok(kc, "%%remote gpu=cpu --no-pull\nbig_in[0] = -5.0")
+    ok(kc, "%%remote gpu=cpu\nfirst = float(big_in[0])")
+    assert value(kc, "first") == 1e9
+    assert value(kc, f"{MAGIC}.last_result.stale") == ["big_in"]
