@@ -7,12 +7,15 @@ buffers carry the frames (see ``cloudgpu._transfer``):
 - ``push``: values to bind in the user namespace; a value that fails to load is
   reported, and the next cell is rejected before it runs so it never sees stale inputs;
 - ``pull``: names to send back, skipped when the cell just run failed;
+- ``snapshot``: every user variable that can move, for moving a session to other
+  hardware; what cannot move is named with the reason;
 - ``hello`` (on comm open): both sides' Python and cloudpickle versions.
 """
 
 from __future__ import annotations
 
 import ast
+import io
 import os
 import platform
 from typing import Any
@@ -23,7 +26,14 @@ from IPython.core.interactiveshell import InteractiveShell
 from cloudgpu import __version__
 from cloudgpu._transfer import Assembler, pack
 from cloudgpu.errors import SerializationError
-from cloudgpu.serialize import Serialized, describe_type, dumps, loads, versions
+from cloudgpu.serialize import (
+    FINGERPRINT_MIN,
+    Serialized,
+    describe_type,
+    dumps,
+    loads,
+    versions,
+)
 
 TARGET = "cloudgpu.agent"
 
@@ -49,6 +59,9 @@ class Agent:
     def __init__(self, shell: InteractiveShell) -> None:
         self.shell = shell
         self.push_errors: dict[str, str] = {}
+        # Fingerprints of big values as this side pickles them, taken when they arrived or
+        # left: a `keep` is honoured only if the value still pickles to the same bytes.
+        self.digests: dict[str, str] = {}
         self._incoming: dict[str, Assembler] = {}
         shell.ast_transformers.append(_RejectAfterFailedPush(self))
 
@@ -68,6 +81,8 @@ class Agent:
             self._on_push(comm, data, msg.get("buffers") or [])
         elif op == "pull":
             self._on_pull(comm, data)
+        elif op == "snapshot":
+            self._on_snapshot(comm, data)
         else:
             comm.send({"op": "error", "id": data.get("id"), "error": f"unknown op {op!r}"})
 
@@ -79,13 +94,40 @@ class Agent:
             return
         del self._incoming[batch]
         errors: dict[str, str] = {}
+        stale: list[str] = []
         for name, value in assembler.values().items():
+            if value.codec == "keep":
+                if not self._unchanged(name):
+                    stale.append(name)
+                    errors[name] = "changed here since it was sent; it is being sent again"
+                continue
             try:
                 self.shell.user_ns[name] = loads(value.codec, value.frames, name)
             except SerializationError as e:
                 errors[name] = str(e)
+                continue
+            self._remember(name, value)
         self.push_errors.update(errors)
-        comm.send({"op": "pushed", "id": batch, "errors": errors})
+        comm.send({"op": "pushed", "id": batch, "errors": errors, "stale": stale})
+
+    def _unchanged(self, name: str) -> bool:
+        """Whether the value under ``name`` still pickles to what was recorded for it."""
+        known = self.digests.get(name)
+        if known is None or name not in self.shell.user_ns:
+            return False
+        try:
+            return dumps(self.shell.user_ns[name], name).fingerprint == known
+        except SerializationError:
+            return False
+
+    def _remember(self, name: str, received: Serialized) -> None:
+        if received.nbytes < FINGERPRINT_MIN:
+            self.digests.pop(name, None)
+            return
+        try:  # as this side pickles it, which can differ in bytes from the sender's pickle
+            self.digests[name] = dumps(self.shell.user_ns[name], name).fingerprint
+        except SerializationError:
+            self.digests.pop(name, None)
 
     def _on_pull(self, comm: Any, data: dict[str, Any]) -> None:
         batch = data["id"]
@@ -105,10 +147,56 @@ class Agent:
                 values[name] = dumps(value, name)
             except SerializationError:
                 errors[name] = f"{describe_type(value)} cannot be pickled; it stays remote"
+                continue
+            if values[name].nbytes >= FINGERPRINT_MIN:
+                self.digests[name] = values[name].fingerprint  # sent with it in the header
         for part, buffers in pack(values, extra={"op": "pulled", "id": batch}):
             if part.get("final"):
                 part.update(errors=errors, missing=missing)
             comm.send(part, buffers=buffers)
+
+    def _on_snapshot(self, comm: Any, data: dict[str, Any]) -> None:
+        """Send every user variable that can be pickled; name the others and say why.
+
+        IPython's own names (``In``, ``Out``, ``_i1``, ...) and hidden names are left out;
+        modules travel by name. Replies like ``pull``, as ``op: snapshot``, with ``errors``
+        in the final part.
+        """
+        ns = self.shell.user_ns
+        hidden = self.shell.user_ns_hidden
+        values: dict[str, Serialized] = {}
+        errors: dict[str, str] = {}
+        for name, value in list(ns.items()):
+            if name.startswith("_") or (name in hidden and hidden[name] is value):
+                continue
+            reason = _cannot_move(value)
+            if reason is None:
+                try:
+                    values[name] = dumps(value, name)
+                    continue
+                except SerializationError:
+                    reason = (f"{describe_type(value)} cannot be pickled; "
+                              f"create it again on the new kernel")
+            errors[name] = reason
+        for part, buffers in pack(values, extra={"op": "snapshot", "id": data.get("id")}):
+            if part.get("final"):
+                part["errors"] = errors
+            comm.send(part, buffers=buffers)
+
+
+def _cannot_move(value: Any) -> str | None:
+    """Why ``value`` must stay behind, for what pickles but would not be the same thing there.
+
+    cloudpickle turns a text file open for reading into an ``io.StringIO`` of its contents,
+    and dill reopens files by path: neither is the open file the user had.
+    """
+    if isinstance(value, io.IOBase) and not isinstance(value, (io.StringIO, io.BytesIO)):
+        if value.closed:
+            return f"{describe_type(value)} is a closed file"
+        where = getattr(value, "name", "?")
+        return (f"an open file ({where!r}, mode {getattr(value, 'mode', '?')!r}) is tied to "
+                f"the old kernel's machine; open it again on the new one")
+    return None
 
 
 def load_ipython_extension(shell: InteractiveShell) -> None:
