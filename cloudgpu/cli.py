@@ -14,6 +14,7 @@ Run notebook code on remote GPUs.
 commands:
   host      run a cloudgpu host: Jupyter kernels with GPUs, for clients elsewhere
   pool      run a cloudgpu pool: hands out hosts' GPUs, meters cost, keeps the ledger
+  kernel    install, list and remove the Cloud GPU kernels (whole notebooks remotely)
   run       execute a notebook headless and print each cell's outputs
   version   print the cloudgpu version
 
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> None:
         from .remote_host.poolapp import PoolApp
 
         PoolApp.launch_instance(rest)
+    elif command == "kernel":
+        from .kernel.cli import main as kernel_main
+
+        kernel_main(rest)
     elif command == "run":
         from .runner import main as run_main
 

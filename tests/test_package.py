@@ -55,6 +55,8 @@ def test_editable_install_maps_folders_into_the_namespace() -> None:
         "parse_spec",
     }),
     ("cloudgpu.magics", {"RemoteMagics", "load_ipython_extension"}),
+    ("cloudgpu.kernel", {"InstalledKernel", "ProxyKernel", "install_kernelspecs", "kernelspec_name",
+                         "list_kernelspecs", "main", "remove_kernelspecs"}),
     ("cloudgpu.remote_host", {"Device", "HostApp", "Inventory", "NoCapacityError"}),
 ])
 def test_exported_members(module: str, expected: set[str]) -> None:

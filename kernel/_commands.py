@@ -1,0 +1,104 @@
+"""``%cloudgpu`` in a Cloud GPU kernel: the cells the proxy answers itself.
+
+``%cloudgpu switch gpu=A100-80GB`` moves the session to other hardware and
+``%cloudgpu status`` says where it runs; neither ever reaches the remote kernel.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cloudgpu.errors import CloudGPUError, UnknownHardwareError
+from cloudgpu.hardware import HardwareSpec, parse_spec
+from cloudgpu.session import Grant
+
+__all__ = ["USAGE", "Command", "CommandError", "parse_command", "status_text"]
+
+USAGE = """\
+%cloudgpu status                  where this notebook runs: hardware, kernel, uptime, cost
+%cloudgpu switch gpu=A100-80GB    move the session to other hardware, variables included"""
+
+_MAGIC = re.compile(r"^\s*%cloudgpu(?:\s|\?|$)")
+
+
+class CommandError(CloudGPUError):
+    """Raised when a ``%cloudgpu`` line in a Cloud GPU kernel is not one the proxy understands."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``%cloudgpu`` line.
+
+    Attributes:
+        action: ``status``, ``switch`` or ``help``.
+        spec: the hardware to switch to.
+    """
+
+    action: str
+    spec: HardwareSpec | None = None
+
+
+def parse_command(code: str) -> Command | None:
+    """The command in a cell, or None when the cell is ordinary code for the remote kernel.
+
+    Raises:
+        CommandError: the cell starts with ``%cloudgpu`` but is not a valid command.
+    """
+    if not _MAGIC.match(code):
+        return None
+    first, *rest = code.strip().splitlines()
+    if any(line.strip() for line in rest):
+        raise CommandError("`%cloudgpu` must be alone in its cell; move the other lines to the "
+                           "next cell.")
+    words = first.replace("%cloudgpu?", "%cloudgpu help", 1).split()[1:]
+    action, args = (words[0], words[1:]) if words else ("help", [])
+    if action in ("help", "-h", "--help", "?"):
+        return Command("help")
+    if action == "status" and not args:
+        return Command("status")
+    if action == "switch":
+        return Command("switch", _switch_spec(args))
+    raise CommandError(f"Unknown `%cloudgpu {' '.join(words)}`. Known commands:\n{USAGE}")
+
+
+def _switch_spec(args: list[str]) -> HardwareSpec:
+    text = None
+    if len(args) == 1 and args[0].startswith("gpu="):
+        text = args[0][4:]
+    elif len(args) == 2 and args[0] in ("--gpu", "-g"):
+        text = args[1]
+    elif len(args) == 1 and "=" not in args[0] and not args[0].startswith("-"):
+        text = args[0]
+    if not text:
+        raise CommandError(f"Say which hardware to switch to, e.g. `%cloudgpu switch gpu=H100`; "
+                           f"found `{' '.join(args) or 'nothing'}`.")
+    try:
+        return parse_spec(text)
+    except UnknownHardwareError as e:
+        raise CommandError(str(e)) from None
+
+
+def status_text(grant: Grant, seconds: float, provider: str) -> str:
+    """What ``%cloudgpu status`` prints for a live session."""
+    cost = "not metered by this provider"
+    if grant.rate_per_hour:
+        cost = f"{_money(grant.cost())} so far, at {_money(grant.rate_per_hour)}/hour"
+    return (f"hardware: {grant.display}\n"
+            f"kernel:   {grant.kernel_id} on {grant.host_url} ({provider})\n"
+            f"uptime:   {_duration(seconds)}\n"
+            f"cost:     {cost}\n")
+
+
+def _money(dollars: float) -> str:
+    if dollars >= 0.01 or dollars == 0:
+        return f"${dollars:.2f}"
+    return f"${dollars:.4f}" if dollars >= 0.0001 else "<$0.0001"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"

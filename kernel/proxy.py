@@ -1,0 +1,542 @@
+"""The Cloud GPU proxy kernel: a local Jupyter kernel whose every cell runs on remote hardware.
+
+Frontends talk to it over ZMQ like to any kernel. Requests are relayed over one
+websocket to a remote kernel granted by the provider, replies and outputs come back
+to the right frontend socket. The proxy itself answers what must not wait for the remote
+side (kernel_info, heartbeat, shutdown, interrupt) and the ``%cloudgpu`` cells.
+
+Shell requests pass through one queue in arrival order: the remote kernel sees them in
+that order, a held request (the remote kernel still starting) holds those behind it, and
+a ``%cloudgpu`` cell runs only after every cell before it has finished remotely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from jupyter_client.jsonutil import squash_dates
+
+from cloudgpu import _wire
+from cloudgpu.client import get_client
+from cloudgpu.errors import CloudGPUError, HostConnectionError
+from cloudgpu.hardware import HardwareSpec
+from cloudgpu.provider import SessionProvider
+from cloudgpu.session import Grant
+
+from ._channels import LocalChannels
+from ._commands import USAGE, Command, CommandError, parse_command, status_text
+from ._remote import RemoteKernel
+from ._replies import error_content, kernel_info, unavailable_reply
+from ._switch import move_variables
+
+__all__ = ["ProxyKernel"]
+
+log = logging.getLogger("cloudgpu.kernel")
+
+_DEATH_STATES = frozenset({"restarting", "autorestarting", "dead"})
+RELEASE_TIMEOUT = 30.0
+
+
+class _Interrupted(Exception):
+    """Raised when the user interrupts a ``%cloudgpu`` command that waits for hardware."""
+
+
+@dataclass
+class _Request:
+    """A request from a frontend, with where to send its reply."""
+
+    channel: str
+    idents: list[bytes]
+    msg: dict[str, Any]
+    generation: int = 0
+
+    @property
+    def msg_type(self) -> str:
+        return str(self.msg["header"]["msg_type"])
+
+    @property
+    def msg_id(self) -> str:
+        return str(self.msg["header"]["msg_id"])
+
+
+class ProxyKernel:
+    """Serves one connection file, running everything on hardware ``spec``.
+
+    Args:
+        connection_info: the parsed connection file.
+        spec: the hardware to run on.
+        provider: where remote kernels come from; the process client's provider by default.
+    """
+
+    def __init__(self, connection_info: dict[str, Any], spec: HardwareSpec,
+                 provider: SessionProvider | None = None) -> None:
+        self.spec = spec
+        self._provider = provider
+        self.local = LocalChannels(connection_info, self._on_local)
+        self.remote: RemoteKernel | None = None
+        self.execution_count = 0
+        self._startup: asyncio.Task[None] | None = None
+        self._lost: str | None = None  # why the last remote kernel is gone, until a new one
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._pending: dict[str, _Request] = {}  # relayed requests awaiting a reply
+        self._running: set[str] = set()  # relayed execute requests not yet answered
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._busy_sent: set[str] = set()  # requests said busy for, not yet idle
+        self._sessions: set[str] = set()  # the frontends' session ids
+        self._status_target: dict[str, Any] | None = None  # the cell showing provider progress
+        self._last_progress = ""
+        self._losing: asyncio.Task[None] | None = None
+        self._generation = 0  # bumped by an interrupt: requests held before it are cancelled
+        self._cancel_reason = ("KeyboardInterrupt", "")
+        self._interrupted = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until a shutdown request (or :meth:`stop`); the remote kernel starts at once."""
+        self.local.start()
+        self.local.publish("status", {"execution_state": "starting"})
+        self._start_remote()
+        consumer = asyncio.get_running_loop().create_task(self._consume())
+        try:
+            await self._stopped.wait()
+        finally:
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+            await self._release_current()
+            for task in list(self._tasks):
+                task.cancel()
+            await self.local.close()
+
+    def stop(self) -> None:
+        """Stop serving; the remote kernel is released on the way out."""
+        self._stopped.set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _start_remote(self) -> None:
+        self._startup = asyncio.get_running_loop().create_task(self._open_remote())
+        self._startup.add_done_callback(self._started)
+
+    def _started(self, task: asyncio.Task[None]) -> None:
+        self._last_progress = ""  # progress of a finished attempt is stale for the next cell
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("Starting a remote kernel on %s failed: %s", self.spec, task.exception())
+
+    async def _open_remote(self) -> None:
+        started = time.monotonic()
+        remote = await self._connect(await self._acquire(self.spec))
+        self._install(remote)
+        if self._status_target is not None:
+            self._stream(self._status_target, "stderr",
+                         f"cloudgpu: ready on {remote.grant.display} in "
+                         f"{time.monotonic() - started:.1f} s\n")
+            self._status_target = None
+
+    async def provider(self) -> SessionProvider:
+        """The provider; finding the default one may start the local pool, off the loop."""
+        if self._provider is None:
+            loop = asyncio.get_running_loop()
+            self._provider = await loop.run_in_executor(None, lambda: get_client().provider)
+        return self._provider
+
+    async def _acquire(self, spec: HardwareSpec) -> Grant:
+        loop = asyncio.get_running_loop()
+        provider = await self.provider()
+
+        def on_status(text: str) -> None:  # a provider may call from any thread
+            loop.call_soon_threadsafe(self._show_progress, text)
+
+        return await provider.acquire(spec, on_status=on_status)
+
+    async def _connect(self, grant: Grant) -> RemoteKernel:
+        remote = RemoteKernel(grant, self._on_remote)
+        try:
+            await remote.connect()
+        except BaseException:
+            await remote.close()
+            await self._release(grant)
+            raise
+        return remote
+
+    def _install(self, remote: RemoteKernel) -> None:
+        previous, self.remote = self.remote, remote
+        if previous is not None and previous is not remote:  # never leave one running unheld
+            self._spawn(self._close_and_release(previous))
+        self._lost = None
+        remote.closed.add_done_callback(lambda _: self._on_lost(
+            remote, f"The connection to the cloudgpu host at {remote.grant.host_url} was lost "
+                    f"(remote kernel {remote.grant.kernel_id} on {remote.grant.display})."))
+        remote.watch(lambda why: self._on_lost(remote, why))
+
+    async def _release(self, grant: Grant) -> None:
+        try:
+            await asyncio.wait_for((await self.provider()).release(grant), RELEASE_TIMEOUT)
+        except (CloudGPUError, OSError, asyncio.TimeoutError) as e:
+            log.warning("Releasing remote kernel %s failed: %s", grant.kernel_id, e)
+
+    async def _close_and_release(self, remote: RemoteKernel) -> None:
+        await remote.close()
+        await self._release(remote.grant)
+
+    async def _release_current(self) -> None:
+        if self._startup is not None and not self._startup.done():
+            self._startup.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._startup
+        remote, self.remote = self.remote, None
+        if remote is not None:
+            await self._close_and_release(remote)
+
+    def _show_progress(self, text: str) -> None:
+        log.info("provider: %s", text)
+        self._last_progress = text
+        if self._status_target is not None:
+            self._stream(self._status_target, "stderr", f"cloudgpu: {text}\n")
+
+    # --- from the frontend -----------------------------------------------------
+
+    async def _on_local(self, channel: str, idents: list[bytes], msg: dict[str, Any]) -> None:
+        request = _Request(channel, idents, msg, self._generation)
+        self._sessions.add(msg["header"].get("session", ""))
+        msg_type = request.msg_type
+        if msg_type == "kernel_info_request":
+            self._answer_kernel_info(request)
+        elif msg_type == "shutdown_request":
+            await self._shutdown(request)
+        elif msg_type == "interrupt_request":
+            await self.interrupt()
+            self._reply(request, "interrupt_reply", {"status": "ok"})
+        elif channel == "stdin":
+            if self.remote is not None:
+                await self._relay(request, self.remote)
+        elif channel == "control":
+            self._spawn(self._relay_when_ready(request))
+        else:
+            if msg_type == "execute_request" and self.remote is None and \
+                    self._status_target is None and not msg["content"].get("silent"):
+                self._say_busy(request)
+                self._status_target = msg["header"]
+                if self._last_progress:
+                    self._show_progress(self._last_progress)
+            self._queue.put_nowait(request)
+
+    def _answer_kernel_info(self, request: _Request) -> None:
+        info = self.remote.info if self.remote is not None else {}
+        self.local.publish("status", {"execution_state": "busy"}, request.msg["header"])
+        self._reply(request, "kernel_info_reply", kernel_info(info, self._hardware_text()))
+        self.local.publish("status", {"execution_state": "idle"}, request.msg["header"])
+
+    def _hardware_text(self) -> str:
+        return self.remote.grant.display if self.remote is not None else self.spec.display
+
+    async def interrupt(self) -> None:
+        """Interrupt the running cell remotely and cancel cells still waiting for a kernel."""
+        self._generation += 1
+        self._cancel_reason = ("KeyboardInterrupt",
+                               ("Interrupted while waiting for the remote kernel; the cell did not "
+                               "run."))
+        self._interrupted.set()
+        self._interrupted = asyncio.Event()
+        if self.remote is not None:
+            try:
+                await self.remote.interrupt()
+            except CloudGPUError as e:
+                log.warning("Interrupting the remote kernel failed: %s", e)
+
+    async def _shutdown(self, request: _Request) -> None:
+        restart = bool(request.msg["content"].get("restart", False))
+        self._reply(request, "shutdown_reply", {"status": "ok", "restart": restart})
+        await self._release_current()
+        self.stop()
+
+    async def _consume(self) -> None:
+        while True:
+            request = await self._queue.get()
+            try:
+                await self._handle(request)
+            except Exception:  # one bad request must not stop the kernel; say what happened
+                log.exception("Handling %s failed", request.msg_type)
+                if request.msg_type == "execute_request":
+                    self._fail_execute(request, "CloudGPUError",
+                                       "cloudgpu: the proxy kernel failed on this cell; see the "
+                                       "kernel's log.")
+
+    async def _handle(self, request: _Request) -> None:
+        if request.msg_type == "execute_request":
+            try:
+                command = parse_command(request.msg["content"].get("code", ""))
+            except CommandError as e:
+                self._fail_execute(request, "CommandError", str(e))
+                return
+            if request.generation < self._generation:
+                self._fail_execute(request, *self._cancel_reason)
+                return
+            if command is not None:
+                await self._idle.wait()
+                await self._run_command(request, command)
+                return
+        remote = await self._wait_for_remote(request, retry=True)
+        if remote is not None:
+            await self._relay(request, remote)
+
+    async def _wait_for_remote(self, request: _Request, retry: bool) -> RemoteKernel | None:
+        """The remote kernel once it is up; None (and the request answered) when it cannot be.
+
+        With ``retry`` (shell requests, handled one at a time), a failed start is tried
+        again; control requests only wait, so they never race a switch for a kernel.
+        """
+        if self._losing is not None:
+            await asyncio.wait([self._losing])
+        if retry and self.remote is None and self._lost is None and (
+                self._startup is None or self._startup.done()):
+            self._start_remote()  # the last start failed: every new cell tries again
+        if self.remote is None and self._startup is not None and not self._startup.done():
+            interrupted = asyncio.get_running_loop().create_task(self._interrupted.wait())
+            await asyncio.wait([self._startup, interrupted], return_when=asyncio.FIRST_COMPLETED)
+            interrupted.cancel()
+            if request.generation < self._generation:
+                self._unavailable(request, *self._cancel_reason)
+                return None
+        if self.remote is not None:
+            return self.remote
+        if self._lost is not None:
+            self._unavailable(request, "RemoteKernelDiedError", self._lost)
+            return None
+        startup = self._startup
+        error = startup.exception() if startup is not None and startup.done() and \
+            not startup.cancelled() else None
+        self._unavailable(request, type(error).__name__ if error else "CloudGPUError",
+                          f"cloudgpu: could not start a remote kernel on {self.spec.display}: "
+                          f"{error}\nRun the cell again to retry, or `%cloudgpu switch gpu=cpu` "
+                          f"for other hardware.")
+        return None
+
+    async def _relay_when_ready(self, request: _Request) -> None:
+        remote = await self._wait_for_remote(request, retry=False)
+        if remote is not None:
+            await self._relay(request, remote)
+
+    async def _relay(self, request: _Request, remote: RemoteKernel) -> None:
+        msg = request.msg
+        wire: _wire.Message = {
+            "header": squash_dates(msg["header"]),
+            "parent_header": squash_dates(msg["parent_header"]),
+            "metadata": squash_dates(msg["metadata"]),
+            "content": msg["content"],
+            "buffers": msg.get("buffers") or [],
+        }
+        if request.msg_type.endswith("_request"):
+            self._pending[request.msg_id] = request
+            if request.msg_type == "execute_request":
+                self._running.add(request.msg_id)
+                self._idle.clear()
+        try:
+            await remote.send(request.channel, wire)
+        except HostConnectionError as e:
+            self._on_lost(remote, str(e))
+
+    # --- from the remote kernel ------------------------------------------------
+
+    def _on_remote(self, channel: str, msg: _wire.Message) -> None:
+        parent = msg["parent_header"]
+        parent_id = parent.get("msg_id", "")
+        msg_type = msg["msg_type"]
+        if channel == "iopub":
+            if parent and parent.get("session") not in self._sessions:
+                return  # another client of the remote kernel (a switch pushing variables)
+            if msg_type == "status":
+                state = msg["content"].get("execution_state")
+                if state in _DEATH_STATES and self.remote is not None:
+                    self._on_lost(self.remote, f"The remote kernel {self.remote.grant.kernel_id} "
+                                               f"on {self.remote.grant.display} died.")
+                    return
+                if not parent:
+                    return  # the remote kernel's own start, and the host's probes
+                if state == "busy":
+                    if parent_id in self._busy_sent:
+                        return  # we said busy while it waited for the remote kernel
+                    self._busy_sent.add(parent_id)
+                elif state == "idle":
+                    self._busy_sent.discard(parent_id)
+            elif msg_type == "execute_input":
+                self.execution_count = msg["content"].get("execution_count", self.execution_count)
+            self.local.send("iopub", msg)
+            return
+        request = self._pending.get(parent_id)
+        if request is None:
+            return
+        if channel != "stdin" and msg_type.endswith("_reply"):
+            del self._pending[parent_id]
+            self._done_running(parent_id)
+        self.local.send(channel, msg, request.idents)
+
+    def _done_running(self, msg_id: str) -> None:
+        self._running.discard(msg_id)
+        if not self._running:
+            self._idle.set()
+
+    def _on_lost(self, remote: RemoteKernel, what: str) -> None:
+        """The remote kernel died or its host went away: fail what waits on it, free the GPUs."""
+        if remote is not self.remote:
+            return  # an old kernel we let go of
+        self.remote = None
+        self._lost = what
+        self._losing = asyncio.get_running_loop().create_task(self._lose(remote, what))
+
+    async def _lose(self, remote: RemoteKernel, what: str) -> None:
+        provider = await self.provider()
+        why = None
+        with contextlib.suppress(CloudGPUError, OSError, asyncio.TimeoutError):
+            # A pool knows when it stopped the session itself (budget, idleness).
+            why = await asyncio.wait_for(provider.ended_reason(remote.grant), 5)
+        self._lost = (f"{what}{f' The pool says: {why}.' if why else ''} Its variables are "
+                      f"lost and its hardware was released. Restart the kernel to start a new "
+                      f"one, or `%cloudgpu switch gpu=...`.")
+        log.warning("%s", self._lost)
+        for request in list(self._pending.values()):
+            self._unavailable(request, "RemoteKernelDiedError", self._lost)
+        self._pending.clear()
+        self._running.clear()
+        self._idle.set()
+        await remote.close()
+        await self._release(remote.grant)
+
+    # --- answering locally -----------------------------------------------------
+
+    def _reply(self, request: _Request, msg_type: str, content: dict[str, Any]) -> None:
+        self.local.send(request.channel,
+                        self.local.message(msg_type, content, request.msg["header"]),
+                        request.idents)
+
+    def _say_busy(self, request: _Request) -> None:
+        self._busy_sent.add(request.msg_id)
+        self.local.publish("status", {"execution_state": "busy"}, request.msg["header"])
+
+    def _stream(self, parent: dict[str, Any], name: str, text: str) -> None:
+        self.local.publish("stream", {"name": name, "text": text}, parent)
+
+    def _finish(self, request: _Request, content: dict[str, Any]) -> None:
+        self._reply(request, f"{request.msg_type.replace('_request', '_reply')}", content)
+        self.local.publish("status", {"execution_state": "idle"}, request.msg["header"])
+        self._busy_sent.discard(request.msg_id)
+        if self._status_target is request.msg["header"]:
+            self._status_target = None  # later progress belongs to the next waiting cell
+
+    def _fail_execute(self, request: _Request, ename: str, evalue: str) -> None:
+        """End an execute request with an error the user sees under the cell."""
+        if request.msg_id not in self._busy_sent:
+            self.local.publish("status", {"execution_state": "busy"}, request.msg["header"])
+        error = error_content(ename, evalue)
+        self.local.publish("error", error, request.msg["header"])
+        self._finish(request, {"status": "error", "execution_count": self.execution_count,
+                               **error})
+
+    def _unavailable(self, request: _Request, ename: str, evalue: str) -> None:
+        """Answer a request that no remote kernel will: an error for cells, a stand-in else."""
+        if request.msg_type == "execute_request":
+            self._fail_execute(request, ename, evalue)
+        elif request.msg_type.endswith("_request"):
+            self._reply(request, *unavailable_reply(request.msg_type, request.msg["content"],
+                                                    ename, evalue))
+
+    # --- %cloudgpu -------------------------------------------------------------
+
+    async def _run_command(self, request: _Request, command: Command) -> None:
+        header = request.msg["header"]
+        if request.msg_id not in self._busy_sent:
+            self._say_busy(request)
+        self.local.publish("execute_input", {"code": request.msg["content"]["code"],
+                                             "execution_count": self.execution_count}, header)
+        try:
+            if command.action == "status":
+                self._stream(header, "stdout", await self._status())
+            elif command.action == "switch":
+                assert command.spec is not None
+                await self._switch(request, command.spec)
+            else:
+                self._stream(header, "stdout", USAGE + "\n")
+        except (CloudGPUError, _Interrupted) as e:
+            ename = "KeyboardInterrupt" if isinstance(e, _Interrupted) else type(e).__name__
+            evalue = str(e)
+            if command.action == "switch":
+                now = f"still on {self._hardware_text()}" if self.remote else "no remote kernel"
+                evalue = (f"Could not switch to {command.spec.display if command.spec else '?'}: "
+                          f"{e} Nothing changed: {now}.")
+            self._fail_execute(request, ename, evalue)
+            return
+        self._finish(request, {"status": "ok", "execution_count": self.execution_count,
+                               "payload": [], "user_expressions": {}})
+
+    async def _unless_interrupted(self, coro: Coroutine[Any, Any, Grant]) -> Grant:
+        """``coro``'s result; cancelled (and _Interrupted raised) when the user interrupts."""
+        task = asyncio.get_running_loop().create_task(coro)
+        interrupted = asyncio.get_running_loop().create_task(self._interrupted.wait())
+        await asyncio.wait([task, interrupted], return_when=asyncio.FIRST_COMPLETED)
+        interrupted.cancel()
+        if not task.done():
+            task.cancel()  # a pool withdraws the request
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise _Interrupted("Interrupted while waiting for the new hardware.")
+        return task.result()
+
+    async def _status(self) -> str:
+        if self.remote is None and self._startup is not None and not self._startup.done():
+            return f"starting a remote kernel on {self.spec.display} ...\n"
+        if self.remote is None:
+            why = self._lost or f"the last start on {self.spec.display} failed"
+            return f"no remote kernel: {why}\n"
+        return status_text(self.remote.grant, time.monotonic() - self.remote.started,
+                           (await self.provider()).description)
+
+    async def _switch(self, request: _Request, spec: HardwareSpec) -> None:
+        header = request.msg["header"]
+        if self._startup is not None and not self._startup.done():
+            # Still waiting for the old hardware, with nothing to carry: stop waiting.
+            self._startup.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._startup
+        old = self.remote
+        self._stream(header, "stderr", f"cloudgpu: switching to {spec.display} ...\n")
+        started = time.monotonic()
+        # Snapshot first: the new kernel should not sit unconnected while the old one pickles.
+        values, failed = await old.snapshot() if old is not None else ({}, {})
+        self._status_target = header
+        try:
+            grant = await self._unless_interrupted(self._acquire(spec))
+        finally:
+            self._status_target = None
+        new = await self._connect(grant)
+        try:
+            report = await move_variables(values, failed, grant, old is None,
+                                          lambda text: self._stream(header, "stderr", text))
+            await new.continue_count(self.execution_count + 1)
+        except BaseException:
+            await new.close()
+            await self._release(grant)
+            raise
+        self.spec = spec
+        self._install(new)
+        lines = [(f"cloudgpu: now on {grant.display} (kernel {grant.kernel_id}), ready in "
+                 f"{time.monotonic() - started:.1f} s.")]
+        if old is not None:
+            await old.close()
+            await self._release(old.grant)
+            lines.append(f"cloudgpu: released {old.grant.display} (kernel {old.grant.kernel_id}).")
+        self._stream(header, "stdout", "\n".join([*lines, *report.summary()]) + "\n")
+        if report.failed:
+            self._stream(header, "stderr", report.failures() + "\n")
