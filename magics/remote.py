@@ -197,6 +197,16 @@ class RemoteMagics(Magics):
              pull: list[str]) -> CellResult:
         progress = Progress()
         provider = get_client().provider
+        interrupted: list[bool] = []
+
+        async def stopped_by_pool() -> RemoteKernelDiedError | None:
+            reason = await provider.ended_reason(session.grant)
+            if not reason:
+                return None
+            return RemoteKernelDiedError(
+                f"The {session.grant.display} session was stopped: {reason}. Your local "
+                f"variables are unchanged; the next %%remote cell starts a new session."
+            )
 
         async def run(emit: Callable[[str, Any], None]) -> tuple[CellResult, list[str]]:
             # Budget warnings travel beside the cell, not after it: no extra round trip.
@@ -205,13 +215,14 @@ class RemoteMagics(Magics):
                 result = await session.run_cell(code, push, pull, emit)
             except (HostConnectionError, RemoteKernelDiedError) as e:
                 warnings.cancel()
-                reason = await provider.ended_reason(session.grant)
-                if reason:
-                    raise RemoteKernelDiedError(
-                        f"The {session.grant.display} session was stopped: {reason}. Your local "
-                        f"variables are unchanged; the next %%remote cell starts a new session."
-                    ) from None
-                raise e
+                raise (await stopped_by_pool() or e) from None
+            if result.error is not None and not interrupted:
+                # A pool stopping a session interrupts the cell first: say why, not just
+                # "KeyboardInterrupt". Costs a round trip on failed cells only.
+                stopped = await stopped_by_pool()
+                if stopped is not None:
+                    warnings.cancel()
+                    raise stopped
             return result, await warnings
 
         def on_event(kind: str, payload: Any) -> None:
@@ -221,6 +232,7 @@ class RemoteMagics(Magics):
                 show(payload)
 
         def interrupt() -> str:
+            interrupted.append(True)
             _loop.submit(session.interrupt())
             return "cloudgpu: interrupting the remote cell (interrupt again to stop waiting)"
 

@@ -69,22 +69,27 @@ class HostsBackend(Backend):
         super().__init__(**kwargs)
         self.hosts: dict[str, HostClient] = {}
 
-    async def slot_for(self, url: str, token: str) -> Slot:
-        """Read a host's inventory and offer it as a slot (its URL is the slot id)."""
+    async def slot_for(self, url: str, token: str, slot_id: str | None = None) -> Slot:
+        """Read a host's inventory and offer it as a slot (by default its URL is the slot id)."""
         client = HostClient(url, token)
         info = await client.info()
         inventory = info["inventory"]
         total: dict[str, int] = {}
         for gpu in inventory["gpus"]:
             total[gpu["type"]] = total.get(gpu["type"], 0) + 1
-        self.hosts[client.url] = client
-        return Slot(client.url, total, simulated=bool(inventory["simulated"]))
+        slot_id = slot_id or client.url
+        old = self.hosts.get(slot_id)
+        self.hosts[slot_id] = client
+        if old is not None:
+            await old.aclose()
+        return Slot(slot_id, total, simulated=bool(inventory["simulated"]))
 
     async def launch(self, slot_id: str, choice: Choice, scoped_token: str) -> Placement:
         """Start the kernel through the host's ``POST /api/cloudgpu/kernels``."""
-        model = await self.hosts[slot_id].start_kernel(str(choice), scoped_token=scoped_token)
+        host = self.hosts[slot_id]
+        model = await host.start_kernel(str(choice), scoped_token=scoped_token)
         gpus = model.get("cloudgpu", {}).get("gpus", [])
-        return Placement(slot_id, slot_id, model["id"], gpus,
+        return Placement(slot_id, host.url, model["id"], gpus,
                          simulated=any(g.get("simulated") for g in gpus))
 
     async def stop(self, placement: Placement) -> None:

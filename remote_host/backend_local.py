@@ -8,11 +8,16 @@ from typing import Any
 
 from traitlets import Unicode, default
 
-from .backend import HostsBackend
+from cloudgpu.errors import CloudGPUError, HostConnectionError
+from cloudgpu.hardware import Choice
+
+from .backend import HostsBackend, Placement
 from .local_host import LocalHostProcess
 from .scheduler import Slot
 
 __all__ = ["LocalBackend"]
+
+SLOT = "local"  # one host, whatever its URL after a restart
 
 
 class LocalBackend(HostsBackend):
@@ -43,6 +48,7 @@ class LocalBackend(HostsBackend):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.process: LocalHostProcess | None = None
+        self._restart_lock = asyncio.Lock()
 
     async def start(self) -> list[Slot]:
         """Adopt the host a previous pool left running, or start one."""
@@ -50,17 +56,31 @@ class LocalBackend(HostsBackend):
         process = LocalHostProcess.adopt(self.state_dir, simulate)
         if process is not None:
             try:
-                slot = await self.slot_for(process.url, process.token)
+                slot = await self.slot_for(process.url, process.token, SLOT)
                 self.process = process
                 self.log.info("Adopted the local host at %s (pid %s)", process.url, process.pid)
                 return [slot]
-            except Exception as e:  # it answers no more: start a fresh one below
+            except CloudGPUError as e:  # it answers no more: start a fresh one below
                 self.log.warning("Could not adopt the local host at %s: %s", process.url, e)
                 process.stop()
-        process = LocalHostProcess(simulate, self.state_dir, tied=False)
+        return [await self._start_host()]
+
+    async def _start_host(self) -> Slot:
+        process = LocalHostProcess(self.simulate or None, self.state_dir, tied=False)
         await asyncio.get_running_loop().run_in_executor(None, process.start)
         self.process = process
-        return [await self.slot_for(process.url, process.token)]
+        return await self.slot_for(process.url, process.token, SLOT)
+
+    async def launch(self, slot_id: str, choice: Choice, scoped_token: str) -> Placement:
+        """Start a kernel; if the local host died, start a new host first."""
+        try:
+            return await super().launch(slot_id, choice, scoped_token)
+        except HostConnectionError:
+            async with self._restart_lock:
+                if self.process is None or not self.process.running():
+                    self.log.warning("The local host is gone; starting a new one.")
+                    await self._start_host()
+            return await super().launch(slot_id, choice, scoped_token)
 
     async def close(self) -> None:
         """Stop the local host with its kernels."""

@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import sys
+import tempfile
 from typing import Any
 
 from jupyter_server.auth.identity import IdentityProvider
@@ -131,6 +132,11 @@ class HostApp(ServerApp):
         km = self.kernel_manager
         km.catalog = catalog
         km.inventory = Inventory.discover(self.simulate or None)
+        # Kernels' IPC sockets are named after their connection files, and a Unix socket
+        # path may not exceed 107 bytes: keep them in a short private folder, not under a
+        # possibly deep runtime dir.
+        self._socket_dir = tempfile.TemporaryDirectory(prefix="cgh-")
+        km.connection_dir = self._socket_dir.name
         if not self.identity_provider.token:
             self.identity_provider.token = secrets.token_hex(24)
             print(f"cloudgpu host token (shown once): {self.identity_provider.token}",

@@ -116,6 +116,18 @@ class LocalHostProcess:
                 json.dump({"pid": self.pid, "url": self.url, "token": self.token,
                            "simulate": self.simulate}, f)
 
+    def running(self) -> bool:
+        """Whether the host process is still there."""
+        if self.pid is None:
+            return False
+        if self.proc is not None:
+            return self.proc.poll() is None
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
     def _log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

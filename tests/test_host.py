@@ -259,3 +259,31 @@ def test_a_scoped_token_opens_its_kernel_and_nothing_else(host: Host) -> None:
             await admin.shutdown(other["id"])
 
     run(go())
+
+
+def test_kernels_start_under_a_deep_runtime_dir(tmp_path: Path) -> None:
+    """IPC socket paths are limited to 107 bytes; a deep Jupyter runtime dir must not matter."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    token, info = secrets.token_hex(24), tmp_path / "info.json"
+    env = dict(os.environ, CLOUDGPU_HOST_TOKEN=token, JUPYTER_RUNTIME_DIR=str(deep))
+    proc = subprocess.Popen([sys.executable, "-m", "cloudgpu", "host", "--port=0",
+                             f"--info-file={info}"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not info.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        url = json.loads(info.read_text())["url"]
+
+        async def go() -> None:
+            async with HostClient(url, token) as client:
+                kernel = await client.start_kernel("cpu")
+                assert (await client.kernel(kernel["id"]))["execution_state"] != "dead"
+                await client.shutdown(kernel["id"])
+
+        run(go())
+    finally:
+        proc.terminate()
+        proc.wait(20)
