@@ -46,9 +46,17 @@ class Backend(LoggingConfigurable):
         """Bring the backend up; return the slots it offers."""
         raise NotImplementedError
 
-    async def launch(self, slot_id: str, choice: Choice, scoped_token: str) -> Placement:
+    async def launch(self, slot_id: str, choice: Choice, scoped_token: str | None) -> Placement:
         """Start a kernel holding ``choice`` on ``slot_id``, opened by ``scoped_token``."""
         raise NotImplementedError
+
+    async def authorize(self, placement: Placement, scoped_token: str) -> None:
+        """Let ``scoped_token`` open a kernel started earlier (a warm one, now granted)."""
+        raise NotImplementedError
+
+    async def sweep(self, keep: set[str]) -> int:
+        """Stop kernels this pool started but no longer knows (left by a crash); how many."""
+        return 0
 
     async def stop(self, placement: Placement) -> None:
         """Stop that kernel and free its hardware."""
@@ -84,13 +92,29 @@ class HostsBackend(Backend):
             await old.aclose()
         return Slot(slot_id, total, simulated=bool(inventory["simulated"]))
 
-    async def launch(self, slot_id: str, choice: Choice, scoped_token: str) -> Placement:
+    async def launch(self, slot_id: str, choice: Choice, scoped_token: str | None) -> Placement:
         """Start the kernel through the host's ``POST /api/cloudgpu/kernels``."""
         host = self.hosts[slot_id]
         model = await host.start_kernel(str(choice), scoped_token=scoped_token)
         gpus = model.get("cloudgpu", {}).get("gpus", [])
         return Placement(slot_id, host.url, model["id"], gpus,
                          simulated=any(g.get("simulated") for g in gpus))
+
+    async def authorize(self, placement: Placement, scoped_token: str) -> None:
+        """``POST /api/cloudgpu/kernels/{id}/token`` on its host."""
+        await self.hosts[placement.slot_id].request(
+            "POST", f"/api/cloudgpu/kernels/{placement.kernel_id}/token", {"token": scoped_token}
+        )
+
+    async def sweep(self, keep: set[str]) -> int:
+        """Stop every kernel on our hosts that is not in ``keep``."""
+        stopped = 0
+        for host in self.hosts.values():
+            for kernel in await host.request("GET", "/api/kernels"):
+                if kernel["id"] not in keep:
+                    await host.shutdown(kernel["id"])
+                    stopped += 1
+        return stopped
 
     async def stop(self, placement: Placement) -> None:
         """``DELETE /api/kernels/{id}`` on its host."""

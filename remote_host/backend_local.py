@@ -71,7 +71,7 @@ class LocalBackend(HostsBackend):
         self.process = process
         return await self.slot_for(process.url, process.token, SLOT)
 
-    async def launch(self, slot_id: str, choice: Choice, scoped_token: str) -> Placement:
+    async def launch(self, slot_id: str, choice: Choice, scoped_token: str | None) -> Placement:
         """Start a kernel; if the local host died, start a new host first."""
         try:
             return await super().launch(slot_id, choice, scoped_token)

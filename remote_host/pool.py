@@ -22,6 +22,7 @@ from cloudgpu.hardware import CPU, Catalog, Choice, HardwareSpec, parse_spec
 from .backend import Backend, Placement
 from .ledger import Ledger, SessionRecord
 from .scheduler import Scheduler
+from .warm import WarmKernels
 
 __all__ = ["BudgetExceededError", "Pool", "SessionNotFound"]
 
@@ -51,13 +52,14 @@ class Pool:
         cull_interval: how often kernels are probed for idleness, seconds.
         disconnected_timeout: seconds a running session may have no client connected
             before it is stopped (its notebook went away without releasing it; 0: never).
+        warm: pre-started kernels to keep per hardware type, ``{"cpu": 1}``.
     """
 
     def __init__(self, backend: Backend, ledger: Ledger, catalog: Catalog, *,
                  idle_timeout: float = 900.0, daily_limit: float = 0.0,
                  user_limits: dict[str, float] | None = None, meter_interval: float = 1.0,
                  cull_interval: float = 30.0, disconnected_timeout: float = 0.0,
-                 log: logging.Logger | None = None) -> None:
+                 warm: dict[str, int] | None = None, log: logging.Logger | None = None) -> None:
         self.backend = backend
         self.ledger = ledger
         self.catalog = catalog
@@ -71,6 +73,7 @@ class Pool:
         self._idle_since: dict[str, float] = {}
         self.log = log or logging.getLogger("cloudgpu.pool")
         self.scheduler = Scheduler(catalog)
+        self.warm = WarmKernels(backend, self.scheduler, warm or {}, self.log)
         self.sessions: dict[str, SessionRecord] = {}  # active ones; ended ones live in the ledger
         self._versions: dict[str, int] = {}
         self._changed = asyncio.Condition()
@@ -88,6 +91,7 @@ class Pool:
         self._tasks = [asyncio.create_task(self._every(self.meter_interval, self.meter)),
                        asyncio.create_task(self._every(self.cull_interval, self.cull))]
         self._dispatch()
+        self.warm.refill()
 
     async def close(self, stop_sessions: bool = True) -> None:
         """Stop background work; with ``stop_sessions`` also every running session."""
@@ -99,6 +103,7 @@ class Pool:
         if stop_sessions:
             for rec in list(self.sessions.values()):
                 await self.stop(rec.id, "the pool shut down")
+        await self.warm.close()
         await self.backend.close()
 
     async def reconcile(self) -> None:
@@ -124,6 +129,12 @@ class Pool:
             self.ledger.save(rec)
             self.sessions[rec.id] = rec
             self.scheduler.enqueue(rec.id, parse_spec(rec.hardware, self.catalog))
+        # Kernels a crashed pool left behind (warm ones, or ones started for a session
+        # it never recorded as running) hold hardware nobody is billed for: stop them.
+        keep = {r.kernel_id for r in self.sessions.values() if r.kernel_id}
+        swept = await self.backend.sweep(keep)
+        if swept:
+            self.log.info("Stopped %d kernel(s) no session owns", swept)
 
     async def _every(self, seconds: float, job: Callable[[], Any]) -> None:
         while True:
@@ -165,17 +176,27 @@ class Pool:
         self.sessions[rec.id] = rec
         self.scheduler.enqueue(rec.id, spec)
         await self._notify(rec.id)
-        self._dispatch()
+        if rec.id in self._dispatch():
+            # It got a warm kernel: answer with the running session, saving a round trip.
+            await asyncio.shield(self._launching[rec.id])
         return rec
 
-    def _dispatch(self) -> None:
+    def _dispatch(self) -> set[str]:
+        """Start what the scheduler grants; returns the sessions that got a warm kernel."""
+        warmed = set()
         for decision in self.scheduler.schedule():
             rec = self.sessions[decision.request_id]
-            task = asyncio.create_task(self._launch(rec, decision.slot_id, decision.choice))
+            warm = self.warm.take(decision.slot_id, decision.choice)
+            if warm is not None:
+                warmed.add(rec.id)
+            task = asyncio.create_task(self._launch(rec, decision.slot_id, decision.choice, warm))
             self._launching[rec.id] = task
             task.add_done_callback(lambda _t, sid=rec.id: self._launching.pop(sid, None))
+        self.warm.refill()
+        return warmed
 
-    async def _launch(self, rec: SessionRecord, slot_id: str, choice: Choice) -> None:
+    async def _launch(self, rec: SessionRecord, slot_id: str, choice: Choice,
+                      warm: Placement | None) -> None:
         price = self.catalog.get(choice.type).price_per_hour
         rec.state, rec.gpu_type, rec.count, rec.host_id = "starting", choice.type, choice.count, slot_id
         rec.rate_per_hour = price * choice.count
@@ -183,7 +204,12 @@ class Pool:
         self.ledger.save(rec)
         await self._notify(rec.id)
         try:
-            placement = await self.backend.launch(slot_id, choice, rec.token)
+            if warm is not None:
+                await self.backend.authorize(warm, rec.token)
+                placement = warm
+            else:
+                await self.warm.make_room(slot_id, choice.type)
+                placement = await self.backend.launch(slot_id, choice, rec.token)
         except Exception as e:
             self.scheduler.release(slot_id, choice.type, choice.count)
             self.log.warning("Could not start a kernel for session %s: %s", rec.id, e)

@@ -85,6 +85,12 @@ class PoolApp(Application):
     ).tag(config=True)
     daily_limit = Float(0.0, help="Dollars per user per day (0: no limit).").tag(config=True)
     user_limits = Dict(Float(), help="Per-user daily limits, {user: dollars}.").tag(config=True)
+    warm_kernels = Dict(
+        Integer(), default_value=None, allow_none=True,
+        help='Pre-started kernels to keep ready per hardware type, {"cpu": 1, "H100": 1}; '
+        "a warm GPU kernel is still free to any request. Default: one cpu kernel with the "
+        "local backend, none otherwise.",
+    ).tag(config=True)
     meter_interval = Float(1.0, help="Seconds between cost and budget checks.").tag(config=True)
     cull_interval = Float(15.0, help="Seconds between idleness checks.").tag(config=True)
     catalog_file = Unicode("", help="A catalog JSON file replacing the shipped one.").tag(
@@ -141,7 +147,9 @@ class PoolApp(Application):
                     idle_timeout=self.idle_timeout, daily_limit=self.daily_limit,
                     user_limits=dict(self.user_limits), meter_interval=self.meter_interval,
                     cull_interval=self.cull_interval, log=self.log,
-                    disconnected_timeout=self.disconnected_timeout)
+                    disconnected_timeout=self.disconnected_timeout,
+                    warm=self.warm_kernels if self.warm_kernels is not None else
+                    ({"cpu": 1} if self.backend == "local" else {}))
         await pool.start()
         app = web.Application(POOL_HANDLERS, pool=pool, users=users,
                               log_function=_quiet_log(self))

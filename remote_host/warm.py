@@ -1,0 +1,105 @@
+"""Pre-started kernels, so a new session's first cell does not wait for a kernel to boot.
+
+The pool keeps ``targets[type]`` kernels of each hardware type ready (one GPU each, or
+one CPU kernel). A warm GPU kernel still counts as free to the scheduler: a request that
+needs its GPU gets the warm kernel itself when it fits (one GPU of that type on that
+host), and otherwise warm kernels on that host are stopped to make room. Warm kernels
+are not billed to anyone, and are not made while requests wait for their type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from cloudgpu.errors import CloudGPUError
+from cloudgpu.hardware import CPU, Choice
+
+from .backend import Backend, Placement
+from .scheduler import Scheduler
+
+__all__ = ["WarmKernels"]
+
+
+class WarmKernels:
+    """The warm kernels of one pool."""
+
+    def __init__(self, backend: Backend, scheduler: Scheduler, targets: dict[str, int],
+                 log: logging.Logger) -> None:
+        self.backend = backend
+        self.scheduler = scheduler
+        self.targets = {t: n for t, n in targets.items() if n > 0}
+        self.log = log
+        self.ready: dict[tuple[str, str], list[Placement]] = {}
+        self._starting: dict[tuple[str, str], int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def count(self, slot_id: str, gpu_type: str) -> int:
+        """Warm kernels (ready or starting) of a type on a slot."""
+        key = (slot_id, gpu_type)
+        return len(self.ready.get(key, [])) + self._starting.get(key, 0)
+
+    def take(self, slot_id: str, choice: Choice) -> Placement | None:
+        """A ready warm kernel that is exactly ``choice`` on ``slot_id``, removed from the pool."""
+        if choice.count != 1:
+            return None
+        ready = self.ready.get((slot_id, choice.type))
+        return ready.pop(0) if ready else None
+
+    async def make_room(self, slot_id: str, gpu_type: str) -> None:
+        """Stop warm kernels on a slot whose GPUs a granted request now needs."""
+        slot = self.scheduler.slots.get(slot_id)
+        if gpu_type == CPU or slot is None:
+            return
+        ready = self.ready.get((slot_id, gpu_type), [])
+        excess = slot.used.get(gpu_type, 0) + len(ready) - slot.total.get(gpu_type, 0)
+        while excess > 0 and ready:
+            await self.backend.stop(ready.pop())
+            excess -= 1
+
+    def refill(self) -> None:
+        """Start warm kernels where some are missing and the hardware is idle."""
+        for gpu_type, target in self.targets.items():
+            if self.scheduler.queue_length(gpu_type):
+                continue
+            for slot in list(self.scheduler.slots.values()):
+                if gpu_type != CPU and not slot.total.get(gpu_type):
+                    continue
+                while self.count(slot.id, gpu_type) < target and (
+                    gpu_type == CPU or slot.free(gpu_type) > self.count(slot.id, gpu_type)
+                ):
+                    self._start(slot.id, gpu_type)
+                if gpu_type == CPU:
+                    break  # CPU kernels: `target` in all, on the first host
+
+    def _start(self, slot_id: str, gpu_type: str) -> None:
+        key = (slot_id, gpu_type)
+        self._starting[key] = self._starting.get(key, 0) + 1
+        task = asyncio.ensure_future(self._launch(slot_id, gpu_type))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _launch(self, slot_id: str, gpu_type: str) -> None:
+        key = (slot_id, gpu_type)
+        try:
+            placement = await self.backend.launch(slot_id, Choice(gpu_type, 1), None)
+        except CloudGPUError as e:
+            self.log.warning("Could not start a warm %s kernel: %s", gpu_type, e)
+            return
+        finally:
+            self._starting[key] -= 1
+        self.ready.setdefault(key, []).append(placement)
+
+    def kernel_ids(self) -> set[str]:
+        """Every ready warm kernel, for telling them from orphans."""
+        return {p.kernel_id for ready in self.ready.values() for p in ready}
+
+    async def close(self) -> None:
+        """Stop every warm kernel."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for ready in self.ready.values():
+            while ready:
+                await self.backend.stop(ready.pop())
