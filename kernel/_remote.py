@@ -102,8 +102,8 @@ class RemoteKernel:
     def watch(self, on_gone: Callable[[str], None], interval: float = WATCH_INTERVAL) -> None:
         """Call ``on_gone(why)`` once the host no longer runs this kernel for us; until closed.
 
-        A host stops a kernel without closing its websocket (a pool ending the session,
-        someone shutting it down), so the websocket alone cannot tell; ask the host.
+        A host closes a kernel's websockets when it stops the kernel, but a kernel that
+        dies and is restarted by the host keeps them open: ask the host too.
         """
 
         async def watch() -> None:

@@ -403,6 +403,9 @@ class ProxyKernel:
         with contextlib.suppress(CloudGPUError, OSError, asyncio.TimeoutError):
             # A pool knows when it stopped the session itself (budget, idleness).
             why = await asyncio.wait_for(provider.ended_reason(remote.grant), 5)
+        if why:  # the host closed the websocket because the pool stopped the kernel
+            what = (f"The remote kernel {remote.grant.kernel_id} on {remote.grant.display} "
+                    f"was stopped.")
         self._lost = (f"{what}{f' The pool says: {why}.' if why else ''} Its variables are "
                       f"lost and its hardware was released. Restart the kernel to start a new "
                       f"one, or `%cloudgpu switch gpu=...`.")

@@ -83,6 +83,11 @@ class GPUKernelManager(AsyncMappingKernelManager):
     catalog = Instance(Catalog)
     default_kernel_name = Unicode(AGENT_KERNEL_NAME)
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        #: Open websocket connections by kernel id, to close when a kernel goes away.
+        self.websockets: dict[str, set[Any]] = {}
+
     async def start_gpu_kernel(self, spec: HardwareSpec) -> tuple[str, list[Device]]:
         """Start a kernel holding the devices ``spec`` asks for.
 
@@ -111,7 +116,13 @@ class GPUKernelManager(AsyncMappingKernelManager):
         return await super().start_kernel(**kwargs)  # type: ignore[no-any-return]
 
     def remove_kernel(self, kernel_id: str) -> Any:
-        """Forget a kernel (shut down or dead), free its GPUs and revoke its scoped tokens."""
+        """Forget a kernel (shut down or dead), free its GPUs and revoke its scoped tokens.
+
+        Its websockets are closed too: Jupyter leaves them open, and a client would wait
+        for replies that never come.
+        """
+        for conn in self.websockets.pop(kernel_id, set()):
+            conn.websocket_handler.close(1001, "the kernel was shut down")
         self.inventory.release(kernel_id)
         identity = getattr(self.parent, "identity_provider", None)
         if identity is not None and hasattr(identity, "forget_kernel"):
@@ -136,4 +147,10 @@ class LowLatencyWebsocketConnection(ZMQChannelsWebsocketConnection):
     def connect(self) -> Any:
         """Connect to the kernel's ZMQ channels, then switch TCP_NODELAY on."""
         self.websocket_handler.set_nodelay(True)
+        self.multi_kernel_manager.websockets.setdefault(self.kernel_id, set()).add(self)
         return super().connect()
+
+    def disconnect(self) -> None:
+        """Forget this connection, then let Jupyter tear it down."""
+        self.multi_kernel_manager.websockets.get(self.kernel_id, set()).discard(self)
+        super().disconnect()

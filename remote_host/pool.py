@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -76,7 +77,7 @@ class Pool:
         self.warm = WarmKernels(backend, self.scheduler, warm or {}, self.log)
         self.sessions: dict[str, SessionRecord] = {}  # active ones; ended ones live in the ledger
         self._versions: dict[str, int] = {}
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Event()  # replaced by a fresh one at every change
         self._tasks: list[asyncio.Task[Any]] = []
         self._launching: dict[str, asyncio.Task[Any]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -164,8 +165,13 @@ class Pool:
                 f"today). New sessions start again tomorrow, or ask the pool's operator to raise "
                 f"PoolApp.daily_limit."
             )
-        if max_cost is not None and max_cost <= 0:
+        if max_cost is not None and not (math.isfinite(max_cost) and max_cost > 0):
             raise CloudGPUError(f"max_cost must be a positive number of dollars, not {max_cost}.")
+        if idle_timeout is not None and not (math.isfinite(idle_timeout) and idle_timeout >= 0):
+            raise CloudGPUError(
+                f"idle_timeout must be a number of seconds, 0 or more (0: never), not "
+                f"{idle_timeout}."
+            )
         rec = SessionRecord(
             id=secrets.token_hex(8), user=user, hardware=str(spec), state="queued",
             created=time.time(), max_cost=max_cost,
@@ -175,7 +181,7 @@ class Pool:
         self.ledger.save(rec)
         self.sessions[rec.id] = rec
         self.scheduler.enqueue(rec.id, spec)
-        await self._notify(rec.id)
+        self._notify(rec.id)
         if rec.id in self._dispatch():
             # It got a warm kernel: answer with the running session, saving a round trip.
             await asyncio.shield(self._launching[rec.id])
@@ -189,20 +195,25 @@ class Pool:
             warm = self.warm.take(decision.slot_id, decision.choice)
             if warm is not None:
                 warmed.add(rec.id)
+            self._starting(rec, decision.slot_id, decision.choice)
             task = asyncio.create_task(self._launch(rec, decision.slot_id, decision.choice, warm))
             self._launching[rec.id] = task
             task.add_done_callback(lambda _t, sid=rec.id: self._launching.pop(sid, None))
         self.warm.refill()
         return warmed
 
-    async def _launch(self, rec: SessionRecord, slot_id: str, choice: Choice,
-                      warm: Placement | None) -> None:
+    def _starting(self, rec: SessionRecord, slot_id: str, choice: Choice) -> None:
+        """Granted: record what and where before anyone asks (a POST answers `starting`)."""
         price = self.catalog.get(choice.type).price_per_hour
         rec.state, rec.gpu_type, rec.count, rec.host_id = "starting", choice.type, choice.count, slot_id
         rec.rate_per_hour = price * choice.count
         rec.token = secrets.token_urlsafe(32)
         self.ledger.save(rec)
-        await self._notify(rec.id)
+        self._notify(rec.id)
+
+    async def _launch(self, rec: SessionRecord, slot_id: str, choice: Choice,
+                      warm: Placement | None) -> None:
+        assert rec.token is not None
         try:
             if warm is not None:
                 await self.backend.authorize(warm, rec.token)
@@ -214,7 +225,7 @@ class Pool:
             self.scheduler.release(slot_id, choice.type, choice.count)
             self.log.warning("Could not start a kernel for session %s: %s", rec.id, e)
             self._finish(rec, "failed", f"the host could not start a kernel: {e}")
-            await self._notify(rec.id)
+            self._notify(rec.id)
             self._dispatch()
             return
         rec.host_url, rec.kernel_id = placement.host_url, placement.kernel_id
@@ -223,7 +234,7 @@ class Pool:
         rec.started = rec.last_seen = time.time()
         self.ledger.save(rec)
         self._arm_budget(rec)
-        await self._notify(rec.id)
+        self._notify(rec.id)
 
     def _placement(self, rec: SessionRecord) -> Placement:
         return Placement(rec.host_id or "", rec.host_url or "", rec.kernel_id or "", rec.gpus,
@@ -256,7 +267,7 @@ class Pool:
             if rec.kernel_id:
                 await self.backend.stop(self._placement(rec))
             self.scheduler.release(rec.host_id or "", rec.gpu_type or CPU, rec.count or 0)
-        await self._notify(rec.id)
+        self._notify(rec.id)
         self._dispatch()
         return rec
 
@@ -275,18 +286,23 @@ class Pool:
         """Bumped on every change of the session."""
         return self._versions.get(session_id, 0)
 
-    async def _notify(self, session_id: str) -> None:
-        async with self._changed:
+    def _notify(self, *session_ids: str) -> None:
+        """Bump these sessions' versions, and those of every queued session (its place in
+        line may have moved), and wake everyone who waits."""
+        for session_id in {*session_ids, *self.scheduler.queued}:
             self._versions[session_id] = self._versions.get(session_id, 0) + 1
-            self._changed.notify_all()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def wait(self, session_id: str, version: int, timeout: float) -> None:
         """Return when the session changed past ``version``, or after ``timeout`` seconds."""
-        async with self._changed:
+        deadline = time.monotonic() + timeout
+        while self.version(session_id) == version:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.version(session_id) != version), timeout
-                )
+                await asyncio.wait_for(self._changed.wait(), left)
 
     def position(self, session_id: str) -> tuple[int, list[str]]:
         """Queued requests ahead of this one for the same hardware, and that hardware."""
@@ -355,7 +371,7 @@ class Pool:
             return
         rec.warnings.append(warning)
         self.ledger.save(rec)
-        await self._notify(rec.id)
+        self._notify(rec.id)
 
     def cost_report(self, user: str, now: float | None = None) -> dict[str, Any]:
         """Today's spending of one user: total, by notebook, by session."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import math
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -141,9 +142,13 @@ class SessionHandler(PoolHandler):
     async def get(self, session_id: str) -> None:
         pool = self.pool
         pool.get(self.user, session_id)
-        wait = min(float(self.get_query_argument("wait", "0") or 0), 60.0)
-        if wait > 0:
+        try:
+            wait = min(float(self.get_query_argument("wait", "0") or 0), 60.0)
             version = int(self.get_query_argument("version", "-1"))
+        except ValueError:
+            raise web.HTTPError(400, log_message="`wait` must be seconds and `version` an "
+                                "integer: ?wait=20&version=3.") from None
+        if wait > 0:
             await pool.wait(session_id, version, wait)
         self.write_json(pool.view(pool.get(self.user, session_id), with_token=True))
 
@@ -166,8 +171,8 @@ def _number(body: dict[str, Any], key: str) -> float | None:
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise web.HTTPError(400, log_message=f"`{key}` must be a number, not {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise web.HTTPError(400, log_message=f"`{key}` must be a number (finite), not {value!r}.")
     return float(value)
 
 

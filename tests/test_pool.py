@@ -1,0 +1,1070 @@
+"""The pool: a real ``cloudgpu pool`` over real ``cloudgpu host`` processes, driven over REST.
+
+Three hosts run as subprocesses with simulated inventories (the only fake: there is no
+GPU here, so every test name says "simulated"), and one pool with the ``static`` backend
+serves them on 127.0.0.1 to three users. Prices are raised so far (H100 at $1 per second)
+that budgets trip within seconds. The hosts and the pool are shared by the module, since
+starting them is the slow part; each test releases what it took (``_release_everything``).
+Tests that kill a pool start their own over the same hosts, with their own ledger.
+
+The notebook side is a real local ipykernel with ``%load_ext cloudgpu``, pointed at the
+pool through ``CLOUDGPU_POOL``/``CLOUDGPU_TOKEN``, driven through jupyter_client exactly as
+tests/test_magic.py does it (its small helpers are copied here).
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import math
+import os
+import queue
+import re
+import secrets
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager, start_new_kernel
+
+from cloudgpu.errors import AuthenticationError, CloudGPUError
+from cloudgpu.host_client import HostClient
+from cloudgpu.pool_client import PoolClient, describe_wait
+from cloudgpu.remote_host.backend import Backend, load_backend
+from cloudgpu.remote_host.backend_local import LocalBackend
+from cloudgpu.remote_host.backend_static import StaticBackend
+from cloudgpu.session import Grant, RemoteSession
+
+HOST_INVENTORIES = {"a": "H100:2", "b": "H100:1,A100-80GB:1", "c": "A100-80GB:2"}
+TOTALS = {"H100": 3, "A100-80GB": 3}
+PRICES = {"H100": 3600.0, "A100-80GB": 1800.0}  # dollars per GPU-hour: $1/s and $0.50/s
+USERS = ("alice", "bob", "carol", "dave")
+DAVE_DAILY_LIMIT = 3.0
+ACTIVE = ("queued", "starting", "running")
+
+
+# --- processes: hosts and pools ------------------------------------------------------
+
+
+@dataclass
+class Host:
+    name: str
+    url: str
+    token: str
+    proc: subprocess.Popen[bytes]
+
+    def get(self, path: str, token: str | None = None) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=30,
+                         headers={"Authorization": f"token {token or self.token}"})
+
+    def gpus(self) -> list[dict[str, Any]]:
+        """The host's own view: each GPU with the kernel holding it (or None)."""
+        response = self.get("/api/cloudgpu/host")
+        assert response.status_code == 200, response.text
+        return response.json()["inventory"]["gpus"]  # type: ignore[no-any-return]
+
+    def kernel_alive(self, kernel_id: str) -> bool:
+        response = self.get(f"/api/kernels/{kernel_id}")
+        assert response.status_code in (200, 404), response.text
+        return response.status_code == 200
+
+    def delete_kernel(self, kernel_id: str) -> None:
+        response = httpx.delete(f"{self.url}/api/kernels/{kernel_id}", timeout=30,
+                                headers={"Authorization": f"token {self.token}"})
+        assert response.status_code == 204, response.text
+
+    def reset(self) -> None:
+        """Shut every kernel down (a safety net after a test that killed its pool)."""
+        for kernel in self.get("/api/kernels").json():
+            httpx.delete(f"{self.url}/api/kernels/{kernel['id']}", timeout=30,
+                         headers={"Authorization": f"token {self.token}"})
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], log: Path, what: str,
+                   within: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    while not path.exists():
+        assert proc.poll() is None, f"{what} exited ({proc.returncode}):\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"{what} did not start:\n{log.read_text()}"
+        time.sleep(0.05)
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+class User:
+    """One user's view of a pool, through its REST API (synchronous, for readable tests)."""
+
+    def __init__(self, pool: PoolProcess, name: str) -> None:
+        self.pool, self.name = pool, name
+        self.token = pool.tokens[name]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"token {self.token}"}
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        return httpx.request(method, self.pool.url + path, headers=self.headers,
+                             timeout=90, **kw)
+
+    def create(self, hardware: str, **options: Any) -> dict[str, Any]:
+        response = self.request("POST", "/api/sessions", json={"hardware": hardware, **options})
+        assert response.status_code == 201, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    def get(self, session_id: str, wait: float = 0, version: int = -1) -> dict[str, Any]:
+        params = {"wait": wait, "version": version} if wait else {}
+        response = self.request("GET", f"/api/sessions/{session_id}", params=params)
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    def delete(self, session_id: str) -> dict[str, Any]:
+        response = self.request("DELETE", f"/api/sessions/{session_id}")
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    def sessions(self, all: bool = False) -> list[dict[str, Any]]:
+        response = self.request("GET", "/api/sessions", params={"all": 1} if all else {})
+        assert response.status_code == 200, response.text
+        return response.json()["sessions"]  # type: ignore[no-any-return]
+
+    def hardware(self) -> dict[str, dict[str, Any]]:
+        response = self.request("GET", "/api/hardware")
+        assert response.status_code == 200, response.text
+        return {t["type"]: t for t in response.json()["hardware"]}
+
+    def cost(self) -> dict[str, Any]:
+        response = self.request("GET", "/api/cost")
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    def wait_for(self, session_id: str, done: Callable[[dict[str, Any]], bool],
+                 within: float = 30, seen: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Long-poll the session, as a waiting notebook does, until ``done(view)``."""
+        deadline = time.monotonic() + within
+        view = self.get(session_id)
+        while True:
+            if seen is not None:
+                seen.append(view)
+            if done(view):
+                return view
+            left = deadline - time.monotonic()
+            assert left > 0, f"session {session_id} never got there; last view: {view}"
+            view = self.get(session_id, wait=min(left, 10), version=view["version"])
+
+    def running(self, session_id: str, within: float = 30) -> dict[str, Any]:
+        view = self.wait_for(session_id, lambda s: s["state"] not in ("queued", "starting"),
+                             within)
+        assert view["state"] == "running", view
+        return view
+
+    def ended(self, session_id: str, within: float = 30,
+              seen: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return self.wait_for(session_id, lambda s: s["state"] not in ACTIVE, within, seen)
+
+
+class PoolProcess:
+    """A ``cloudgpu pool --backend static`` subprocess over the given hosts."""
+
+    def __init__(self, tmp: Path, hosts: dict[str, Host], db: Path, config: Path,
+                 tokens: dict[str, str], name: str) -> None:
+        self.tmp, self.hosts, self.db, self.config, self.tokens = tmp, hosts, db, config, tokens
+        self.info = tmp / f"{name}.json"
+        self.log = tmp / f"{name}.log"
+        entries = ",".join(f"{h.url}?token={h.token}" for h in hosts.values())
+        env = dict(os.environ, CLOUDGPU_POOL_TOKEN=secrets.token_hex(24))
+        env.pop("CLOUDGPU_SIMULATE", None)
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cloudgpu", "pool", "--backend=static",
+                 f"--hosts={entries}", "--port=0", f"--db={db}", f"--config={config}",
+                 f"--info-file={self.info}", "--log-level=DEBUG"],
+                env=env, stdout=out, stderr=subprocess.STDOUT,
+            )
+        self.url = _wait_for_file(self.info, self.proc, self.log, "the pool")["url"]
+
+    def user(self, name: str) -> User:
+        return User(self, name)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(20)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def release_all(self) -> None:
+        """Stop every active session of every user; the pool frees the GPUs at once."""
+        for name in USERS:
+            user = self.user(name)
+            for s in user.sessions():
+                user.delete(s["id"])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pool")
+
+
+@pytest.fixture(scope="module")
+def hosts(workdir: Path) -> Iterator[dict[str, Host]]:
+    """Three simulated hosts, started side by side."""
+    env = dict(os.environ)
+    env.pop("CLOUDGPU_SIMULATE", None)
+    started: dict[str, tuple[subprocess.Popen[bytes], str, Path, Path]] = {}
+    for name, inventory in HOST_INVENTORIES.items():
+        token = secrets.token_hex(24)
+        info, log = workdir / f"host-{name}.json", workdir / f"host-{name}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cloudgpu", "host", "--port=0", f"--info-file={info}",
+                 f"--simulate={inventory}"],
+                env=dict(env, CLOUDGPU_HOST_TOKEN=token), stdout=out, stderr=subprocess.STDOUT,
+            )
+        started[name] = (proc, token, info, log)
+    found = {}
+    try:
+        for name, (proc, token, info, log) in started.items():
+            url = _wait_for_file(info, proc, log, f"host {name}")["url"].rstrip("/")
+            found[name] = Host(name, url, token, proc)
+        yield found
+    finally:
+        for proc, *_ in started.values():
+            proc.terminate()
+        for proc, *_ in started.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def tokens() -> dict[str, str]:
+    return {name: secrets.token_hex(24) for name in USERS}
+
+
+@pytest.fixture(scope="module")
+def pool_config(workdir: Path, tokens: dict[str, str]) -> Path:
+    path = workdir / "pool_config.py"
+    path.write_text(
+        "# tests/test_pool.py: four users, prices that trip budgets in seconds, fast checks.\n"
+        f"c.PoolApp.users = {({t: n for n, t in tokens.items()})!r}\n"
+        f"c.PoolApp.user_limits = {({'dave': DAVE_DAILY_LIMIT})!r}\n"
+        "c.PoolApp.cull_interval = 0.3\n"
+        "c.PoolApp.meter_interval = 0.3\n"
+        "c.PoolApp.disconnected_timeout = 0\n"
+        f"c.PoolApp.catalog_overrides = "
+        f"{({k: {'price_per_hour': v} for k, v in PRICES.items()})!r}\n"
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def pool(workdir: Path, hosts: dict[str, Host], pool_config: Path,
+         tokens: dict[str, str]) -> Iterator[PoolProcess]:
+    """The shared pool (static backend over the three hosts)."""
+    proc = PoolProcess(workdir, hosts, workdir / "ledger.sqlite", pool_config, tokens, "pool")
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def _release_everything(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test of the shared pool, stop whatever sessions it left."""
+    yield
+    if "pool" in request.fixturenames:
+        request.getfixturevalue("pool").release_all()
+
+
+def gpu_holders(hosts: dict[str, Host]) -> dict[tuple[str, int], str | None]:
+    """(host name, GPU index) -> the kernel holding it, as the hosts report."""
+    return {(h.name, g["index"]): g["kernel_id"] for h in hosts.values() for g in h.gpus()}
+
+
+def host_of(hosts: dict[str, Host], url: str) -> Host:
+    return next(h for h in hosts.values() if h.url == url.rstrip("/"))
+
+
+# --- 1. the hardware list ----------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_hardware_list_counts_simulated_gpus_of_all_hosts_with_prices(pool: PoolProcess) -> None:
+    alice = pool.user("alice")
+    info = alice.request("GET", "/api/pool").json()
+    assert info["user"] == "alice" and info["backend"] == "static"
+    assert info["hosts"] == 3 and info["simulated"] is True
+
+    hw = alice.hardware()
+    for gpu_type, total in TOTALS.items():
+        row = hw[gpu_type]
+        assert (row["free"], row["total"], row["queued"]) == (total, total, 0), row
+        assert row["price_per_hour"] == PRICES[gpu_type]
+        assert row["simulated"] is True and row["available"] is True
+    assert (hw["H200"]["total"], hw["H200"]["available"], hw["H200"]["simulated"]) == \
+        (0, False, False)
+    assert hw["cpu"]["total"] is None and hw["cpu"]["available"] is True
+
+    # Taking GPUs shows at once, for everyone.
+    s = alice.create("H100:2")
+    alice.running(s["id"])
+    row = pool.user("bob").hardware()["H100"]
+    assert (row["free"], row["total"]) == (1, 3)
+    alice.delete(s["id"])
+    assert pool.user("bob").hardware()["H100"]["free"] == 3
+
+
+# --- 2. scheduling ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_simulated_gpus_fifo_per_type_fallbacks_any_and_one_host_per_session(
+        pool: PoolProcess, hosts: dict[str, Host]) -> None:
+    alice, bob = pool.user("alice"), pool.user("bob")
+
+    # `any`: the cheapest free GPU (A100-80GB at $1800/h beats H100 at $3600/h).
+    cheap = alice.running(alice.create("any")["id"])
+    assert (cheap["gpu_type"], cheap["count"], cheap["rate_per_hour"]) == ("A100-80GB", 1, 1800)
+    alice.delete(cheap["id"])
+
+    # Two H100s of one session land on one host, the only one that has two.
+    s1 = alice.running(alice.create("H100:2")["id"])
+    assert s1["host_url"].rstrip("/") == hosts["a"].url
+    assert s1["simulated"] is True and len(s1["gpus"]) == 2
+    holders = gpu_holders(hosts)
+    assert holders[("a", 0)] == holders[("a", 1)] == s1["kernel_id"]
+    s2 = bob.running(bob.create("H100")["id"])
+    assert s2["host_url"].rstrip("/") == hosts["b"].url
+
+    # Every H100 is taken: requests queue in order, and REST says who is ahead.
+    q1 = alice.create("h100")
+    q2 = bob.create("H100:2")
+    q3 = alice.create("H100")
+    views = {name: alice.get(q["id"]) if q is not q2 else bob.get(q["id"])
+             for name, q in (("q1", q1), ("q2", q2), ("q3", q3))}
+    assert [(v["state"], v["ahead"], v["waiting_for"]) for v in views.values()] == [
+        ("queued", 0, ["H100"]), ("queued", 1, ["H100"]), ("queued", 2, ["H100"])]
+    assert views["q1"]["hardware"] == "H100"
+    assert describe_wait(views["q3"]) == "waiting for H100: 2 ahead of you"
+    assert describe_wait(views["q1"]) == "waiting for H100: you are next"
+    row = alice.hardware()["H100"]
+    assert (row["free"], row["queued"]) == (0, 3)
+
+    # A fallback takes the A100 at once instead of queueing for an H100.
+    fb = bob.running(bob.create("H100|A100-80GB")["id"])
+    assert fb["gpu_type"] == "A100-80GB"
+    bob.delete(fb["id"])
+
+    # A released H100 goes to the first in line at once: its waiting long poll returns.
+    answer: list[dict[str, Any]] = []
+    before = alice.get(q1["id"])["version"]  # queue changes since `views` moved it on
+    poll = threading.Thread(target=lambda: answer.append(
+        alice.get(q1["id"], wait=20, version=before)))
+    poll.start()
+    time.sleep(0.3)  # the long poll is waiting at the pool
+    bob.delete(s2["id"])
+    poll.join(25)
+    assert answer and answer[0]["state"] in ("starting", "running"), answer
+    assert answer[0]["version"] != before, "the poll timed out instead"
+    granted = alice.running(q1["id"])
+    assert granted["host_url"].rstrip("/") == hosts["b"].url
+
+    # No overtaking within a type: the H100 freed on host b fits q3, but q2 (H100:2) is first.
+    alice.delete(q1["id"])
+    v3 = alice.get(q3["id"])
+    assert (v3["state"], v3["ahead"]) == ("queued", 1), v3
+    assert alice.hardware()["H100"]["free"] == 1
+
+    # Host a's two H100s come free: q2 gets both, then q3 gets host b's.
+    alice.delete(s1["id"])
+    g2 = bob.running(q2["id"])
+    g3 = alice.running(q3["id"])
+    assert g2["host_url"].rstrip("/") == hosts["a"].url and g2["count"] == 2
+    assert g3["host_url"].rstrip("/") == hosts["b"].url
+    holders = gpu_holders(hosts)
+    assert holders[("a", 0)] == holders[("a", 1)] == g2["kernel_id"]
+    assert holders[("b", 0)] == g3["kernel_id"]
+
+
+@pytest.mark.timeout(30)
+def test_simulated_free_gpu_is_granted_without_ever_reporting_a_wait(pool: PoolProcess) -> None:
+    alice = pool.user("alice")
+    seen: list[dict[str, Any]] = []
+    created = alice.create("H100")
+    alice.wait_for(created["id"], lambda s: s["state"] == "running", seen=seen)
+    # The notebook shows describe_wait() of each view until running: never "waiting" here.
+    lines = [describe_wait(v) for v in [created, *seen] if v["state"] != "running"]
+    assert not [line for line in lines if "waiting" in line], (created, lines)
+
+
+@pytest.mark.timeout(60)
+def test_simulated_queue_position_updates_live_when_someone_ahead_leaves(
+        pool: PoolProcess) -> None:
+    alice, bob = pool.user("alice"), pool.user("bob")
+    alice.running(alice.create("H100:2")["id"])
+    bob.running(bob.create("H100")["id"])
+    first = alice.create("H100")
+    second = bob.get(bob.create("H100")["id"])
+    assert (second["state"], second["ahead"]) == ("queued", 1)
+
+    answer: list[dict[str, Any]] = []
+    poll = threading.Thread(target=lambda: answer.append(
+        bob.get(second["id"], wait=5, version=second["version"])))
+    poll.start()
+    time.sleep(0.3)
+    alice.delete(first["id"])  # the one ahead gives up
+    poll.join(10)
+    # The waiting cell's line ("1 ahead of you") must change now, not when the poll times out.
+    assert answer[0]["ahead"] == 0, answer
+    assert answer[0]["version"] != second["version"], \
+        "the long poll of a waiting session did not return when its queue position changed"
+
+
+# --- 3. concurrency -----------------------------------------------------------------------
+
+
+@dataclass
+class Held:
+    user: str
+    spec: str
+    view: dict[str, Any] = field(default_factory=dict)
+    granted_at: float = 0.0
+    released_at: float = 0.0
+
+    @property
+    def devices(self) -> set[tuple[str, int]]:
+        return {(self.view["host_url"].rstrip("/"), g["index"]) for g in self.view["gpus"]}
+
+
+@pytest.mark.timeout(90)
+def test_simulated_gpus_are_never_over_granted_under_16_concurrent_clients(
+        pool: PoolProcess, hosts: dict[str, Host]) -> None:
+    specs = ["H100", "A100-80GB", "H100|A100-80GB", "any", "H100:2", "A100-80GB:2"]
+    users = ["alice", "bob", "carol"]
+    jobs = [Held(users[i % 3], specs[i % len(specs)]) for i in range(16)]
+    samples: list[tuple[str, int, str, str]] = []  # (host url, index, type, kernel) held
+    hardware_rows: list[dict[str, Any]] = []
+
+    async def client(job: Held) -> None:
+        pc = PoolClient(pool.url, pool.tokens[job.user])
+        try:
+            view = await pc.create(job.spec)
+            while view["state"] in ("queued", "starting"):
+                view = await pc.session(view["id"], wait=20, version=view["version"])
+            job.granted_at = time.monotonic()
+            job.view = view
+            if view["state"] == "running":
+                await asyncio.sleep(0.3)
+            job.released_at = time.monotonic()
+            await pc.delete(view["id"])
+        finally:
+            await pc.aclose()
+
+    async def sampler(done: asyncio.Event) -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            while not done.is_set():
+                for h in hosts.values():
+                    r = await http.get(f"{h.url}/api/cloudgpu/host",
+                                       headers={"Authorization": f"token {h.token}"})
+                    for g in r.json()["inventory"]["gpus"]:
+                        if g["kernel_id"]:
+                            samples.append((h.url, g["index"], g["type"], g["kernel_id"]))
+                r = await http.get(f"{pool.url}/api/hardware",
+                                   headers={"Authorization": f"token {pool.tokens['alice']}"})
+                hardware_rows.extend(r.json()["hardware"])
+                await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        done = asyncio.Event()
+        watcher = asyncio.create_task(sampler(done))
+        try:
+            await asyncio.gather(*(client(job) for job in jobs))
+        finally:
+            done.set()
+            await watcher
+
+    asyncio.run(main())
+
+    # Every request was granted, with what it asked for, on one host.
+    for job in jobs:
+        v = job.view
+        assert v["state"] == "running", (job.spec, v)
+        wanted = {c.split(":")[0]: int(c.split(":")[1]) if ":" in c else 1
+                  for c in job.spec.split("|")}
+        assert v["gpu_type"] in wanted or "any" in wanted, (job.spec, v)
+        assert v["count"] == wanted.get(v["gpu_type"], 1) == len(v["gpus"]), v
+        assert {g["type"] for g in v["gpus"]} == {v["gpu_type"]}
+    # No GPU was held by two sessions at once, so no type was ever over-granted.
+    for i, a in enumerate(jobs):
+        for b in jobs[i + 1:]:
+            if a.granted_at < b.released_at and b.granted_at < a.released_at:
+                assert not a.devices & b.devices, (a.view, b.view)
+    for gpu_type, total in TOTALS.items():
+        for t in sorted({j.granted_at for j in jobs}):
+            busy = sum(j.view["count"] for j in jobs if j.view["gpu_type"] == gpu_type
+                       and j.granted_at <= t < j.released_at)
+            assert busy <= total, (gpu_type, t, busy)
+    for row in hardware_rows:
+        if row["type"] in TOTALS:
+            assert 0 <= row["free"] <= row["total"] == TOTALS[row["type"]], row
+    # What the hosts said they held is what the pool said it granted.
+    by_kernel = {j.view["kernel_id"]: j for j in jobs}
+    assert samples, "the sampler saw no GPU in use"
+    for url, index, gpu_type, kernel_id in samples:
+        if kernel_id.startswith("pending-"):
+            continue  # the host's placeholder while the kernel process starts
+        assert kernel_id in by_kernel, f"{url} GPU {index} held by an unknown kernel"
+        assert (url, index) in by_kernel[kernel_id].devices
+    # And everything is free again.
+    assert all(k is None for k in gpu_holders(hosts).values())
+    hw = pool.user("bob").hardware()
+    assert [(hw[t]["free"], hw[t]["queued"]) for t in TOTALS] == [(3, 0), (3, 0)]
+
+
+# --- 4. budgets ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_simulated_session_is_warned_at_80_percent_and_stopped_at_its_max_cost(
+        pool: PoolProcess, hosts: dict[str, Host]) -> None:
+    alice = pool.user("alice")
+    s = alice.running(alice.create("H100", max_cost=2.0)["id"])  # $1/s: 2 s
+    host = host_of(hosts, s["host_url"])
+    seen: list[dict[str, Any]] = []
+    end = alice.ended(s["id"], within=20, seen=seen)
+
+    warned = [v for v in seen if v["state"] == "running" and v["warnings"]]
+    assert warned, seen
+    assert any("80%" in w and "max_cost" in w for w in warned[0]["warnings"]), warned[0]
+    assert end["state"] == "stopped"
+    assert "max_cost" in end["stop_reason"] and "$2.00" in end["stop_reason"], end
+    assert 1.9 <= end["cost"] <= 2.25, end  # stopped at the budget, not a meter tick later
+    assert not host.kernel_alive(s["kernel_id"])
+    assert s["kernel_id"] not in gpu_holders(hosts).values()
+    assert alice.hardware()["H100"]["free"] == 3
+    # The cost stays what it was once stopped.
+    time.sleep(0.3)
+    assert alice.get(s["id"])["cost"] == end["cost"]
+
+
+@pytest.mark.timeout(60)
+def test_simulated_daily_limit_stops_the_running_session_and_refuses_new_ones(
+        pool: PoolProcess, hosts: dict[str, Host]) -> None:
+    dave = pool.user("dave")
+    assert dave.request("GET", "/api/pool").json()["daily_limit"] == DAVE_DAILY_LIMIT
+    s = dave.running(dave.create("H100")["id"])  # $1/s against a $3 daily limit
+    end = dave.ended(s["id"], within=20)
+    assert end["state"] == "stopped"
+    assert "daily budget" in end["stop_reason"] and "$3.00" in end["stop_reason"], end
+    assert not host_of(hosts, s["host_url"]).kernel_alive(s["kernel_id"])
+
+    refused = dave.request("POST", "/api/sessions", json={"hardware": "A100-80GB"})
+    assert refused.status_code == 402, refused.text
+    body = refused.json()
+    assert "daily budget of $3.00 is spent" in body["message"]
+    assert body["error"] == "BudgetExceededError"
+    assert dave.sessions() == []
+    report = dave.cost()
+    assert report["today"] >= DAVE_DAILY_LIMIT and report["daily_limit"] == DAVE_DAILY_LIMIT
+    # Others are not affected by dave's limit.
+    pool.user("bob").running(pool.user("bob").create("A100-80GB")["id"])
+
+
+# --- 5. idle culling ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_simulated_idle_session_is_culled_but_a_busy_one_is_not(
+        pool: PoolProcess, hosts: dict[str, Host]) -> None:
+    alice = pool.user("alice")
+    idle = alice.running(alice.create("H100", idle_timeout=1)["id"])
+    end = alice.ended(idle["id"], within=10)
+    assert end["state"] == "stopped" and "idle" in end["stop_reason"], end
+    assert not host_of(hosts, idle["host_url"]).kernel_alive(idle["kernel_id"])
+    assert alice.hardware()["H100"]["free"] == 3
+
+    busy = alice.running(alice.create("H100", idle_timeout=2)["id"])
+    grant = Grant(busy["host_url"], busy["token"], busy["kernel_id"], "H100", busy["gpus"],
+                  busy["simulated"], session_id=busy["id"])
+
+    async def sleep_there() -> str:
+        session = await RemoteSession.open(grant)
+        out: list[str] = []
+        try:
+            result = await session.run_cell(
+                "import time\ntime.sleep(3.5)\nprint('woke')", {}, [],
+                lambda kind, msg: out.append(msg["content"].get("text", "")))
+        finally:
+            await session.close(shutdown=False)
+        assert result.status == "ok", result.error
+        return "".join(out)
+
+    assert asyncio.run(sleep_there()).strip() == "woke"
+    assert alice.get(busy["id"])["state"] == "running", "culled while a cell was running"
+    # Once idle again, it goes too.
+    end = alice.ended(busy["id"], within=10)
+    assert "idle" in end["stop_reason"], end
+
+
+# --- 6. the ledger after kill -9 --------------------------------------------------------
+
+
+def _run_on(grant: Grant, code: str) -> str:
+    async def go() -> str:
+        session = await RemoteSession.open(grant)
+        out: list[str] = []
+        try:
+            result = await session.run_cell(
+                code, {}, [], lambda kind, msg: out.append(msg["content"].get("text", "")))
+        finally:
+            await session.close(shutdown=False)
+        assert result.status == "ok", result.error
+        return "".join(out)
+
+    return asyncio.run(go())
+
+
+def _grant(view: dict[str, Any]) -> Grant:
+    return Grant(view["host_url"], view["token"], view["kernel_id"], view["hardware"],
+                 view["gpus"], view["simulated"], session_id=view["id"])
+
+
+@pytest.mark.timeout(90)
+def test_simulated_sessions_survive_kill_9_of_the_pool(
+        workdir: Path, hosts: dict[str, Host], pool_config: Path,
+        tokens: dict[str, str]) -> None:
+    tmp = workdir / "kill9"
+    tmp.mkdir()
+    db = tmp / "ledger.sqlite"
+    first = PoolProcess(tmp, hosts, db, pool_config, tokens, "first")
+    second: PoolProcess | None = None
+    try:
+        alice = first.user("alice")
+        kept = alice.running(alice.create("H100:2")["id"])
+        lost = alice.running(alice.create("A100-80GB")["id"])
+        waiting = alice.get(alice.create("H100:2")["id"])
+        assert waiting["state"] == "queued"
+        assert _run_on(_grant(kept), "state_there = 41\nprint('set')").strip() == "set"
+        time.sleep(0.7)  # a couple of meter rounds record that both ran
+
+        first.kill()
+        # What SIGKILL left on disk: a WAL-journalled ledger with all three sessions.
+        with sqlite3.connect(db) as con:
+            assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            rows = {r[0]: r[1:] for r in con.execute(
+                "SELECT id, state, started, last_seen, kernel_id FROM sessions")}
+        con.close()
+        assert {i: r[0] for i, r in rows.items()} == {
+            kept["id"]: "running", lost["id"]: "running", waiting["id"]: "queued"}
+        lost_last_seen = rows[lost["id"]][2]
+        assert lost_last_seen is not None and lost_last_seen >= lost["started"]
+        # The data plane does not need the pool.
+        assert _run_on(_grant(kept), "print(state_there + 1)").strip() == "42"
+        # While the pool is down, one session's kernel goes away on its host.
+        lost_host = host_of(hosts, lost["host_url"])
+        lost_host.delete_kernel(lost["kernel_id"])
+
+        second = PoolProcess(tmp, hosts, db, pool_config, tokens, "second")
+        alice = second.user("alice")
+        listed = {s["id"]: s for s in alice.sessions(all=True)}
+        assert set(listed) == set(rows), "a session went missing from the ledger"
+
+        again = alice.get(kept["id"])
+        assert again["state"] == "running"
+        assert (again["started"], again["kernel_id"], again["host_url"]) == \
+            (kept["started"], kept["kernel_id"], kept["host_url"])
+        assert host_of(hosts, kept["host_url"]).kernel_alive(kept["kernel_id"])
+        cost = again["cost"]
+        assert cost == pytest.approx((time.time() - kept["started"]) * 2, abs=1.0)
+        time.sleep(0.3)
+        assert alice.get(kept["id"])["cost"] > cost
+        assert second.user("bob").hardware()["H100"]["free"] == 1
+        # Its kernel kept its state, and the same session token still opens it.
+        assert _run_on(_grant(again), "print(state_there + 2)").strip() == "43"
+
+        gone = alice.get(lost["id"])
+        assert gone["state"] == "stopped"
+        assert "lost while the pool was down" in gone["stop_reason"], gone
+        assert gone["ended"] == pytest.approx(lost_last_seen)
+
+        queued = alice.get(waiting["id"])
+        assert (queued["state"], queued["ahead"]) == ("queued", 0), queued
+        alice.delete(kept["id"])
+        granted = alice.running(waiting["id"], within=20)
+        assert granted["host_url"].rstrip("/") == hosts["a"].url
+
+        second.stop()  # a clean stop ends its sessions and frees their GPUs
+        assert second.proc.returncode == 0, second.log.read_text()
+        assert all(k is None for k in gpu_holders(hosts).values())
+        with sqlite3.connect(db) as con:
+            states = dict(con.execute("SELECT id, state FROM sessions").fetchall())
+        con.close()
+        assert states[waiting["id"]] == "stopped"
+        assert all(s not in ACTIVE for s in states.values()), states
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        for host in hosts.values():
+            host.reset()
+
+
+# --- 7. isolation -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_simulated_users_cannot_see_touch_or_open_each_others_sessions(
+        pool: PoolProcess, hosts: dict[str, Host]) -> None:
+    alice, bob = pool.user("alice"), pool.user("bob")
+    mine = alice.running(alice.create("H100")["id"])
+    theirs = bob.running(bob.create("A100-80GB")["id"])
+    assert mine["host_url"] == theirs["host_url"]  # both on host b: the token is the boundary
+
+    for method in ("GET", "DELETE"):
+        response = bob.request(method, f"/api/sessions/{mine['id']}")
+        assert response.status_code == 404, response.text
+        assert mine["id"] in response.json()["message"]
+    assert alice.get(mine["id"])["state"] == "running"
+    assert [s["id"] for s in bob.sessions()] == [theirs["id"]]
+    assert mine["id"] not in {s["id"] for s in bob.sessions(all=True)}
+    assert mine["id"] not in {s["id"] for s in bob.cost()["sessions"]}
+    assert all("token" not in s for s in alice.sessions()), "a listing leaks session tokens"
+
+    async def with_alices_token() -> None:
+        async with HostClient(mine["host_url"], mine["token"]) as host:
+            model = await host.kernel(mine["kernel_id"])
+            assert model is not None and model["id"] == mine["kernel_id"]
+            conn = await host.connect(mine["kernel_id"], lambda *a: None)
+            await conn.close()
+            for method, path in [("GET", f"/api/kernels/{theirs['kernel_id']}"),
+                                 ("DELETE", f"/api/kernels/{theirs['kernel_id']}"),
+                                 ("GET", "/api/kernels"), ("GET", "/api/cloudgpu/host")]:
+                with pytest.raises(AuthenticationError, match="403"):
+                    await host.request(method, path)
+            with pytest.raises(AuthenticationError, match="403"):
+                await host.connect(theirs["kernel_id"], lambda *a: None)
+
+    asyncio.run(with_alices_token())
+    assert host_of(hosts, theirs["host_url"]).kernel_alive(theirs["kernel_id"])
+    assert bob.get(theirs["id"])["state"] == "running"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("token", [None, "", "not-a-pool-token"])
+def test_pool_without_a_valid_token_is_403_with_a_clear_message(
+        pool: PoolProcess, token: str | None) -> None:
+    headers = {} if token is None else {"Authorization": f"token {token}".strip()}
+    for method, path in [("GET", "/api/pool"), ("GET", "/api/hardware"),
+                         ("GET", "/api/sessions"), ("POST", "/api/sessions"),
+                         ("GET", "/api/cost"), ("DELETE", "/api/sessions/00ff")]:
+        response = httpx.request(method, pool.url + path, headers=headers, timeout=30)
+        assert response.status_code == 403, (path, response.text)
+        message = response.json()["message"]
+        assert ("wrong" if token else "missing") in message and "CLOUDGPU_TOKEN" in message
+
+
+# --- 8. bad requests ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("body,status,says", [
+    ({"hardware": "H1000"}, 400, "Unknown GPU `H1000`. Did you mean `H100`?"),
+    ({"hardware": "H100:0"}, 400, "from 1 to"),
+    ({"hardware": "H100:two"}, 400, "whole number"),
+    ({"hardware": "H100|"}, 400, "empty alternative"),
+    ({"hardware": "H100|h100"}, 400, "twice"),
+    ({"hardware": ""}, 400, "Empty hardware spec"),
+    ({"hardware": "   "}, 400, "Empty hardware spec"),
+    ({"hardware": 100}, 400, 'Give the hardware: {"hardware": "H100"}'),
+    ({"hardware": ["H100"]}, 400, 'Give the hardware'),
+    ({}, 400, "Give the hardware"),
+    ({"hardware": "H100:3"}, 409, "No host in this pool can ever give `H100:3`"),
+    ({"hardware": "H200"}, 409, "No host in this pool can ever give `H200`"),
+    ({"hardware": "A100-80GB:3"}, 409, "at most 2 per host"),
+    ({"hardware": "H100", "max_cost": -1}, 400, "max_cost must be a positive number"),
+    ({"hardware": "H100", "max_cost": 0}, 400, "max_cost must be a positive number"),
+    ({"hardware": "H100", "max_cost": "abc"}, 400, "`max_cost` must be a number"),
+    ({"hardware": "H100", "max_cost": True}, 400, "`max_cost` must be a number"),
+    ({"hardware": "H100", "idle_timeout": "soon"}, 400, "`idle_timeout` must be a number"),
+])
+def test_bad_session_requests_get_clear_errors_and_create_nothing(
+        pool: PoolProcess, body: dict[str, Any], status: int, says: str) -> None:
+    alice = pool.user("alice")
+    response = alice.request("POST", "/api/sessions", content=json.dumps(body))
+    assert response.status_code == status, response.text
+    assert says in response.json()["message"], response.text
+    assert alice.sessions() == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("options", [{"max_cost": float("nan")}, {"max_cost": float("inf")},
+                                     {"idle_timeout": -5}, {"idle_timeout": float("nan")}])
+def test_non_finite_budgets_and_negative_timeouts_are_refused(
+        pool: PoolProcess, options: dict[str, float]) -> None:
+    """JSON allows NaN and Infinity; neither is a budget, and a timeout is never negative.
+
+    Every H100 is held first, so a request the pool wrongly accepts stays queued and is
+    withdrawn at once: it never runs, so its timers cannot disturb the shared pool.
+    """
+    alice, bob = pool.user("alice"), pool.user("bob")
+    bob.running(bob.create("H100:2")["id"])
+    bob.running(bob.create("H100")["id"])
+    response = alice.request("POST", "/api/sessions",
+                             content=json.dumps({"hardware": "H100", **options}))
+    if response.status_code == 201:
+        alice.delete(response.json()["id"])
+    assert response.status_code == 400, response.text
+    name = next(iter(options))
+    assert name in response.json()["message"], response.text
+
+
+@pytest.mark.timeout(30)
+def test_bad_request_bodies_and_session_ids(pool: PoolProcess) -> None:
+    alice = pool.user("alice")
+    for content, says in [("{not json", "not JSON"), ('["H100"]', "JSON object")]:
+        response = alice.request("POST", "/api/sessions", content=content)
+        assert response.status_code == 400 and says in response.json()["message"], response.text
+    for method in ("GET", "DELETE"):
+        response = alice.request(method, "/api/sessions/0123456789abcdef")
+        assert response.status_code == 404, response.text
+        assert "No session `0123456789abcdef`" in response.json()["message"]
+    s = alice.create("cpu")
+    for params in ({"wait": "soon"}, {"wait": 5, "version": "latest"}):
+        response = alice.request("GET", f"/api/sessions/{s['id']}", params=params)
+        assert response.status_code == 400, (params, response.status_code, response.text)
+        assert next(iter(reversed(params))) in response.json()["message"], response.text
+
+
+# --- 10. backends -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_backends_are_found_by_entry_point_name() -> None:
+    assert load_backend("local") is LocalBackend
+    assert load_backend("static") is StaticBackend
+    assert issubclass(load_backend("static"), Backend)
+    with pytest.raises(CloudGPUError) as info:
+        load_backend("ray-but-misspelt")
+    message = str(info.value)
+    assert "Unknown pool backend `ray-but-misspelt`" in message
+    assert "local" in message and "static" in message and "cloudgpu.backends" in message
+
+
+# --- 9. the magic against the pool --------------------------------------------------------
+
+MAGIC_CLIENT = "__import__('cloudgpu.client', fromlist=['get_client']).get_client()"
+
+
+@dataclass
+class Message:
+    at: float
+    msg_type: str
+    content: dict[str, Any]
+
+
+@dataclass
+class Execution:
+    started: float
+    messages: list[Message] = field(default_factory=list)
+    reply: dict[str, Any] = field(default_factory=dict)
+    reply_at: float = 0.0
+
+    @property
+    def status(self) -> str:
+        return str(self.reply.get("status"))
+
+    def stream(self, name: str = "stdout") -> str:
+        return "".join(m.content["text"] for m in self.messages
+                       if m.msg_type == "stream" and m.content["name"] == name)
+
+    def error_text(self) -> str:
+        parts = ["\n".join(m.content["traceback"]) for m in self.messages
+                 if m.msg_type == "error"]
+        return "\n".join([*parts, self.stream("stderr")])
+
+    def status_lines(self) -> list[str]:
+        return [m.content["data"]["text/plain"] for m in self.messages
+                if m.msg_type in ("display_data", "update_display_data")
+                and "cloudgpu" in m.content.get("metadata", {})]
+
+    def describe(self) -> str:
+        lines = [f"reply: {self.reply}"]
+        lines += [f"  {m.at - self.started:6.3f} {m.msg_type}: {m.content}" for m in self.messages]
+        return "\n".join(lines)
+
+
+def run(kc: BlockingKernelClient, code: str, timeout: float = 20,
+        on_message: Callable[[Message], None] | None = None) -> Execution:
+    """Execute ``code``; collect its iopub messages until idle, then its execute_reply."""
+    msg_id = kc.execute(code)
+    ex = Execution(started=time.monotonic())
+    deadline = ex.started + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no idle within {timeout} s for {code!r}:\n{ex.describe()}")
+        try:
+            msg = kc.get_iopub_msg(timeout=left)
+        except queue.Empty:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        m = Message(time.monotonic(), msg["msg_type"], msg["content"])
+        if m.msg_type == "status":
+            if m.content["execution_state"] == "idle":
+                break
+            continue
+        ex.messages.append(m)
+        if on_message is not None:
+            on_message(m)
+    while True:
+        reply = kc.get_shell_msg(timeout=max(deadline - time.monotonic(), 1))
+        if reply["parent_header"].get("msg_id") == msg_id:
+            ex.reply, ex.reply_at = reply["content"], time.monotonic()
+            return ex
+
+
+def ok(kc: BlockingKernelClient, code: str, timeout: float = 20) -> Execution:
+    ex = run(kc, code, timeout)
+    assert ex.status == "ok", ex.describe()
+    return ex
+
+
+def value(kc: BlockingKernelClient, expr: str) -> Any:
+    """Evaluate ``expr`` in the local kernel; its repr must be a Python literal."""
+    msg_id = kc.execute("", silent=True, user_expressions={"v": f"repr({expr})"})
+    while True:
+        reply = kc.get_shell_msg(timeout=30)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            break
+    result = reply["content"]["user_expressions"]["v"]
+    assert result["status"] == "ok", result
+    return ast.literal_eval(ast.literal_eval(result["data"]["text/plain"]))
+
+
+@pytest.fixture
+def notebook(pool: PoolProcess) -> Iterator[BlockingKernelClient]:
+    """A fresh local ipykernel whose %%remote cells go to the shared pool as alice.
+
+    One per test: a test that fails with a hung cell must not leave the next one a busy kernel.
+    """
+    env = dict(os.environ, CLOUDGPU_POOL=pool.url, CLOUDGPU_TOKEN=pool.tokens["alice"])
+    km: KernelManager
+    km, kc = start_new_kernel(kernel_name="python3", env=env, startup_timeout=60)
+    try:
+        ok(kc, "%load_ext cloudgpu")
+        yield kc
+    finally:
+        kc.stop_channels()
+        if km.is_alive():
+            km.shutdown_kernel(now=False)
+        km.cleanup_resources()
+
+
+def _session_id(kc: BlockingKernelClient, spec: str) -> str:
+    sid: str = value(kc, f"{MAGIC_CLIENT}.sessions[{spec!r}].grant.session_id")
+    return sid
+
+
+@pytest.mark.timeout(90)
+def test_magic_simulated_cost_line_and_a_new_session_after_idle_culling(
+        notebook: BlockingKernelClient, pool: PoolProcess) -> None:
+    kc, alice = notebook, pool.user("alice")
+    ok(kc, "base = 20")
+    ex = ok(kc, "%%remote gpu=H100 idle_timeout=1\nseen = base + 1\n")
+    assert value(kc, "seen") == 21
+    quiet = ex.status_lines()[-1]
+    assert "1x H100 (simulated)" in quiet, ex.describe()
+    assert re.search(r"\d+\.\d\d s", quiet) and "$" in quiet, quiet
+    assert "this cell" in quiet and "session" in quiet, quiet
+
+    first = _session_id(kc, "H100")
+    end = alice.ended(first, within=15)
+    assert end["state"] == "stopped" and "idle" in end["stop_reason"], end
+
+    ex = ok(kc, "%%remote gpu=H100\nseen_again = base * 2\n")
+    assert value(kc, "seen_again") == 40
+    notes = [line for line in ex.status_lines() if "previous one was stopped" in line]
+    assert notes and "idle" in notes[0], ex.describe()
+    second = _session_id(kc, "H100")
+    assert second != first and alice.get(second)["state"] == "running"
+
+
+@pytest.mark.timeout(90)
+def test_magic_cell_fails_clearly_when_max_cost_trips_mid_cell_on_simulated_h100(
+        notebook: BlockingKernelClient, pool: PoolProcess) -> None:
+    kc = notebook
+    ok(kc, "keep = 'local'")
+    ex = run(kc, "%%remote gpu=H100 --new max_cost=2\n"
+                 "import time\n"
+                 "print('started', flush=True)\n"
+                 "time.sleep(30)\n"
+                 "keep = 'remote'\n", timeout=20)
+    assert ex.status == "error", ex.describe()
+    assert "started" in ex.stream()
+    text = ex.error_text()
+    assert "max_cost" in text and "$2.00" in text, text
+    # Nothing local is lost and the notebook goes on.
+    assert value(kc, "keep") == "local"
+    ok(kc, "keep = keep.upper()")
+    assert value(kc, "keep") == "LOCAL"
+    ex = ok(kc, "%%remote gpu=H100\nprint(keep)\n")
+    assert ex.stream() == "LOCAL\n"
+
+
+@pytest.mark.timeout(90)
+def test_magic_waits_live_for_simulated_h100s_bob_holds_then_runs_and_reports(
+        notebook: BlockingKernelClient, pool: PoolProcess) -> None:
+    kc, alice, bob = notebook, pool.user("alice"), pool.user("bob")
+    held = bob.running(bob.create("H100:2")["id"])  # the only host with two H100s
+    released: list[float] = []
+
+    def release_when_waiting(m: Message) -> None:
+        if m.msg_type in ("display_data", "update_display_data") and not released \
+                and "waiting for H100" in m.content["data"]["text/plain"]:
+            bob.delete(held["id"])
+            released.append(time.monotonic())
+
+    ex = run(kc, "%%remote gpu=H100:2\nimport os\nprint(os.environ['CUDA_VISIBLE_DEVICES'])\n",
+             on_message=release_when_waiting)
+    assert ex.status == "ok", ex.describe()
+    assert released, ex.describe()
+    assert ex.stream() == "0,1\n"
+    waiting = [line for line in ex.status_lines() if "waiting for H100" in line]
+    assert waiting[0] == "cloudgpu: waiting for H100: you are next", ex.describe()
+    sid = _session_id(kc, "H100:2")
+
+    out = ok(kc, "%remote status").stream()
+    row = next(line for line in out.splitlines() if sid in line)
+    assert row.startswith("*") and "2x H100 (simulated)" in row and "running" in row, out
+
+    out = ok(kc, "%remote hardware").stream()
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "3600.00" in rows["H100"] and "1/3 (simulated)" in rows["H100"], out
+    assert "1800.00" in rows["A100-80GB"] and "3/3 (simulated)" in rows["A100-80GB"], out
+    assert rows["H200"].split()[-1] == "-", out
+
+    out = ok(kc, "%remote cost").stream()
+    report = alice.cost()
+    assert out.splitlines()[0].startswith("Today: $"), out
+    assert "This notebook's sessions: $" in out
+    row = next(line for line in out.splitlines() if sid in line)
+    assert "2x H100 (simulated)" in row and "running" in row, out
+    assert {s["id"] for s in report["sessions"]} <= set(re.findall(r"\b[0-9a-f]{16}\b", out))
+    assert report["today"] > 0 and not math.isnan(report["today"])
