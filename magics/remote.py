@@ -24,7 +24,7 @@ from cloudgpu.errors import (
     SerializationError,
     UnknownHardwareError,
 )
-from cloudgpu.hardware import HardwareSpec, parse_spec
+from cloudgpu.hardware import Catalog, HardwareSpec, HardwareType, parse_spec
 from cloudgpu.serialize import Serialized, dumps, loads
 from cloudgpu.session import CellResult, RemoteSession
 
@@ -307,10 +307,29 @@ class RemoteMagics(Magics):
 
 
 def _parse_hardware(text: str) -> HardwareSpec:
+    """Parse with the shipped catalog; a name only the pool knows is checked with the pool's."""
     try:
         return parse_spec(text)
     except UnknownHardwareError as e:
+        local_error = e
+    catalog = _pool_catalog()
+    if catalog is None:
+        raise UsageError(str(local_error))
+    try:
+        return parse_spec(text, catalog)
+    except UnknownHardwareError as e:
         raise UsageError(str(e)) from None
+
+
+def _pool_catalog() -> Catalog | None:
+    """The pool's catalog (its operator may have added types), or None without a pool."""
+    pool = getattr(get_client().provider, "pool", None)
+    if pool is None:
+        return None
+    types = _loop.run_sync(pool.hardware())
+    return Catalog(HardwareType(t["type"], aliases=tuple(t.get("aliases", ())),
+                                memory_gb=t["memory_gb"], price_per_hour=t["price_per_hour"])
+                   for t in types)
 
 
 def install_error_display(shell: Any) -> None:

@@ -439,7 +439,7 @@ class Pool:
             free = sum(s.free(hw.name) for s in self.scheduler.slots.values())
             simulated = any(s.simulated and s.total.get(hw.name) for s in
                             self.scheduler.slots.values())
-            out.append({"type": hw.name, "memory_gb": hw.memory_gb,
+            out.append({"type": hw.name, "aliases": list(hw.aliases), "memory_gb": hw.memory_gb,
                         "price_per_hour": hw.price_per_hour, "price_source": hw.price_source,
                         "total": total if hw.is_gpu else None,
                         "free": free if hw.is_gpu else None,

@@ -50,6 +50,8 @@ HOST_INVENTORIES = {"a": "H100:2", "b": "H100:1,A100-80GB:1", "c": "A100-80GB:2"
 TOTALS = {"H100": 3, "A100-80GB": 3}
 PRICES = {"H100": 3600.0, "A100-80GB": 1800.0}  # dollars per GPU-hour: $1/s and $0.50/s
 USERS = ("alice", "bob", "carol", "dave")
+# A type only the pool's operator added (no host has one): the magic must know it from the pool.
+EXTRA_TYPE = {"MI300X": {"memory_gb": 192, "price_per_hour": 4.0, "aliases": ["mi300"]}}
 DAVE_DAILY_LIMIT = 3.0
 ACTIVE = ("queued", "starting", "running")
 
@@ -268,7 +270,7 @@ def pool_config(workdir: Path, tokens: dict[str, str]) -> Path:
         "c.PoolApp.meter_interval = 0.3\n"
         "c.PoolApp.disconnected_timeout = 0\n"
         f"c.PoolApp.catalog_overrides = "
-        f"{({k: {'price_per_hour': v} for k, v in PRICES.items()})!r}\n"
+        f"{({**{k: {'price_per_hour': v} for k, v in PRICES.items()}, **EXTRA_TYPE})!r}\n"
     )
     return path
 
@@ -1068,3 +1070,16 @@ def test_magic_waits_live_for_simulated_h100s_bob_holds_then_runs_and_reports(
     assert "2x H100 (simulated)" in row and "running" in row, out
     assert {s["id"] for s in report["sessions"]} <= set(re.findall(r"\b[0-9a-f]{16}\b", out))
     assert report["today"] > 0 and not math.isnan(report["today"])
+
+
+@pytest.mark.timeout(60)
+def test_magic_knows_hardware_types_the_pool_operator_added(
+        notebook: BlockingKernelClient) -> None:
+    # Not in the shipped catalog, so the pool's catalog decides: known there, but no host
+    # has one, so the pool answers at once that it can never give it.
+    ex = run(notebook, "%%remote gpu=mi300\nprint('ran')")
+    assert ex.status == "error" and "ran" not in ex.stream()
+    assert "No host in this pool can ever give `MI300X`" in ex.error_text(), ex.describe()
+    # A typo is still a clear error, and the list of known names includes the pool's.
+    ex = run(notebook, "%%remote gpu=MI3000X\nprint('ran')")
+    assert "Unknown GPU `MI3000X`" in ex.error_text() and "MI300X" in ex.error_text()
