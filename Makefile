@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cloudgpu-installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test bench bench-quick venv clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,20 @@ demo: $(STAMP)
 ## Run the whole test suite.
 test: $(STAMP)
 	$(PY) -m pytest
+
+BENCHES := cell_overhead transfer unchanged start streaming pool_bench
+
+## Every benchmark (several minutes); tables print and collect in bench/last-run.md.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	rm -f bench/last-run.md
+	cd bench && for b in $(BENCHES); do ../$(PY) $$b.py || exit 1; done
+
+## The same, shortened to run in under two minutes.
+bench-quick: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	rm -f bench/last-run.md
+	cd bench && for b in $(BENCHES); do ../$(PY) $$b.py --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

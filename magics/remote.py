@@ -70,16 +70,15 @@ def _wait(coro_factory: Callable[[Callable[[str, Any], None]], Coroutine[Any, An
     future: concurrent.futures.Future[T] = _loop.submit(
         coro_factory(lambda kind, payload: events.put((kind, payload)))
     )
+    done = ("done", None)
+    future.add_done_callback(lambda _: events.put(done))  # wake the wait below at once
     interrupted = False
     while True:
         try:
-            try:
-                handle(*events.get(timeout=0.05))
-            except queue.Empty:
-                if future.done():
-                    while not events.empty():
-                        handle(*events.get())
-                    return future.result()
+            event = events.get()
+            if event is done:
+                return future.result()
+            handle(*event)
         except KeyboardInterrupt:
             if interrupted or on_interrupt is None:
                 future.cancel()

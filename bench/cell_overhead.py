@@ -1,0 +1,114 @@
+"""Cell overhead: an empty `%%remote` cell on a warm session, against what else a user has.
+
+Baselines, measured in the same run: the floor (a direct jupyter_client execute of an
+empty cell on a warm local ipykernel) and ipyparallel's `%%px` on one local engine.
+Overhead = an empty `%%remote` cell minus an empty local cell, in the same kernel.
+On the emulated WAN link (50 ms round trip, 1 Gbit/s; see _wan.py) the target is
+one round trip + 10 ms; on loopback, 1.5x the floor.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+from _util import QUICK, Kernel, Table, host, machine, median_ms, pool, repeat
+import _wan
+
+N = 30 if QUICK else 200
+N_WAN = 8 if QUICK else 30
+
+
+def remote_kernel(pool_url: str, token: str) -> Kernel:
+    kernel = Kernel({"CLOUDGPU_POOL": pool_url, "CLOUDGPU_TOKEN": token})
+    kernel.run("%load_ext cloudgpu")
+    kernel.run("%%remote gpu=cpu\npass")  # start the session: we measure warm cells
+    return kernel
+
+
+def overhead(kernel: Kernel, n: int) -> tuple[float, float]:
+    """(median empty %%remote cell, median empty local cell) in ms."""
+    remote = median_ms(repeat(lambda: kernel.run("%%remote gpu=cpu\npass"), n))
+    local = median_ms(repeat(lambda: kernel.run("pass"), n))
+    return remote, local
+
+
+def ipyparallel_px(n: int) -> float | None:
+    """Median `%%px pass` in a local kernel with one local engine, ms (None if missing)."""
+    try:
+        import ipyparallel  # noqa: F401
+    except ImportError:
+        return None
+    with Kernel() as kernel:
+        kernel.run("import ipyparallel as ipp\n"
+                   "cluster = ipp.Cluster(n=1, log_level=40)\n"
+                   "rc = cluster.start_and_connect_sync()\n"
+                   "rc.wait_for_engines(1, timeout=60)\n"
+                   "rc[:].activate()", timeout=120)
+        try:
+            return median_ms(repeat(lambda: kernel.run("%%px\npass"), n))
+        finally:
+            kernel.run("cluster.stop_cluster_sync()", timeout=60)
+
+
+def tcp_rtt(port: int, n: int = 20) -> float:
+    """Median round trip of one byte through the relay to the echo server, ms."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            s.sendall(b"x")
+            s.recv(1)
+            samples.append(time.perf_counter() - t)
+    return median_ms(samples)
+
+
+ECHO = ("import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,1)\n"
+        "s.bind(('{ip}', 7)); s.listen(1)\nc,_=s.accept()\n"
+        "c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n"
+        "while (d := c.recv(64)): c.sendall(d)\n")
+
+
+def main() -> None:
+    print(f"cell overhead on {machine()}{' (quick)' if QUICK else ''}", flush=True)
+    table = Table("Cell overhead (empty cell on a warm session)")
+    with Kernel() as floor_kernel:
+        floor = median_ms(repeat(lambda: floor_kernel.run(""), N))
+    with host() as (url, token, _), pool([(url, token)]) as (pool_url, pool_token):
+        kernel = remote_kernel(pool_url, pool_token)
+        remote, local = overhead(kernel, N)
+        kernel.close()
+    px = ipyparallel_px(N)
+    table.add("empty cell, direct jupyter_client execute (the floor)", floor, None)
+    table.add("empty `%%remote` cell, loopback", remote, px, note="baseline: ipyparallel `%%px`")
+    table.add("`%%remote` overhead (minus an empty local cell), loopback", remote - local, floor,
+              note=f"target <= 1.5x the floor; local empty cell {local:.2f} ms")
+    try:
+        with _wan.namespace(rate="1gbit", rtt_ms=50) as link:
+            echo = subprocess.Popen([*link.prefix, sys.executable, "-c",
+                                     ECHO.format(ip=link.host_ip)])
+            time.sleep(0.5)
+            with _wan.DelayRelay((link.host_ip, 7), link.rtt_ms / 2) as relay:
+                rtt = tcp_rtt(relay.port)
+            echo.kill()
+            with host(prefix=link.prefix, ip=link.host_ip) as (url, token, _):
+                port = int(url.rsplit(":", 1)[1])
+                with _wan.DelayRelay((link.host_ip, port), link.rtt_ms / 2) as relay, \
+                        pool([(f"http://127.0.0.1:{relay.port}", token)]) as (pool_url, ptok):
+                    kernel = remote_kernel(pool_url, ptok)
+                    remote, local = overhead(kernel, N_WAN)
+                    kernel.close()
+        wan_overhead = remote - local
+        table.add("TCP round trip on the emulated link", rtt, None, note="50 ms configured")
+        table.add("`%%remote` overhead, 50 ms link", wan_overhead, rtt + 10,
+                  note=f"baseline: 1 RTT + 10 ms; {wan_overhead / rtt:.2f} round trips per cell")
+    except _wan.Unavailable as e:
+        table.add("`%%remote` overhead, 50 ms link", "skipped", None, note=str(e))
+    table.show()
+
+
+if __name__ == "__main__":
+    main()
