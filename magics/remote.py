@@ -36,6 +36,7 @@ __all__ = ["RemoteMagics", "install_error_display"]
 
 T = TypeVar("T")
 _KEY_VALUE_OPTIONS = ("gpu", "max_cost", "idle_timeout")
+WARNINGS_EVERY = 5.0  # seconds between asking the pool for a session's budget warnings
 
 
 def _split_names(text: str | None) -> list[str]:
@@ -93,6 +94,11 @@ class RemoteMagics(Magics):
 
     #: How the last ``%%remote`` cell went (timing, bytes moved), for inspection and tests.
     last_result: CellResult | None = None
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell, **kwargs)
+        # Per remote kernel: when the pool was last asked for budget warnings, and what it said.
+        self._warnings: dict[str, tuple[float, list[str]]] = {}
 
     @magic_arguments()
     @argument("--gpu", "-g", default="cpu",
@@ -207,9 +213,18 @@ class RemoteMagics(Magics):
                 f"variables are unchanged; the next %%remote cell starts a new session."
             )
 
+        checked, known = self._warnings.get(session.kernel_id, (0.0, []))
+        refresh = time.monotonic() - checked > WARNINGS_EVERY
+
+        async def no_news() -> list[str]:
+            return known
+
         async def run(emit: Callable[[str, Any], None]) -> tuple[CellResult, list[str]]:
-            # Budget warnings travel beside the cell, not after it: no extra round trip.
-            warnings = asyncio.ensure_future(provider.warnings(session.grant))
+            # Budget warnings travel beside the cell, not after it: no extra round trip; and
+            # only every few seconds, to spare the pool a request per cell.
+            warnings = asyncio.ensure_future(
+                provider.warnings(session.grant) if refresh else no_news()
+            )
             try:
                 result = await session.run_cell(code, push, pull, emit)
             except (HostConnectionError, RemoteKernelDiedError) as e:
@@ -236,6 +251,8 @@ class RemoteMagics(Magics):
             return "cloudgpu: interrupting the remote cell (interrupt again to stop waiting)"
 
         result, warnings = _wait(run, on_event, interrupt)
+        if refresh:
+            self._warnings[session.kernel_id] = (time.monotonic(), warnings)
         result.warnings = warnings  # type: ignore[attr-defined]
         return result
 

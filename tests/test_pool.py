@@ -1083,3 +1083,14 @@ def test_magic_knows_hardware_types_the_pool_operator_added(
     # A typo is still a clear error, and the list of known names includes the pool's.
     ex = run(notebook, "%%remote gpu=MI3000X\nprint('ran')")
     assert "Unknown GPU `MI3000X`" in ex.error_text() and "MI300X" in ex.error_text()
+
+
+@pytest.mark.timeout(60)
+def test_magic_shows_the_80_percent_budget_warning_under_the_next_cell(
+        notebook: BlockingKernelClient) -> None:
+    kc = notebook
+    ok(kc, "import cloudgpu.magics.remote as _r\n_r.WARNINGS_EVERY = 0  # ask on every cell")
+    first = ok(kc, "%%remote gpu=H100 max_cost=3\nimport time\ntime.sleep(2.6)")  # $1/s
+    assert "⚠" not in first.status_lines()[-1]
+    line = ok(kc, "%%remote gpu=H100\npass").status_lines()[-1]
+    assert "⚠ 80% of the session's max_cost of $3.00 used" in line, line
