@@ -51,5 +51,5 @@ class SessionProvider(abc.ABC):
         """Current warnings about a session, such as a budget nearly spent."""
         return []
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release whatever the provider itself holds (a host process, connections)."""

@@ -73,10 +73,10 @@ def run_notebook(path: str, *, timeout: int = 600, output: str | None = None,
                     for out in _merge_streams(cell.get("outputs", [])):
                         text = _describe(out)
                         if text:
-                            print(f"  │ " + text.replace("\n", "\n  │ "))
+                            print("  │ " + text.replace("\n", "\n  │ "))
                     sys.stdout.flush()
 
-        client.async_execute_cell = execute_cell  # type: ignore[method-assign]
+        client.async_execute_cell = execute_cell  # type: ignore[method-assign,assignment]
     try:
         client.execute()
     finally:

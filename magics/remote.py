@@ -11,6 +11,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
@@ -139,7 +140,7 @@ class RemoteMagics(Magics):
         """
         args = parse_argstring(self.remote, _key_values_to_flags(line))
         spec = _parse_hardware(args.gpu)
-        code = self.shell.transform_cell(cell)
+        code = self._shell.transform_cell(cell)
         try:
             names = analyze(code)
         except SyntaxError:
@@ -155,9 +156,14 @@ class RemoteMagics(Magics):
         self.last_result = result
         self._finish(session, result)
 
+    @property
+    def _shell(self) -> InteractiveShell:
+        assert self.shell is not None, "the magics are registered with a shell"
+        return self.shell
+
     def _serialize_inputs(self, reads: list[str], extra: list[str]) -> dict[str, Serialized]:
-        ns = self.shell.user_ns
-        hidden = self.shell.user_ns_hidden
+        ns = self._shell.user_ns
+        hidden = self._shell.user_ns_hidden
         for name in extra:
             if name not in ns:
                 raise UsageError(f"--push names `{name}`, which is not defined in this notebook.")
@@ -269,7 +275,7 @@ class RemoteMagics(Magics):
         if result.error is not None:
             result.error.host = session.grant.host_url  # type: ignore[attr-defined]
             raise result.error
-        ns = self.shell.user_ns
+        ns = self._shell.user_ns
         for name, value in result.pulled.items():
             ns[name] = loads(value.codec, value.frames, name)
         for name, why in result.pull_errors.items():
@@ -287,7 +293,7 @@ class RemoteMagics(Magics):
     @argument("action", choices=["status", "hardware", "cost", "shutdown"], help="What to do.")
     @argument("--all", action="store_true", help="With shutdown: stop every session.")
     @argument("--gpu", "-g", default=None, help="With shutdown: the hardware whose session to stop.")
-    @line_magic("remote")
+    @line_magic("remote")  # type: ignore[arg-type]
     def remote_line(self, line: str) -> None:
         """Manage remote sessions.
 

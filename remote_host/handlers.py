@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
-from typing import Any
+from typing import Any, cast
 
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
@@ -14,6 +14,7 @@ from cloudgpu import __version__
 from cloudgpu.errors import UnknownHardwareError
 from cloudgpu.hardware import parse_spec
 
+from .auth import HostIdentityProvider
 from .inventory import NoCapacityError
 from .kernels import GPUKernelManager
 
@@ -25,7 +26,7 @@ class HostInfoHandler(APIHandler):
 
     @web.authenticated
     def get(self) -> None:
-        km: GPUKernelManager = self.kernel_manager
+        km = cast(GPUKernelManager, self.kernel_manager)
         self.finish(json.dumps({
             "cloudgpu": __version__,
             "python": platform.python_version(),
@@ -45,7 +46,7 @@ class GPUKernelsHandler(APIHandler):
 
     @web.authenticated
     async def post(self) -> None:
-        km: GPUKernelManager = self.kernel_manager
+        km = cast(GPUKernelManager, self.kernel_manager)
         body: dict[str, Any] = self.get_json_body() or {}
         try:
             spec = parse_spec(str(body.get("hardware", "cpu")), km.catalog)
@@ -60,7 +61,7 @@ class GPUKernelsHandler(APIHandler):
         except NoCapacityError as e:
             raise web.HTTPError(409, reason="No capacity", log_message=str(e)) from None
         if scoped:
-            self.identity_provider.add_scoped_token(scoped, kernel_id)
+            cast(HostIdentityProvider, self.identity_provider).add_scoped_token(scoped, kernel_id)
         self.set_status(201)
         self.finish(json.dumps(km.kernel_model(kernel_id), default=str))
 
@@ -76,14 +77,14 @@ class KernelTokenHandler(APIHandler):
         if getattr(self.current_user, "username", "") != "cloudgpu":
             raise web.HTTPError(403, reason="Forbidden",
                                 log_message="Only the host token can hand out kernel tokens.")
-        km: GPUKernelManager = self.kernel_manager
+        km = cast(GPUKernelManager, self.kernel_manager)
         if kernel_id not in km:
             raise web.HTTPError(404, log_message=f"No kernel {kernel_id} on this host.")
         token = (self.get_json_body() or {}).get("token")
         if not isinstance(token, str) or len(token) < 16:
             raise web.HTTPError(400, reason="Bad token",
                                 log_message="`token` must be a string of 16+ characters.")
-        self.identity_provider.add_scoped_token(token, kernel_id)
+        cast(HostIdentityProvider, self.identity_provider).add_scoped_token(token, kernel_id)
         self.set_status(204)
         self.finish()
 

@@ -7,7 +7,7 @@ import os
 import secrets
 import sys
 import tempfile
-from typing import Any
+from typing import Any, cast
 
 from jupyter_server.auth.identity import IdentityProvider
 from jupyter_server.serverapp import ServerApp
@@ -73,7 +73,7 @@ class HostApp(ServerApp):
     subcommands: dict[str, Any] = {}
     classes = [*ServerApp.classes, IdentityProvider, AgentKernelSpecManager, GPUKernelManager]
 
-    default_services = ("api", "kernels", "kernelspecs", "shutdown")
+    default_services = ("api", "kernels", "kernelspecs", "shutdown")  # type: ignore[assignment]
 
     simulate = Unicode(
         "",
@@ -129,7 +129,7 @@ class HostApp(ServerApp):
         """Create the inventory and hand it to the kernel manager."""
         super().init_configurables()
         catalog = Catalog.default()
-        km = self.kernel_manager
+        km = cast(GPUKernelManager, self.kernel_manager)
         km.catalog = catalog
         km.inventory = Inventory.discover(self.simulate or None)
         # Kernels' IPC sockets are named after their connection files, and a Unix socket
@@ -160,7 +160,7 @@ class HostApp(ServerApp):
         if not self.info_file:
             return
         info = {"url": self.connection_url, "port": self.port, "pid": os.getpid(),
-                "simulated": self.kernel_manager.inventory.simulated}
+                "simulated": cast(GPUKernelManager, self.kernel_manager).inventory.simulated}
         tmp = f"{self.info_file}.tmp"
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(info, f)

@@ -150,7 +150,7 @@ class LowLatencyWebsocketConnection(ZMQChannelsWebsocketConnection):
         self.multi_kernel_manager.websockets.setdefault(self.kernel_id, set()).add(self)
         return super().connect()
 
-    def disconnect(self) -> None:
+    def disconnect(self) -> Any:
         """Forget this connection, then let Jupyter tear it down."""
         self.multi_kernel_manager.websockets.get(self.kernel_id, set()).discard(self)
-        super().disconnect()
+        return super().disconnect()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import math
 import secrets
@@ -198,9 +199,12 @@ class Pool:
             self._starting(rec, decision.slot_id, decision.choice)
             task = asyncio.create_task(self._launch(rec, decision.slot_id, decision.choice, warm))
             self._launching[rec.id] = task
-            task.add_done_callback(lambda _t, sid=rec.id: self._launching.pop(sid, None))
+            task.add_done_callback(functools.partial(self._launched, rec.id))
         self.warm.refill()
         return warmed
+
+    def _launched(self, session_id: str, _task: asyncio.Task[None]) -> None:
+        self._launching.pop(session_id, None)
 
     def _starting(self, rec: SessionRecord, slot_id: str, choice: Choice) -> None:
         """Granted: record what and where before anyone asks (a POST answers `starting`)."""
