@@ -50,7 +50,7 @@ class Table:
 
     def add(self, measure: str, ours: float | str, baseline: float | str | None,
             unit: str = "ms", note: str = "", higher_is_better: bool = False) -> None:
-        """Add a row; the ratio is ours/baseline (or baseline/ours when higher is better)."""
+        """Add a row; the ratio is always ours/baseline, marked (↑) where higher is better."""
         def fmt(v: float | str | None) -> str:
             if v is None:
                 return "-"
@@ -58,7 +58,7 @@ class Table:
         ratio = "-"
         if isinstance(ours, (int, float)) and isinstance(baseline, (int, float)) and baseline:
             r = ours / baseline
-            ratio = f"{r:.2f}x"
+            ratio = f"{r:.2f}x" + (" (↑)" if higher_is_better else "")
         self.rows.append([measure, fmt(ours), fmt(baseline), ratio, note])
 
     def render(self) -> str:
@@ -97,7 +97,8 @@ def _wait_file(path: Path, proc: subprocess.Popen[bytes], log: Path, within: flo
 def host(simulate: str = "", prefix: Sequence[str] = (), ip: str = "127.0.0.1"
          ) -> Iterator[tuple[str, str, int]]:
     """A `cloudgpu host` (optionally inside a namespace via ``prefix``): (url, token, pid)."""
-    tmp = Path(tempfile.mkdtemp(prefix="cgb-"))
+    workdir = tempfile.TemporaryDirectory(prefix="cgb-")
+    tmp = Path(workdir.name)
     token, info, log = secrets.token_hex(24), tmp / "host.json", tmp / "host.log"
     cmd = [*prefix, sys.executable, "-m", "cloudgpu", "host", f"--ip={ip}", "--port=0",
            f"--info-file={info}"]
@@ -113,12 +114,14 @@ def host(simulate: str = "", prefix: Sequence[str] = (), ip: str = "127.0.0.1"
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(20)
+        workdir.cleanup()
 
 
 @contextlib.contextmanager
 def pool(hosts: Sequence[tuple[str, str]], config: str = "") -> Iterator[tuple[str, str]]:
     """A static-backend `cloudgpu pool` over ``hosts`` [(url, token)]: (url, token)."""
-    tmp = Path(tempfile.mkdtemp(prefix="cgb-"))
+    workdir = tempfile.TemporaryDirectory(prefix="cgb-")
+    tmp = Path(workdir.name)
     token, info, log = secrets.token_hex(24), tmp / "pool.json", tmp / "pool.log"
     (tmp / "config.py").write_text(config)
     urls = ",".join(f"{u}?token={t}" for u, t in hosts)
@@ -135,6 +138,7 @@ def pool(hosts: Sequence[tuple[str, str]], config: str = "") -> Iterator[tuple[s
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(30)
+        workdir.cleanup()
 
 
 class Kernel:

@@ -103,8 +103,13 @@ class DelayRelay:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop.call_soon_threadsafe(self._shutdown)
         self._thread.join(10)
+
+    def _shutdown(self) -> None:
+        for task in asyncio.all_tasks(self._loop):
+            task.cancel()
+        self._loop.call_later(0.1, self._loop.stop)  # let the cancelled pumps unwind
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -117,9 +122,15 @@ class DelayRelay:
         server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
         await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer),
                              return_exceptions=True)
+        for w in (writer, up_writer):
+            w.close()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
@@ -139,10 +150,14 @@ class DelayRelay:
         task = asyncio.ensure_future(deliver())
         try:
             while True:
-                data = await reader.read(1 << 20)
+                try:
+                    data = await reader.read(1 << 20)
+                except ConnectionError:
+                    data = b""
                 await queue.put((time.monotonic() + self.delay, data))
                 if not data:
                     break
-            await task
+            with contextlib.suppress(ConnectionError):
+                await task
         finally:
             task.cancel()

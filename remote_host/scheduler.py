@@ -131,22 +131,25 @@ class Scheduler:
                    if any(gpu_type in self._types_for(c) for c in r.spec.choices))
 
     def allocate(self, slot_id: str, gpu_type: str, count: int) -> None:
-        """Mark GPUs in use (a grant, or a running session found again after a restart)."""
-        if gpu_type == CPU or slot_id not in self.slots:
+        """Mark GPUs in use (a grant, or a running session found again after a restart).
+
+        CPU cores are counted too, never as a limit, only to spread CPU sessions out.
+        """
+        if slot_id not in self.slots:
             return
         slot = self.slots[slot_id]
         slot.used[gpu_type] = slot.used.get(gpu_type, 0) + count
 
     def release(self, slot_id: str, gpu_type: str, count: int) -> None:
-        """Give GPUs back."""
-        if gpu_type == CPU or slot_id not in self.slots:
+        """Give GPUs (or CPU cores) back."""
+        if slot_id not in self.slots:
             return
         slot = self.slots[slot_id]
         slot.used[gpu_type] = max(slot.used.get(gpu_type, 0) - count, 0)
 
     def _place(self, choice: Choice, gpu_type: str) -> Slot | None:
-        if gpu_type == CPU:
-            return next(iter(self.slots.values()), None)
+        if gpu_type == CPU:  # never scarce: the host with the fewest CPU sessions' cores
+            return min(self.slots.values(), key=lambda s: s.used.get(CPU, 0), default=None)
         best: Slot | None = None
         for slot in self.slots.values():
             free = slot.free(gpu_type)
