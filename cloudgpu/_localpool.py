@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 from jupyter_core.paths import jupyter_runtime_dir
 
+from ._http import _tls
 from .errors import HostStartError
 
 __all__ = ["local_pool"]
@@ -24,7 +25,7 @@ RUNTIME_FILE = "cloudgpu-pool.json"
 def _alive(info: dict[str, object]) -> bool:
     try:
         os.kill(int(info["pid"]), 0)  # type: ignore[call-overload]
-        response = httpx.get(f"{info['url']}/api/pool", timeout=5,
+        response = httpx.get(f"{info['url']}/api/pool", timeout=5, verify=_tls(),
                              headers={"Authorization": f"token {info['token']}"})
     except (OSError, KeyError, ValueError, httpx.HTTPError):
         return False

@@ -13,6 +13,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from . import _wire
+from ._http import async_client
 from .errors import (
     AuthenticationError,
     CloudGPUError,
@@ -37,10 +38,7 @@ class HostClient:
     def __init__(self, url: str, token: str) -> None:
         self.url = url.rstrip("/")
         self.token = token
-        self._http = httpx.AsyncClient(
-            base_url=self.url, headers={"Authorization": f"token {token}"},
-            timeout=httpx.Timeout(60.0, connect=10.0),
-        )
+        self._http = async_client(self.url, token, httpx.Timeout(60.0, connect=10.0))
 
     async def request(self, method: str, path: str, json: Any = None,
                       missing_ok: bool = False) -> Any:

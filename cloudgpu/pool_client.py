@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from . import errors
+from ._http import async_client
 from .errors import (
     AuthenticationError,
     BudgetExceededError,
@@ -32,9 +33,7 @@ class PoolClient:
 
     def __init__(self, url: str, token: str) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.url,
-                                       headers={"Authorization": f"token {token}"},
-                                       timeout=httpx.Timeout(90.0, connect=10.0))
+        self._http = async_client(self.url, token, httpx.Timeout(90.0, connect=10.0))
 
     async def request(self, method: str, path: str, json: Any = None,
                       params: dict[str, Any] | None = None) -> Any:

@@ -13,5 +13,8 @@ def load_ipython_extension(ipython: Any) -> None:
     """Register the magics and the renderer for remote tracebacks."""
     from .remote import install_error_display  # noqa: PLC0415
 
+    from cloudgpu._http import prewarm  # noqa: PLC0415
+
+    prewarm()  # the first %%remote cell should not wait for TLS setup
     ipython.register_magics(RemoteMagics)
     install_error_display(ipython)

@@ -18,6 +18,7 @@ import ast
 import io
 import os
 import platform
+import sys
 from typing import Any
 
 from IPython.core.error import InputRejected
@@ -204,6 +205,10 @@ def load_ipython_extension(shell: InteractiveShell) -> None:
     kernel = getattr(shell, "kernel", None)
     if kernel is None:  # plain IPython: nothing to serve
         return
+    interval = float(os.environ.get("CLOUDGPU_FLUSH_INTERVAL", "0.02"))
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "flush_interval"):  # ipykernel's OutStream holds output back
+            stream.flush_interval = interval
     agent = Agent(shell)
     kernel.comm_manager.register_target(TARGET, agent.open)
     shell.cloudgpu_agent = agent  # type: ignore[attr-defined]

@@ -39,10 +39,12 @@ class AgentKernelSpecManager(KernelSpecManager):
         argv = [
             sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
             "--ext=cloudgpu.remote_host.agent",
-            f"--OutStream.flush_interval={self.stdout_flush_interval}",
         ]
         return KernelSpec(
             argv=argv,
+            # ipykernel's OutStream is not configurable from the command line: the agent
+            # applies this when it loads.
+            env={"CLOUDGPU_FLUSH_INTERVAL": str(self.stdout_flush_interval)},
             display_name=f"Python {sys.version_info.major}.{sys.version_info.minor} (cloudgpu host)",
             language="python",
             interrupt_mode="signal",

@@ -498,3 +498,11 @@ def test_an_unchanged_big_input_is_not_sent_again(kc: BlockingKernelClient) -> N
     ok(kc, "%%remote gpu=cpu\nfirst = float(big_in[0])")
     assert value(kc, "first") == 1e9
     assert value(kc, f"{MAGIC}.last_result.stale") == ["big_in"]
+
+
+@pytest.mark.timeout(60)
+def test_remote_stdout_is_not_held_back_200_ms(kc: BlockingKernelClient) -> None:
+    """ipykernel holds stdout back 200 ms by default; the host's kernels use 20 ms."""
+    ok(kc, "%%remote gpu=cpu\nimport sys\nintervals = (sys.stdout.flush_interval, "
+           "sys.stderr.flush_interval)")
+    assert value(kc, "intervals") == (0.02, 0.02)
