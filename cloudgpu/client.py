@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import sys
 import threading
 from collections.abc import Mapping
@@ -13,6 +14,7 @@ from ._loop import get_loop, run_sync
 from .errors import CloudGPUError
 from .hardware import HardwareSpec
 from .provider import SessionProvider, StatusCallback
+from .serialize import versions
 from .session import RemoteSession
 
 __all__ = ["Client", "default_provider", "get_client"]
@@ -42,15 +44,29 @@ class Client:
 
     def __init__(self, provider: SessionProvider | None = None) -> None:
         self._provider = provider
+        self._provider_lock = threading.Lock()
         self.sessions: dict[str, RemoteSession] = {}
         self._lock = asyncio.Lock()
 
     @property
     def provider(self) -> SessionProvider:
         """The provider, found (and the local pool started) on first use."""
-        if self._provider is None:
-            self._provider = default_provider()
-        return self._provider
+        with self._provider_lock:
+            if self._provider is None:
+                self._provider = default_provider()
+            return self._provider
+
+    def prepare(self) -> None:
+        """Find the provider now, in a background thread, so the first cell need not.
+
+        A failure here is not lost: the first cell looks again and reports it.
+        """
+        def find() -> None:
+            versions()  # imports dill, which the first greeting would otherwise wait for
+            with contextlib.suppress(CloudGPUError):
+                self.provider  # noqa: B018
+
+        threading.Thread(target=find, name="cloudgpu-prepare", daemon=True).start()
 
     async def session(self, spec: HardwareSpec, *, new: bool = False,
                       on_status: StatusCallback | None = None,

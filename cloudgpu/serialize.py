@@ -8,6 +8,7 @@ unpickling runs code.
 
 from __future__ import annotations
 
+import functools
 import pickle
 import platform
 import sys
@@ -121,8 +122,9 @@ def loads(codec: str, frames: list[Any], name: str = "value") -> Any:
         ) from e
 
 
+@functools.lru_cache(maxsize=1)
 def versions() -> dict[str, str]:
-    """What the two sides compare before exchanging pickles."""
+    """What the two sides compare before exchanging pickles (computed once: imports dill)."""
     import dill
 
     return {

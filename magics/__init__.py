@@ -14,7 +14,10 @@ def load_ipython_extension(ipython: Any) -> None:
     from .remote import install_error_display  # noqa: PLC0415
 
     from cloudgpu._http import prewarm  # noqa: PLC0415
+    from cloudgpu.client import get_client  # noqa: PLC0415
 
-    prewarm()  # the first %%remote cell should not wait for TLS setup
+    # The first %%remote cell should not wait for TLS setup or for finding the pool.
+    prewarm()
+    get_client().prepare()
     ipython.register_magics(RemoteMagics)
     install_error_display(ipython)

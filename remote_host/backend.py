@@ -50,10 +50,6 @@ class Backend(LoggingConfigurable):
         """Start a kernel holding ``choice`` on ``slot_id``, opened by ``scoped_token``."""
         raise NotImplementedError
 
-    async def authorize(self, placement: Placement, scoped_token: str) -> None:
-        """Let ``scoped_token`` open a kernel started earlier (a warm one, now granted)."""
-        raise NotImplementedError
-
     async def sweep(self, keep: set[str]) -> int:
         """Stop kernels this pool started but no longer knows (left by a crash); how many."""
         return 0
@@ -99,12 +95,6 @@ class HostsBackend(Backend):
         gpus = model.get("cloudgpu", {}).get("gpus", [])
         return Placement(slot_id, host.url, model["id"], gpus,
                          simulated=any(g.get("simulated") for g in gpus))
-
-    async def authorize(self, placement: Placement, scoped_token: str) -> None:
-        """``POST /api/cloudgpu/kernels/{id}/token`` on its host."""
-        await self.hosts[placement.slot_id].request(
-            "POST", f"/api/cloudgpu/kernels/{placement.kernel_id}/token", {"token": scoped_token}
-        )
 
     async def sweep(self, keep: set[str]) -> int:
         """Stop every kernel on our hosts that is not in ``keep``."""

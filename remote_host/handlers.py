@@ -66,31 +66,7 @@ class GPUKernelsHandler(APIHandler):
         self.finish(json.dumps(km.kernel_model(kernel_id), default=str))
 
 
-class KernelTokenHandler(APIHandler):
-    """``POST /api/cloudgpu/kernels/{id}/token`` ``{"token": T}``: let T open that kernel.
-
-    For a pool handing a pre-started kernel to a session. Needs the host token.
-    """
-
-    @web.authenticated
-    async def post(self, kernel_id: str) -> None:
-        if getattr(self.current_user, "username", "") != "cloudgpu":
-            raise web.HTTPError(403, reason="Forbidden",
-                                log_message="Only the host token can hand out kernel tokens.")
-        km = cast(GPUKernelManager, self.kernel_manager)
-        if kernel_id not in km:
-            raise web.HTTPError(404, log_message=f"No kernel {kernel_id} on this host.")
-        token = (self.get_json_body() or {}).get("token")
-        if not isinstance(token, str) or len(token) < 16:
-            raise web.HTTPError(400, reason="Bad token",
-                                log_message="`token` must be a string of 16+ characters.")
-        cast(HostIdentityProvider, self.identity_provider).add_scoped_token(token, kernel_id)
-        self.set_status(204)
-        self.finish()
-
-
 HOST_HANDLERS: list[tuple[str, type[APIHandler]]] = [
     (r"/api/cloudgpu/host", HostInfoHandler),
     (r"/api/cloudgpu/kernels", GPUKernelsHandler),
-    (r"/api/cloudgpu/kernels/([0-9a-fA-F-]+)/token", KernelTokenHandler),
 ]

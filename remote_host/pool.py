@@ -216,12 +216,11 @@ class Pool:
         self._notify(rec.id)
 
     async def _launch(self, rec: SessionRecord, slot_id: str, choice: Choice,
-                      warm: Placement | None) -> None:
+                      warm: tuple[Placement, str] | None) -> None:
         assert rec.token is not None
         try:
-            if warm is not None:
-                await self.backend.authorize(warm, rec.token)
-                placement = warm
+            if warm is not None:  # started with its token already: nothing to ask the host
+                placement, rec.token = warm
             else:
                 await self.warm.make_room(slot_id, choice.type)
                 placement = await self.backend.launch(slot_id, choice, rec.token)

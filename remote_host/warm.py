@@ -5,12 +5,16 @@ one CPU kernel). A warm GPU kernel still counts as free to the scheduler: a requ
 needs its GPU gets the warm kernel itself when it fits (one GPU of that type on that
 host), and otherwise warm kernels on that host are stopped to make room. Warm kernels
 are not billed to anyone, and are not made while requests wait for their type.
+
+Each warm kernel is started with the scoped token its future session will use, so
+granting one costs no request to its host (a round trip, when the host is far away).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from typing import Any
 
 from cloudgpu.errors import CloudGPUError
@@ -31,7 +35,7 @@ class WarmKernels:
         self.scheduler = scheduler
         self.targets = {t: n for t, n in targets.items() if n > 0}
         self.log = log
-        self.ready: dict[tuple[str, str], list[Placement]] = {}
+        self.ready: dict[tuple[str, str], list[tuple[Placement, str]]] = {}
         self._starting: dict[tuple[str, str], int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -40,8 +44,9 @@ class WarmKernels:
         key = (slot_id, gpu_type)
         return len(self.ready.get(key, [])) + self._starting.get(key, 0)
 
-    def take(self, slot_id: str, choice: Choice) -> Placement | None:
-        """A ready warm kernel that is exactly ``choice`` on ``slot_id``, removed from the pool."""
+    def take(self, slot_id: str, choice: Choice) -> tuple[Placement, str] | None:
+        """A ready warm kernel that is exactly ``choice`` on ``slot_id``, with the scoped token
+        that already opens it; removed from the pool."""
         if choice.count != 1:
             return None
         ready = self.ready.get((slot_id, choice.type))
@@ -55,7 +60,7 @@ class WarmKernels:
         ready = self.ready.get((slot_id, gpu_type), [])
         excess = slot.used.get(gpu_type, 0) + len(ready) - slot.total.get(gpu_type, 0)
         while excess > 0 and ready:
-            await self.backend.stop(ready.pop())
+            await self.backend.stop(ready.pop()[0])
             excess -= 1
 
     def refill(self) -> None:
@@ -82,18 +87,19 @@ class WarmKernels:
 
     async def _launch(self, slot_id: str, gpu_type: str) -> None:
         key = (slot_id, gpu_type)
+        token = secrets.token_urlsafe(32)
         try:
-            placement = await self.backend.launch(slot_id, Choice(gpu_type, 1), None)
+            placement = await self.backend.launch(slot_id, Choice(gpu_type, 1), token)
         except CloudGPUError as e:
             self.log.warning("Could not start a warm %s kernel: %s", gpu_type, e)
             return
         finally:
             self._starting[key] -= 1
-        self.ready.setdefault(key, []).append(placement)
+        self.ready.setdefault(key, []).append((placement, token))
 
     def kernel_ids(self) -> set[str]:
         """Every ready warm kernel, for telling them from orphans."""
-        return {p.kernel_id for ready in self.ready.values() for p in ready}
+        return {p.kernel_id for ready in self.ready.values() for p, _ in ready}
 
     async def close(self) -> None:
         """Stop every warm kernel."""
@@ -102,4 +108,4 @@ class WarmKernels:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for ready in self.ready.values():
             while ready:
-                await self.backend.stop(ready.pop())
+                await self.backend.stop(ready.pop()[0])
