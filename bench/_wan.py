@@ -15,7 +15,10 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
+import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -161,3 +164,29 @@ class DelayRelay:
                 await task
         finally:
             task.cancel()
+
+
+_ECHO = ("import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,1)\n"
+        "s.bind(('{ip}', 7)); s.listen(1)\nc,_=s.accept()\n"
+        "c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n"
+        "while (d := c.recv(64)): c.sendall(d)\n")
+
+
+def measured_rtt(link: Link, n: int = 20) -> float:
+    """Median TCP round trip of one byte through a DelayRelay into the namespace, ms."""
+    echo = subprocess.Popen([*link.prefix, sys.executable, "-c", _ECHO.format(ip=link.host_ip)])
+    try:
+        time.sleep(0.5)
+        with DelayRelay((link.host_ip, 7), link.rtt_ms / 2) as relay, \
+                socket.create_connection(("127.0.0.1", relay.port)) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            samples = []
+            for _ in range(n):
+                t = time.perf_counter()
+                s.sendall(b"x")
+                s.recv(1)
+                samples.append(time.perf_counter() - t)
+        return statistics.median(samples) * 1000
+    finally:
+        echo.kill()
+        echo.wait()

@@ -9,10 +9,6 @@ one round trip + 10 ms; on loopback, 1.5x the floor.
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
 
 from _util import QUICK, Kernel, Table, host, machine, median_ms, pool, repeat
 import _wan
@@ -53,25 +49,6 @@ def ipyparallel_px(n: int) -> float | None:
             kernel.run("cluster.stop_cluster_sync()", timeout=60)
 
 
-def tcp_rtt(port: int, n: int = 20) -> float:
-    """Median round trip of one byte through the relay to the echo server, ms."""
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        samples = []
-        for _ in range(n):
-            t = time.perf_counter()
-            s.sendall(b"x")
-            s.recv(1)
-            samples.append(time.perf_counter() - t)
-    return median_ms(samples)
-
-
-ECHO = ("import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,1)\n"
-        "s.bind(('{ip}', 7)); s.listen(1)\nc,_=s.accept()\n"
-        "c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n"
-        "while (d := c.recv(64)): c.sendall(d)\n")
-
-
 def main() -> None:
     print(f"cell overhead on {machine()}{' (quick)' if QUICK else ''}", flush=True)
     table = Table("Cell overhead (empty cell on a warm session)")
@@ -88,12 +65,7 @@ def main() -> None:
               note=f"target <= 1.5x the floor; local empty cell {local:.2f} ms")
     try:
         with _wan.namespace(rate="1gbit", rtt_ms=50) as link:
-            echo = subprocess.Popen([*link.prefix, sys.executable, "-c",
-                                     ECHO.format(ip=link.host_ip)])
-            time.sleep(0.5)
-            with _wan.DelayRelay((link.host_ip, 7), link.rtt_ms / 2) as relay:
-                rtt = tcp_rtt(relay.port)
-            echo.kill()
+            rtt = _wan.measured_rtt(link)
             with host(prefix=link.prefix, ip=link.host_ip) as (url, token, _):
                 port = int(url.rsplit(":", 1)[1])
                 with _wan.DelayRelay((link.host_ip, port), link.rtt_ms / 2) as relay, \

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import random
 import subprocess
 import tempfile
 import time
 
 import httpx
-from _util import QUICK, Table, host, machine, median_ms, p99_ms, pool
+from _util import QUICK, Table, descendants, host, machine, median_ms, p99_ms, pool
 from cloudgpu.remote_host.scheduler import Decision, Scheduler, Slot
 from jupyter_client.manager import AsyncKernelManager
 
@@ -136,26 +135,6 @@ def available_mib() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) // 1024
     return 0
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid``."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
 
 
 class Outcome:

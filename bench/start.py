@@ -23,16 +23,12 @@ local ipykernel's cold start.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 from typing import Any
 
 import _wan
 import httpx
-from _util import QUICK, Kernel, Table, host, machine, median_ms, pool
+from _util import QUICK, Kernel, Table, descendants, host, machine, median_ms, pool
 
 RUNS = 2 if QUICK else 7
 RUNS_WAN = 2 if QUICK else 5
@@ -94,27 +90,8 @@ def running_kernel(pool_url: str, pool_token: str) -> str | None:
 
 # -- process helpers (the warm kernel's boot) --------------------------------------------------
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
-
-
 def _kernel_pid(host_pid: int, kernel_id: str) -> int | None:
-    for pid in _descendants(host_pid):
+    for pid in descendants(host_pid):
         try:
             with open(f"/proc/{pid}/cmdline") as f:
                 if kernel_id in f.read():
@@ -181,32 +158,6 @@ def remote_runs(host_url: str, host_token: str, host_pid: int, pool_url: str,
     return samples, hits
 
 
-ECHO = ("import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,1)\n"
-        "s.bind(('{ip}', 7)); s.listen(1)\nc,_=s.accept()\n"
-        "c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n"
-        "while (d := c.recv(64)): c.sendall(d)\n")
-
-
-def link_rtt(link: _wan.Link, n: int = 20) -> float:
-    """Median TCP round trip of one byte through a DelayRelay into the namespace, ms."""
-    echo = subprocess.Popen([*link.prefix, sys.executable, "-c", ECHO.format(ip=link.host_ip)])
-    try:
-        time.sleep(0.5)
-        with _wan.DelayRelay((link.host_ip, 7), link.rtt_ms / 2) as relay, \
-                socket.create_connection(("127.0.0.1", relay.port)) as s:
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            samples = []
-            for _ in range(n):
-                t = time.perf_counter()
-                s.sendall(b"x")
-                s.recv(1)
-                samples.append(time.perf_counter() - t)
-        return median_ms(samples)
-    finally:
-        echo.kill()
-        echo.wait()
-
-
 def main() -> None:
     print(f"start on {machine()}{' (quick)' if QUICK else ''}", flush=True)
     table = Table("Start: first output of the first `%%remote gpu=cpu` cell (median)")
@@ -231,7 +182,7 @@ def main() -> None:
                    f"{spread(warm)}")
     try:
         with _wan.namespace(rate="1gbit", rtt_ms=50) as link:
-            rtt = link_rtt(link)
+            rtt = _wan.measured_rtt(link)
             with host(prefix=link.prefix, ip=link.host_ip) as (url, token, pid):
                 port = int(url.rsplit(":", 1)[1])
                 with _wan.DelayRelay((link.host_ip, port), link.rtt_ms / 2) as relay:

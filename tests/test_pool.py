@@ -14,12 +14,10 @@ tests/test_magic.py does it (its small helpers are copied here).
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import json
 import math
 import os
-import queue
 import re
 import secrets
 import signal
@@ -37,6 +35,7 @@ import httpx
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
+from kernel_driver import CLIENT, Message, ok, run, value
 
 from cloudgpu.errors import AuthenticationError, CloudGPUError
 from cloudgpu.host_client import HostClient
@@ -870,96 +869,6 @@ def test_backends_are_found_by_entry_point_name() -> None:
 
 # --- 9. the magic against the pool --------------------------------------------------------
 
-MAGIC_CLIENT = "__import__('cloudgpu.client', fromlist=['get_client']).get_client()"
-
-
-@dataclass
-class Message:
-    at: float
-    msg_type: str
-    content: dict[str, Any]
-
-
-@dataclass
-class Execution:
-    started: float
-    messages: list[Message] = field(default_factory=list)
-    reply: dict[str, Any] = field(default_factory=dict)
-    reply_at: float = 0.0
-
-    @property
-    def status(self) -> str:
-        return str(self.reply.get("status"))
-
-    def stream(self, name: str = "stdout") -> str:
-        return "".join(m.content["text"] for m in self.messages
-                       if m.msg_type == "stream" and m.content["name"] == name)
-
-    def error_text(self) -> str:
-        parts = ["\n".join(m.content["traceback"]) for m in self.messages
-                 if m.msg_type == "error"]
-        return "\n".join([*parts, self.stream("stderr")])
-
-    def status_lines(self) -> list[str]:
-        return [m.content["data"]["text/plain"] for m in self.messages
-                if m.msg_type in ("display_data", "update_display_data")
-                and "cloudgpu" in m.content.get("metadata", {})]
-
-    def describe(self) -> str:
-        lines = [f"reply: {self.reply}"]
-        lines += [f"  {m.at - self.started:6.3f} {m.msg_type}: {m.content}" for m in self.messages]
-        return "\n".join(lines)
-
-
-def run(kc: BlockingKernelClient, code: str, timeout: float = 20,
-        on_message: Callable[[Message], None] | None = None) -> Execution:
-    """Execute ``code``; collect its iopub messages until idle, then its execute_reply."""
-    msg_id = kc.execute(code)
-    ex = Execution(started=time.monotonic())
-    deadline = ex.started + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"no idle within {timeout} s for {code!r}:\n{ex.describe()}")
-        try:
-            msg = kc.get_iopub_msg(timeout=left)
-        except queue.Empty:
-            continue
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        m = Message(time.monotonic(), msg["msg_type"], msg["content"])
-        if m.msg_type == "status":
-            if m.content["execution_state"] == "idle":
-                break
-            continue
-        ex.messages.append(m)
-        if on_message is not None:
-            on_message(m)
-    while True:
-        reply = kc.get_shell_msg(timeout=max(deadline - time.monotonic(), 1))
-        if reply["parent_header"].get("msg_id") == msg_id:
-            ex.reply, ex.reply_at = reply["content"], time.monotonic()
-            return ex
-
-
-def ok(kc: BlockingKernelClient, code: str, timeout: float = 20) -> Execution:
-    ex = run(kc, code, timeout)
-    assert ex.status == "ok", ex.describe()
-    return ex
-
-
-def value(kc: BlockingKernelClient, expr: str) -> Any:
-    """Evaluate ``expr`` in the local kernel; its repr must be a Python literal."""
-    msg_id = kc.execute("", silent=True, user_expressions={"v": f"repr({expr})"})
-    while True:
-        reply = kc.get_shell_msg(timeout=30)
-        if reply["parent_header"].get("msg_id") == msg_id:
-            break
-    result = reply["content"]["user_expressions"]["v"]
-    assert result["status"] == "ok", result
-    return ast.literal_eval(ast.literal_eval(result["data"]["text/plain"]))
-
-
 @pytest.fixture
 def notebook(pool: PoolProcess) -> Iterator[BlockingKernelClient]:
     """A fresh local ipykernel whose %%remote cells go to the shared pool as alice.
@@ -980,7 +889,7 @@ def notebook(pool: PoolProcess) -> Iterator[BlockingKernelClient]:
 
 
 def _session_id(kc: BlockingKernelClient, spec: str) -> str:
-    sid: str = value(kc, f"{MAGIC_CLIENT}.sessions[{spec!r}].grant.session_id")
+    sid: str = value(kc, f"{CLIENT}.sessions[{spec!r}].grant.session_id")
     return sid
 
 
@@ -1090,7 +999,8 @@ def test_magic_shows_the_80_percent_budget_warning_under_the_next_cell(
         notebook: BlockingKernelClient) -> None:
     kc = notebook
     ok(kc, "import cloudgpu.magics.remote as _r\n_r.WARNINGS_EVERY = 0  # ask on every cell")
-    first = ok(kc, "%%remote gpu=H100 max_cost=3\nimport time\ntime.sleep(2.6)")  # $1/s
+    # $1/s: 80% of $6 at 4.8 s, the stop at 6 s; the next cell comes at ~5.4 s.
+    first = ok(kc, "%%remote gpu=H100 max_cost=6\nimport time\ntime.sleep(5.0)")
     assert "⚠" not in first.status_lines()[-1]
     line = ok(kc, "%%remote gpu=H100\npass").status_lines()[-1]
-    assert "⚠ 80% of the session's max_cost of $3.00 used" in line, line
+    assert "⚠ 80% of the session's max_cost of $6.00 used" in line, line
