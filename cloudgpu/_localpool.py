@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from jupyter_core.paths import jupyter_runtime_dir
 from ._http import _tls
 from .errors import HostStartError
 
-__all__ = ["local_pool"]
+__all__ = ["local_pool", "stop_local_pool"]
 
 RUNTIME_FILE = "cloudgpu-pool.json"
 
@@ -75,3 +76,25 @@ def local_pool(start_timeout: float = 90.0) -> tuple[str, str]:
             time.sleep(0.05)
         info = json.loads(info_path.read_text())
         return str(info["url"]), str(info["token"])
+
+
+def stop_local_pool(timeout: float = 30.0) -> int | None:
+    """Stop this user's local pool (its sessions, host and kernels with it); its pid, or None.
+
+    Raises:
+        HostStartError: when it does not exit within ``timeout`` seconds.
+    """
+    info_path = Path(jupyter_runtime_dir()) / RUNTIME_FILE
+    try:
+        pid = int(json.loads(info_path.read_text())["pid"])
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError, KeyError):
+        return None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        time.sleep(0.1)
+    raise HostStartError(f"The local pool (pid {pid}) did not stop within {timeout:.0f} s.")

@@ -14,6 +14,7 @@ Run notebook code on remote GPUs.
 commands:
   host      run a cloudgpu host: Jupyter kernels with GPUs, for clients elsewhere
   pool      run a cloudgpu pool: hands out hosts' GPUs, meters cost, keeps the ledger
+            (`cloudgpu pool stop` stops your local pool, e.g. to change CLOUDGPU_SIMULATE)
   kernel    install, list and remove the Cloud GPU kernels (whole notebooks remotely)
   run       execute a notebook headless and print each cell's outputs
   version   print the cloudgpu version
@@ -34,6 +35,12 @@ def main(argv: list[str] | None = None) -> None:
         from .remote_host.hostapp import HostApp
 
         HostApp.launch_instance(rest)
+    elif command == "pool" and rest[:1] == ["stop"]:
+        from ._localpool import stop_local_pool
+
+        pid = stop_local_pool()
+        print(f"Stopped your local pool (pid {pid}), its sessions and its host."
+              if pid else "No local pool is running.")
     elif command == "pool":
         from .remote_host.poolapp import PoolApp
 

@@ -96,3 +96,19 @@ def test_cli_unknown_command_fails_with_usage() -> None:
     assert out.returncode == 2
     assert "unknown command `hots`" in out.stderr
     assert "host" in out.stderr
+
+
+@pytest.mark.timeout(120)
+def test_pool_stop_stops_the_local_pool_and_a_cell_would_start_a_new_one(tmp_path: Path) -> None:
+    env = dict(__import__("os").environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"),
+               JUPYTER_DATA_DIR=str(tmp_path / "data"))
+    cli = [sys.executable, "-m", "cloudgpu", "pool", "stop"]
+    assert "No local pool is running" in subprocess.run(
+        cli, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    started = subprocess.run(
+        [sys.executable, "-c", "from cloudgpu._localpool import local_pool; print(local_pool()[0])"],
+        env=env, capture_output=True, text=True, timeout=90, check=True)
+    assert started.stdout.startswith("http://127.0.0.1:")
+    out = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert "Stopped your local pool" in out.stdout
+    assert not (tmp_path / "rt" / "cloudgpu-pool.json").exists()
