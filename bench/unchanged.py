@@ -69,7 +69,7 @@ def main() -> None:
                 raise RuntimeError(f"the changed x was not sent whole: {first[-1].sent}")
         second: list[Run] = []
         none: list[Run] = []
-        for k in range(N_SECOND + 1):
+        for _ in range(N_SECOND + 1):
             second.append(Run(kernel, CELL_X))
             none.append(Run(kernel, CELL_NONE))
         hash_local = []

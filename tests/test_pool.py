@@ -527,7 +527,7 @@ def test_simulated_gpus_are_never_over_granted_under_16_concurrent_clients(
     # What the hosts said they held is what the pool said it granted.
     by_kernel = {j.view["kernel_id"]: j for j in jobs}
     assert samples, "the sampler saw no GPU in use"
-    for url, index, gpu_type, kernel_id in samples:
+    for url, index, _gpu_type, kernel_id in samples:
         if kernel_id.startswith("pending-"):
             continue  # the host's placeholder while the kernel process starts
         assert kernel_id in by_kernel, f"{url} GPU {index} held by an unknown kernel"
