@@ -287,3 +287,34 @@ def test_kernels_start_under_a_deep_runtime_dir(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_big_messages_keep_the_standard_v1_framing(host: Host) -> None:
+    """Messages of 1 MiB+ take the host's copy-free path; Jupyter's own decoder must read them."""
+    from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1
+
+    from cloudgpu import _wire
+
+    async def go() -> dict[str, Any]:
+        headers = {"Authorization": f"token {host.token}"}
+        async with HostClient(host.url, host.token) as client:
+            kernel = await client.request("POST", "/api/kernels", {})
+        ws_url = host.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
+        async with connect(ws_url, additional_headers=headers, max_size=None,
+                           subprotocols=[_wire.SUBPROTOCOL]) as ws:  # type: ignore[list-item]
+            msg = _wire.new_message("execute_request", {
+                "code": "print('x' * 3_000_000)", "silent": False}, "s")
+            await ws.send(_wire.encode("shell", msg))
+            while True:
+                data = await asyncio.wait_for(ws.recv(), 30)
+                channel, parts = deserialize_msg_from_ws_v1(data)
+                header = json.loads(parts[0])
+                if channel == "iopub" and header["msg_type"] == "stream":
+                    content: dict[str, Any] = json.loads(parts[3])
+                    break
+        async with HostClient(host.url, host.token) as client:
+            await client.shutdown(kernel["id"])
+        return content
+
+    content = run(go())
+    assert content["text"] == "x" * 3_000_000 + "\n"
