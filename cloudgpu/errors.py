@@ -56,11 +56,13 @@ class RemoteKernelDiedError(CloudGPUError):
 class RemoteExecutionError(CloudGPUError):
     """Raised when the remote cell itself raised; carries the remote traceback."""
 
-    def __init__(self, ename: str, evalue: str, traceback: list[str]) -> None:
+    def __init__(self, ename: str, evalue: str, traceback: list[str],
+                 host: str | None = None) -> None:
         super().__init__(f"{ename}: {evalue}")
         self.ename = ename
         self.evalue = evalue
         self.traceback = traceback
+        self.host = host
 
 
 class VersionSkewWarning(UserWarning):

@@ -94,6 +94,7 @@ class CellResult:
             (0 bytes for an input the remote kernel already held).
         received: the same for what came back.
         stale: inputs the remote side said had changed there, and were sent again.
+        warnings: the provider's warnings about the session (a budget nearly spent).
     """
 
     status: str
@@ -106,6 +107,7 @@ class CellResult:
     sent: dict[str, dict[str, int]] = field(default_factory=dict)
     received: dict[str, dict[str, int]] = field(default_factory=dict)
     stale: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 class _CellRun:
@@ -147,6 +149,7 @@ class RemoteSession:
         self.comm_id = uuid.uuid4().hex
         self.remote: dict[str, Any] = {}
         self.version_warnings: list[str] = []
+        self.version_warned = False  # shown to the user once
         self.stopped_reason: str | None = None
         self.replaced_reason: str | None = None
         #: What the remote kernel holds, by name: fingerprints of big values sent or received.

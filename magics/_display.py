@@ -78,7 +78,7 @@ def render_error(shell: Any, etype: type, value: BaseException, tb: Any,
     Installed with ``shell.set_custom_exc`` so that cloudgpu's own frames never show.
     """
     if isinstance(value, RemoteExecutionError):
-        where = getattr(value, "host", None) or "the remote host"
+        where = value.host or "the remote host"
         header = f"\x1b[1mRemote traceback\x1b[0m (on {where}):"
         stb = [header, *value.traceback] if value.traceback else \
             [header, f"{value.ename}: {value.evalue}"]

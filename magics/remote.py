@@ -259,12 +259,12 @@ class RemoteMagics(Magics):
         result, warnings = _wait(run, on_event, interrupt)
         if refresh:
             self._warnings[session.kernel_id] = (time.monotonic(), warnings)
-        result.warnings = warnings  # type: ignore[attr-defined]
+        result.warnings = warnings
         return result
 
     def _finish(self, session: RemoteSession, result: CellResult) -> None:
-        if session.version_warnings and not getattr(session, "warned", False):
-            session.warned = True  # type: ignore[attr-defined]
+        if session.version_warnings and not session.version_warned:
+            session.version_warned = True
             for text in session.version_warnings:  # before any unpickling error they explain
                 print(f"cloudgpu warning: {text}", file=sys.stderr)
         if result.push_errors:
@@ -273,7 +273,7 @@ class RemoteMagics(Magics):
                 + "\n".join(f"  {n}: {why}" for n, why in result.push_errors.items())
             )
         if result.error is not None:
-            result.error.host = session.grant.host_url  # type: ignore[attr-defined]
+            result.error.host = session.grant.host_url
             raise result.error
         ns = self._shell.user_ns
         for name, value in result.pulled.items():
@@ -285,7 +285,7 @@ class RemoteMagics(Magics):
         if grant.rate_per_hour:
             line += (f" · {money(grant.rate_per_hour * result.seconds / 3600)} this cell"
                      f" · {money(grant.cost())} session")
-        for warning in getattr(result, "warnings", []):
+        for warning in result.warnings:
             line += f" · ⚠ {warning}"
         publish_status(line)
 
