@@ -18,8 +18,6 @@ from .serialize import Serialized
 
 CHUNK = 4 * 2**20
 
-Piece = tuple[int, int, int]  # value index, frame index, offset in the frame
-
 
 def pack(values: dict[str, Serialized], chunk: int = CHUNK,
          extra: dict[str, Any] | None = None) -> Iterator[tuple[dict[str, Any], list[memoryview]]]:

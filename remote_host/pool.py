@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cloudgpu.errors import BudgetExceededError, CloudGPUError, HardwareUnavailableError
-from cloudgpu.hardware import CPU, Catalog, Choice, HardwareSpec, parse_spec
+from cloudgpu.errors import BudgetExceededError, CloudGPUError
+from cloudgpu.hardware import CPU, Catalog, Choice, parse_spec
 
 from .backend import Backend, Placement
 from .ledger import Ledger, SessionRecord
@@ -483,6 +483,3 @@ def _duration(seconds: float) -> str:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min"
 
-
-# `HardwareSpec` and `HardwareUnavailableError` are part of this module's vocabulary.
-_ = (HardwareSpec, HardwareUnavailableError)

@@ -7,7 +7,6 @@ for is not handed to a later one (no overtaking within a type). ``cpu`` is never
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -44,7 +43,6 @@ class Decision:
 class _Request:
     id: str
     spec: HardwareSpec
-    seq: int
 
 
 class Scheduler:
@@ -54,7 +52,6 @@ class Scheduler:
         self.catalog = catalog
         self.slots: dict[str, Slot] = {}
         self._queue: list[_Request] = []
-        self._seq = itertools.count()
         # GPU types, cheapest first, for `any`.
         self._by_price = [t.name for t in sorted(catalog, key=lambda t: t.price_per_hour)
                           if t.is_gpu]
@@ -62,10 +59,6 @@ class Scheduler:
     def add_slot(self, slot: Slot) -> None:
         """A host joined (or re-joined) the pool."""
         self.slots[slot.id] = slot
-
-    def remove_slot(self, slot_id: str) -> None:
-        """A host left the pool."""
-        self.slots.pop(slot_id, None)
 
     def _types_for(self, choice: Choice) -> list[str]:
         if choice.is_any:
@@ -102,7 +95,7 @@ class Scheduler:
 
     def enqueue(self, request_id: str, spec: HardwareSpec) -> None:
         """Put a request at the back of the queue."""
-        self._queue.append(_Request(request_id, spec, next(self._seq)))
+        self._queue.append(_Request(request_id, spec))
 
     def cancel(self, request_id: str) -> bool:
         """Take a request out of the queue; False when it was not queued."""

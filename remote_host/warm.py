@@ -97,10 +97,6 @@ class WarmKernels:
             self._starting[key] -= 1
         self.ready.setdefault(key, []).append((placement, token))
 
-    def kernel_ids(self) -> set[str]:
-        """Every ready warm kernel, for telling them from orphans."""
-        return {p.kernel_id for ready in self.ready.values() for p, _ in ready}
-
     async def close(self) -> None:
         """Stop every warm kernel."""
         for task in list(self._tasks):
