@@ -160,9 +160,10 @@ class Pool:
         spec = parse_spec(hardware, self.catalog)
         self.scheduler.check_feasible(spec)
         limit = self.limit_for(user)
-        if limit and self.spent_today(user) >= limit:
+        spent = self.spent_today(user) if limit else 0.0
+        if limit and spent >= limit:
             raise BudgetExceededError(
-                f"Your daily budget of ${limit:.2f} is spent (${self.spent_today(user):.2f} "
+                f"Your daily budget of ${limit:.2f} is spent (${spent:.2f} "
                 f"today). New sessions start again tomorrow, or ask the pool's operator to raise "
                 f"PoolApp.daily_limit."
             )
