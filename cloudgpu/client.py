@@ -1,4 +1,11 @@
-"""The client: remote sessions by hardware, from one provider, on the background loop."""
+"""The client: the one owner of remote sessions, on the background loop.
+
+Every front-end (the ``%%remote`` magic, the Cloud GPU kernel, the Python API) gets its
+sessions here and asks about them here. The client acquires a kernel from the provider,
+opens the connection, reuses it from cell to cell, replaces it (saying why the old one
+ended) when it is gone, moves a session to other hardware with its variables, and
+releases what it holds, also when opening fails half way.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +14,23 @@ import atexit
 import contextlib
 import sys
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from ._loop import get_loop, run_sync
+from ._move import MoveReport
 from .errors import CloudGPUError
-from .hardware import HardwareSpec
+from .hardware import Catalog, HardwareSpec
 from .provider import SessionProvider, StatusCallback
+from .remote import Forward
 from .serialize import versions
 from .session import RemoteSession
 
 __all__ = ["Client", "default_provider", "get_client"]
+
+WARNINGS_EVERY = 5.0
+"""Seconds between asking the provider for a session's warnings (budget nearly spent)."""
 
 
 def default_provider() -> SessionProvider:
@@ -35,7 +48,7 @@ def default_provider() -> SessionProvider:
 
 
 class Client:
-    """Keeps one remote session per hardware spec, reusing it from cell to cell.
+    """Keeps one remote session per key (the hardware spec, by default), reusing it.
 
     Args:
         provider: where kernels come from; by default the configured or local pool,
@@ -45,16 +58,24 @@ class Client:
     def __init__(self, provider: SessionProvider | None = None) -> None:
         self._provider = provider
         self._provider_lock = threading.Lock()
+        #: The live (or last) session per key.
         self.sessions: dict[str, RemoteSession] = {}
         self._lock = asyncio.Lock()
+        self._warnings: dict[str, tuple[float, list[str]]] = {}  # per kernel: when, what
 
     @property
     def provider(self) -> SessionProvider:
-        """The provider, found (and the local pool started) on first use."""
+        """The provider, found (and the local pool started) on first use. Blocks while it is."""
         with self._provider_lock:
             if self._provider is None:
                 self._provider = default_provider()
             return self._provider
+
+    async def get_provider(self) -> SessionProvider:
+        """The provider, found off the loop when that may start the local pool."""
+        if self._provider is not None:
+            return self._provider
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: self.provider)
 
     def prepare(self) -> None:
         """Find the provider now, in a background thread, so the first cell need not.
@@ -68,14 +89,28 @@ class Client:
 
         threading.Thread(target=find, name="cloudgpu-prepare", daemon=True).start()
 
-    async def session(self, spec: HardwareSpec, *, new: bool = False,
+    # --- sessions ----------------------------------------------------------------------------
+
+    def current(self, key: str) -> RemoteSession | None:
+        """The live session under ``key``, or None (none yet, or it is gone)."""
+        session = self.sessions.get(key)
+        return session if session is not None and session.alive else None
+
+    async def session(self, spec: HardwareSpec, *, key: str | None = None, new: bool = False,
                       on_status: StatusCallback | None = None,
-                      options: Mapping[str, Any] | None = None) -> RemoteSession:
-        """The live session for ``spec``; a fresh one when ``new`` or when the old one is gone.
+                      options: Mapping[str, Any] | None = None,
+                      forward: Forward | None = None) -> RemoteSession:
+        """The live session under ``key`` (default ``str(spec)``); a new one on ``spec`` when
+        ``new``, or when the old one is gone.
 
         A replaced session's end reason (idleness, budget) is on ``replaced_reason``.
+        ``forward`` receives the traffic on the connection that is not the client's own
+        (see :class:`~cloudgpu.remote.RemoteKernel`).
+
+        Raises:
+            CloudGPUError: a subclass saying why no session can be had.
         """
-        key = str(spec)
+        key = key or str(spec)
         async with self._lock:
             old = self.sessions.get(key)
             if old is not None and old.alive and not new:
@@ -83,24 +118,76 @@ class Client:
             reason = None
             if old is not None:
                 if not old.alive and not new:
-                    reason = await self.provider.ended_reason(old.grant) or old.stopped_reason
+                    reason = await self.ended_reason(old)
                 await self._drop(key)
-            provider = self.provider if self._provider is not None else \
-                await asyncio.get_running_loop().run_in_executor(None, lambda: self.provider)
-            grant = await provider.acquire(spec, on_status=on_status, options=options)
-            try:
-                session = await RemoteSession.open(grant, wait=False)
-            except BaseException:
-                await provider.release(grant)
-                raise
+            session = await self._open(spec, on_status, options, forward)
             session.replaced_reason = reason
             self.sessions[key] = session
             return session
 
+    async def _open(self, spec: HardwareSpec, on_status: StatusCallback | None,
+                    options: Mapping[str, Any] | None, forward: Forward | None) -> RemoteSession:
+        """Acquire and connect; what was acquired is released when connecting fails."""
+        provider = await self.get_provider()
+        grant = await provider.acquire(spec, on_status=on_status, options=options)
+        try:
+            return await RemoteSession.open(grant, wait=False, forward=forward)
+        except BaseException:
+            await asyncio.shield(provider.release(grant))
+            raise
+
+    async def switch(self, key: str, spec: HardwareSpec, *,
+                     on_status: StatusCallback | None = None,
+                     say: Callable[[str], None] = lambda text: None,
+                     forward: Forward | None = None,
+                     prepare: Callable[[RemoteSession], Coroutine[Any, Any, None]] | None = None,
+                     ) -> tuple[RemoteSession, MoveReport]:
+        """Move the session under ``key`` to ``spec``, carrying every variable that can move.
+
+        The old kernel's variables are taken first, the new hardware acquired, the values
+        loaded there and ``prepare(new)`` awaited; only then is the new session put under
+        ``key`` and the old one released. If anything fails on the way, nothing changed:
+        the new hardware is released and the old session is still there.
+
+        Raises:
+            CloudGPUError: why the new session could not be had or filled.
+        """
+        async with self._lock:
+            old = self.sessions.get(key)
+            live = old is not None and old.alive
+            values, failed = await old.snapshot() if live and old is not None else ({}, {})
+            new = await self._open(spec, on_status, None, forward)
+            try:
+                if live:
+                    report = await new.carry_over(values, failed, say)
+                else:
+                    report = MoveReport(note="nothing to carry over: the previous remote kernel "
+                                             "was gone.")
+                if prepare is not None:
+                    await prepare(new)
+            except BaseException:
+                await asyncio.shield(self._close_and_release(new))
+                raise
+            self.sessions[key] = new
+            if old is not None:
+                await self._close_and_release(old)
+            return new, report
+
+    async def _close_and_release(self, session: RemoteSession) -> None:
+        await session.close()
+        self._warnings.pop(session.kernel_id, None)
+        await (await self.get_provider()).release(session.grant)
+
     async def _drop(self, key: str) -> None:
-        session = self.sessions.pop(key)
-        await session.close(shutdown=False)
-        await self.provider.release(session.grant)
+        await self._close_and_release(self.sessions.pop(key))
+
+    async def release(self, session: RemoteSession) -> None:
+        """Stop ``session`` and free its hardware; it is forgotten if it is still held."""
+        async with self._lock:
+            for key, held in list(self.sessions.items()):
+                if held is session:
+                    del self.sessions[key]
+            await self._close_and_release(session)
 
     async def shutdown(self, spec: HardwareSpec | None = None) -> list[str]:
         """Stop the session for ``spec``, or all of them; returns what was stopped."""
@@ -112,6 +199,43 @@ class Client:
                     stopped.append(self.sessions[key].grant.display)
                     await self._drop(key)
             return stopped
+
+    # --- what front-ends show ----------------------------------------------------------------
+
+    async def ended_reason(self, session: RemoteSession) -> str | None:
+        """Why the provider ended ``session`` (budget, idleness, its owner), or None if it did
+        not (the kernel died, or the connection dropped, by itself)."""
+        return await (await self.get_provider()).ended_reason(session.grant)
+
+    async def warnings(self, session: RemoteSession) -> list[str]:
+        """The provider's warnings about ``session``, asked at most every ``WARNINGS_EVERY``
+        seconds (a cell should not cost the pool a request each time)."""
+        checked, known = self._warnings.get(session.kernel_id, (0.0, []))
+        if time.monotonic() - checked < WARNINGS_EVERY:
+            return known
+        known = await (await self.get_provider()).warnings(session.grant)
+        self._warnings[session.kernel_id] = (time.monotonic(), known)
+        return known
+
+    async def hardware(self) -> list[dict[str, Any]]:
+        """The hardware on offer, with prices, free/total and queue lengths."""
+        return await (await self.get_provider()).hardware()
+
+    async def user_sessions(self) -> list[dict[str, Any]]:
+        """Every active session of this user at the provider (this process's and others')."""
+        return await (await self.get_provider()).sessions()
+
+    async def cost(self) -> dict[str, Any]:
+        """Today's spending at the provider."""
+        return await (await self.get_provider()).cost()
+
+    async def catalog(self) -> Catalog:
+        """The hardware types the provider knows."""
+        return await (await self.get_provider()).catalog()
+
+    def session_ids(self) -> set[str | None]:
+        """The provider's ids of this process's sessions."""
+        return {s.grant.session_id for s in self.sessions.values()}
 
     async def aclose(self) -> None:
         """Release every session, then close the provider."""

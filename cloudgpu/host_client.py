@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -14,15 +14,11 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 
 from . import _wire
 from ._http import async_client
-from .errors import (
-    AuthenticationError,
-    CloudGPUError,
-    HardwareUnavailableError,
-    HostConnectionError,
-    UnknownHardwareError,
-)
+from .errors import AuthenticationError, CloudGPUError, HostConnectionError, error_from_wire
 
-__all__ = ["HostClient", "KernelConnection"]
+__all__ = ["HostClient", "KernelConnection", "error_from_response"]
+
+log = logging.getLogger("cloudgpu.client")
 
 Handler = Callable[[str, _wire.Message], None]
 
@@ -42,9 +38,14 @@ class HostClient:
 
     async def request(self, method: str, path: str, json: Any = None,
                       missing_ok: bool = False) -> Any:
-        """One REST call; errors come back as cloudgpu errors that say what to do.
+        """One REST call; errors come back as the cloudgpu errors the host named.
 
         With ``missing_ok``, a 404 returns None instead of raising.
+
+        Raises:
+            HostConnectionError: the host cannot be reached.
+            AuthenticationError: the host refused the token.
+            CloudGPUError: another subclass, as the host answered (see ``errors.error_from_wire``).
         """
         try:
             response = await self._http.request(method, path, json=json)
@@ -53,21 +54,14 @@ class HostClient:
                 f"Cannot reach the cloudgpu host at {self.url}: {e.__class__.__name__}: {e}. "
                 f"Is it running?"
             ) from e
-        if response.status_code == 403:
-            raise AuthenticationError(
-                f"The host at {self.url} refused our token (403): {_message(response)}"
-            )
         if response.status_code == 404 and missing_ok:
             return None
-        if response.status_code == 400:
-            raise UnknownHardwareError(_message(response))
-        if response.status_code == 409:
-            raise HardwareUnavailableError(_message(response))
         if response.status_code >= 400:
-            raise CloudGPUError(
-                f"{method} {path} on {self.url} failed ({response.status_code}): "
-                f"{_message(response)}"
-            )
+            error = error_from_response(response)
+            if isinstance(error, AuthenticationError):
+                raise AuthenticationError(f"The host at {self.url} refused our token "
+                                          f"({response.status_code}): {error}")
+            raise error
         return response.json() if response.content else None
 
     async def info(self) -> dict[str, Any]:
@@ -116,24 +110,34 @@ class HostClient:
         await self.aclose()
 
 
-def _message(response: httpx.Response) -> str:
+def error_from_response(response: httpx.Response) -> CloudGPUError:
+    """The cloudgpu error a failed host or pool response stands for, with its message."""
     try:
         body = response.json()
     except ValueError:
-        return response.text[:300] or response.reason_phrase
-    return str(body.get("message") or body.get("reason") or body)
+        body = None
+    if not isinstance(body, dict):
+        body = None
+    fallback = f"{response.request.method} {response.request.url.path} failed " \
+               f"({response.status_code} {response.reason_phrase}): {response.text[:300]}"
+    return error_from_wire(response.status_code, body, fallback)
 
 
 class KernelConnection:
-    """One websocket to one kernel: send messages on any channel, receive them all."""
+    """One websocket to one kernel: send messages on any channel, receive them all.
+
+    Transport only: which messages belong to whom is ``cloudgpu.remote.RemoteKernel``'s job.
+    """
 
     def __init__(self, ws: ClientConnection, kernel_id: str, on_message: Handler) -> None:
         self.ws = ws
         self.kernel_id = kernel_id
-        self.session = uuid.uuid4().hex
         self._on_message = on_message
         self._reader = asyncio.get_running_loop().create_task(self._read())
-        self.closed = asyncio.get_running_loop().create_future()
+        #: Done once the websocket closed; holds the host's close frame, (code, reason),
+        #: when it sent one, or None when the connection just broke.
+        self.closed: asyncio.Future[tuple[int, str] | None] = \
+            asyncio.get_running_loop().create_future()
 
     @classmethod
     async def open(cls, host: HostClient, kernel_id: str, on_message: Handler) -> KernelConnection:
@@ -168,10 +172,6 @@ class KernelConnection:
             )
         return cls(ws, kernel_id, on_message)
 
-    def message(self, msg_type: str, content: dict[str, Any], **kw: Any) -> _wire.Message:
-        """A new message in this connection's session."""
-        return _wire.new_message(msg_type, content, self.session, **kw)
-
     async def send(self, channel: str, msg: _wire.Message) -> None:
         """Send one message.
 
@@ -190,13 +190,17 @@ class KernelConnection:
             async for data in self.ws:
                 if isinstance(data, str):
                     continue  # v1 is binary only
-                channel, msg = _wire.decode(data)
-                self._on_message(channel, msg)
+                try:
+                    channel, msg = _wire.decode(data)
+                    self._on_message(channel, msg)
+                except Exception:  # one bad message must not end the connection
+                    log.exception("Handling a message from kernel %s failed", self.kernel_id)
         except ConnectionClosed:
             pass
         finally:
+            frame = self.ws.protocol.close_rcvd
             if not self.closed.done():
-                self.closed.set_result(None)
+                self.closed.set_result(None if frame is None else (frame.code, frame.reason))
 
     async def close(self) -> None:
         """Close the websocket."""

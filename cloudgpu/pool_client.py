@@ -9,23 +9,13 @@ from typing import Any
 
 import httpx
 
-from . import errors
 from ._http import async_client
-from .errors import (
-    AuthenticationError,
-    BudgetExceededError,
-    CloudGPUError,
-    HardwareUnavailableError,
-    HostConnectionError,
-)
+from .errors import CloudGPUError, HardwareUnavailableError, PoolConnectionError
 from .hardware import HardwareSpec
-from .provider import SessionProvider, StatusCallback
-from .session import Grant
+from .host_client import error_from_response
+from .provider import Grant, SessionProvider, StatusCallback
 
-__all__ = ["PoolClient", "PoolProvider"]
-
-# When the pool names no error class (a 403 from authentication, say).
-_ERRORS = {402: BudgetExceededError, 403: AuthenticationError, 409: HardwareUnavailableError}
+__all__ = ["PoolClient", "PoolProvider", "describe_wait"]
 
 
 class PoolClient:
@@ -37,24 +27,21 @@ class PoolClient:
 
     async def request(self, method: str, path: str, json: Any = None,
                       params: dict[str, Any] | None = None) -> Any:
-        """One call; 4xx answers raise the matching cloudgpu error with the pool's message."""
+        """One call; a failed one raises the cloudgpu error the pool named, with its message.
+
+        Raises:
+            PoolConnectionError: the pool cannot be reached.
+            CloudGPUError: a subclass, as the pool answered (see ``errors.error_from_wire``).
+        """
         try:
             response = await self._http.request(method, path, json=json, params=params)
         except httpx.HTTPError as e:
-            raise HostConnectionError(
+            raise PoolConnectionError(
                 f"Cannot reach the cloudgpu pool at {self.url}: {e.__class__.__name__}: {e}. "
                 f"Is it running? (`cloudgpu pool --help`)"
             ) from e
         if response.status_code >= 400:
-            try:
-                body = response.json()
-            except ValueError:
-                body = {}
-            message = body.get("message") or response.text or response.reason_phrase
-            cls = getattr(errors, str(body.get("error")), None)
-            if not (isinstance(cls, type) and issubclass(cls, CloudGPUError)):
-                cls = _ERRORS.get(response.status_code, CloudGPUError)
-            raise cls(message)
+            raise error_from_response(response)
         return response.json()
 
     async def info(self) -> dict[str, Any]:
@@ -187,6 +174,18 @@ class PoolProvider(SessionProvider):
             return list((await self.pool.session(grant.session_id)).get("warnings", []))
         except CloudGPUError:
             return []
+
+    async def hardware(self) -> list[dict[str, Any]]:
+        """The pool's hardware list (``GET /api/hardware``)."""
+        return await self.pool.hardware()
+
+    async def sessions(self) -> list[dict[str, Any]]:
+        """Your active sessions at the pool (``GET /api/sessions``)."""
+        return await self.pool.sessions()
+
+    async def cost(self) -> dict[str, Any]:
+        """Today's spending at the pool (``GET /api/cost``)."""
+        return await self.pool.cost()
 
     async def aclose(self) -> None:
         """Close the HTTP client (sessions are released by the client first)."""

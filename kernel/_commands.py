@@ -9,21 +9,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from cloudgpu.errors import CloudGPUError, UnknownHardwareError
+from cloudgpu.errors import CommandError, UnknownHardwareError
 from cloudgpu.hardware import HardwareSpec, parse_spec
-from cloudgpu.session import Grant
+from cloudgpu.provider import Grant
 
-__all__ = ["USAGE", "Command", "CommandError", "parse_command", "status_text"]
+__all__ = ["USAGE", "Command", "parse_command", "status_text"]
 
 USAGE = """\
 %cloudgpu status                  where this notebook runs: hardware, kernel, uptime, cost
 %cloudgpu switch gpu=A100-80GB    move the session to other hardware, variables included"""
 
 _MAGIC = re.compile(r"^\s*%cloudgpu(?:\s|\?|$)")
-
-
-class CommandError(CloudGPUError):
-    """Raised when a ``%cloudgpu`` line in a Cloud GPU kernel is not one the proxy understands."""
 
 
 @dataclass(frozen=True)

@@ -18,28 +18,28 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from jupyter_client.jsonutil import squash_dates
 
 from cloudgpu import _wire
-from cloudgpu.client import get_client
-from cloudgpu.errors import CloudGPUError, HostConnectionError
+from cloudgpu.client import Client, get_client
+from cloudgpu.errors import CloudGPUError, CommandError
 from cloudgpu.hardware import HardwareSpec
-from cloudgpu.provider import SessionProvider
-from cloudgpu.session import Grant
+from cloudgpu.provider import StatusCallback
+from cloudgpu.session import RemoteSession
 
 from ._channels import LocalChannels
-from ._commands import USAGE, Command, CommandError, parse_command, status_text
-from ._remote import RemoteKernel
+from ._commands import USAGE, Command, parse_command, status_text
 from ._replies import error_content, kernel_info, unavailable_reply
-from ._switch import move_variables
 
 __all__ = ["ProxyKernel"]
 
 log = logging.getLogger("cloudgpu.kernel")
 
-_DEATH_STATES = frozenset({"restarting", "autorestarting", "dead"})
+T = TypeVar("T")
+KEY = "cloudgpu-kernel"  # the proxy's one session in the process's client
+HANDSHAKE_TIMEOUT = 60.0
 RELEASE_TIMEOUT = 30.0
 
 
@@ -71,15 +71,16 @@ class ProxyKernel:
     Args:
         connection_info: the parsed connection file.
         spec: the hardware to run on.
-        provider: where remote kernels come from; the process client's provider by default.
+        client: where sessions come from; the process's client by default.
     """
 
     def __init__(self, connection_info: dict[str, Any], spec: HardwareSpec,
-                 provider: SessionProvider | None = None) -> None:
+                 client: Client | None = None) -> None:
         self.spec = spec
-        self._provider = provider
+        self.client = client or get_client()
         self.local = LocalChannels(connection_info, self._on_local)
-        self.remote: RemoteKernel | None = None
+        self.remote: RemoteSession | None = None
+        self.info: dict[str, Any] = {}  # the remote kernel's kernel_info reply
         self.execution_count = 0
         self._startup: asyncio.Task[None] | None = None
         self._lost: str | None = None  # why the last remote kernel is gone, until a new one
@@ -89,7 +90,6 @@ class ProxyKernel:
         self._idle = asyncio.Event()
         self._idle.set()
         self._busy_sent: set[str] = set()  # requests said busy for, not yet idle
-        self._sessions: set[str] = set()  # the frontends' session ids
         self._status_target: dict[str, Any] | None = None  # the cell showing provider progress
         self._last_progress = ""
         self._losing: asyncio.Task[None] | None = None
@@ -138,59 +138,38 @@ class ProxyKernel:
 
     async def _open_remote(self) -> None:
         started = time.monotonic()
-        remote = await self._connect(await self._acquire(self.spec))
-        self._install(remote)
+        session = await self.client.session(self.spec, key=KEY, on_status=self._on_status(),
+                                            forward=self._on_remote)
+        try:
+            self._install(session, await session.kernel.kernel_info(HANDSHAKE_TIMEOUT))
+        except BaseException:
+            await asyncio.shield(self._release(session))
+            raise
         if self._status_target is not None:
             self._stream(self._status_target, "stderr",
-                         f"cloudgpu: ready on {remote.grant.display} in "
+                         f"cloudgpu: ready on {session.grant.display} in "
                          f"{time.monotonic() - started:.1f} s\n")
             self._status_target = None
 
-    async def provider(self) -> SessionProvider:
-        """The provider; finding the default one may start the local pool, off the loop."""
-        if self._provider is None:
-            loop = asyncio.get_running_loop()
-            self._provider = await loop.run_in_executor(None, lambda: get_client().provider)
-        return self._provider
-
-    async def _acquire(self, spec: HardwareSpec) -> Grant:
+    def _on_status(self) -> StatusCallback:
+        """A provider progress callback that shows its lines under the waiting cell."""
         loop = asyncio.get_running_loop()
-        provider = await self.provider()
 
         def on_status(text: str) -> None:  # a provider may call from any thread
             loop.call_soon_threadsafe(self._show_progress, text)
 
-        return await provider.acquire(spec, on_status=on_status)
+        return on_status
 
-    async def _connect(self, grant: Grant) -> RemoteKernel:
-        remote = RemoteKernel(grant, self._on_remote)
+    def _install(self, session: RemoteSession, info: dict[str, Any]) -> None:
+        """Relay to ``session`` from now on; its loss fails what waits on it."""
+        self.remote, self.info, self._lost = session, info, None
+        session.kernel.on_lost(lambda error: self._on_lost(session, str(error)))
+
+    async def _release(self, session: RemoteSession) -> None:
         try:
-            await remote.connect()
-        except BaseException:
-            await remote.close()
-            await self._release(grant)
-            raise
-        return remote
-
-    def _install(self, remote: RemoteKernel) -> None:
-        previous, self.remote = self.remote, remote
-        if previous is not None and previous is not remote:  # never leave one running unheld
-            self._spawn(self._close_and_release(previous))
-        self._lost = None
-        remote.closed.add_done_callback(lambda _: self._on_lost(
-            remote, f"The connection to the cloudgpu host at {remote.grant.host_url} was lost "
-                    f"(remote kernel {remote.grant.kernel_id} on {remote.grant.display})."))
-        remote.watch(lambda why: self._on_lost(remote, why))
-
-    async def _release(self, grant: Grant) -> None:
-        try:
-            await asyncio.wait_for((await self.provider()).release(grant), RELEASE_TIMEOUT)
+            await asyncio.wait_for(self.client.release(session), RELEASE_TIMEOUT)
         except (CloudGPUError, OSError, asyncio.TimeoutError) as e:
-            log.warning("Releasing remote kernel %s failed: %s", grant.kernel_id, e)
-
-    async def _close_and_release(self, remote: RemoteKernel) -> None:
-        await remote.close()
-        await self._release(remote.grant)
+            log.warning("Releasing remote kernel %s failed: %s", session.kernel_id, e)
 
     async def _release_current(self) -> None:
         if self._startup is not None and not self._startup.done():
@@ -199,7 +178,7 @@ class ProxyKernel:
                 await self._startup
         remote, self.remote = self.remote, None
         if remote is not None:
-            await self._close_and_release(remote)
+            await self._release(remote)
 
     def _show_progress(self, text: str) -> None:
         log.info("provider: %s", text)
@@ -211,7 +190,6 @@ class ProxyKernel:
 
     async def _on_local(self, channel: str, idents: list[bytes], msg: dict[str, Any]) -> None:
         request = _Request(channel, idents, msg, self._generation)
-        self._sessions.add(msg["header"].get("session", ""))
         msg_type = request.msg_type
         if msg_type == "kernel_info_request":
             self._answer_kernel_info(request)
@@ -235,7 +213,7 @@ class ProxyKernel:
             self._queue.put_nowait(request)
 
     def _answer_kernel_info(self, request: _Request) -> None:
-        info = self.remote.info if self.remote is not None else {}
+        info = self.info if self.remote is not None else {}
         self.local.publish("status", {"execution_state": "busy"}, request.msg["header"])
         self._reply(request, "kernel_info_reply", kernel_info(info, self._hardware_text()))
         self.local.publish("status", {"execution_state": "idle"}, request.msg["header"])
@@ -293,7 +271,7 @@ class ProxyKernel:
         if remote is not None:
             await self._relay(request, remote)
 
-    async def _wait_for_remote(self, request: _Request, retry: bool) -> RemoteKernel | None:
+    async def _wait_for_remote(self, request: _Request, retry: bool) -> RemoteSession | None:
         """The remote kernel once it is up; None (and the request answered) when it cannot be.
 
         With ``retry`` (shell requests, handled one at a time), a failed start is tried
@@ -330,7 +308,7 @@ class ProxyKernel:
         if remote is not None:
             await self._relay(request, remote)
 
-    async def _relay(self, request: _Request, remote: RemoteKernel) -> None:
+    async def _relay(self, request: _Request, remote: RemoteSession) -> None:
         msg = request.msg
         wire: _wire.Message = {
             "header": squash_dates(msg["header"]),
@@ -345,8 +323,9 @@ class ProxyKernel:
                 self._running.add(request.msg_id)
                 self._idle.clear()
         try:
-            await remote.send(request.channel, wire)
-        except HostConnectionError as e:
+            await remote.kernel.send(request.channel, wire)
+        except CloudGPUError as e:  # lost meanwhile: its on_lost says so, once
+            log.warning("Relaying %s failed: %s", request.msg_type, e)
             self._on_lost(remote, str(e))
 
     # --- from the remote kernel ------------------------------------------------
@@ -356,14 +335,8 @@ class ProxyKernel:
         parent_id = parent.get("msg_id", "")
         msg_type = msg["msg_type"]
         if channel == "iopub":
-            if parent and parent.get("session") not in self._sessions:
-                return  # another client of the remote kernel (a switch pushing variables)
             if msg_type == "status":
                 state = msg["content"].get("execution_state")
-                if state in _DEATH_STATES and self.remote is not None:
-                    self._on_lost(self.remote, f"The remote kernel {self.remote.grant.kernel_id} "
-                                               f"on {self.remote.grant.display} died.")
-                    return
                 if not parent:
                     return  # the remote kernel's own start, and the host's probes
                 if state == "busy":
@@ -389,7 +362,7 @@ class ProxyKernel:
         if not self._running:
             self._idle.set()
 
-    def _on_lost(self, remote: RemoteKernel, what: str) -> None:
+    def _on_lost(self, remote: RemoteSession, what: str) -> None:
         """The remote kernel died or its host went away: fail what waits on it, free the GPUs."""
         if remote is not self.remote:
             return  # an old kernel we let go of
@@ -397,15 +370,11 @@ class ProxyKernel:
         self._lost = what
         self._losing = asyncio.get_running_loop().create_task(self._lose(remote, what))
 
-    async def _lose(self, remote: RemoteKernel, what: str) -> None:
-        provider = await self.provider()
+    async def _lose(self, remote: RemoteSession, what: str) -> None:
         why = None
         with contextlib.suppress(CloudGPUError, OSError, asyncio.TimeoutError):
             # A pool knows when it stopped the session itself (budget, idleness).
-            why = await asyncio.wait_for(provider.ended_reason(remote.grant), 5)
-        if why:  # the host closed the websocket because the pool stopped the kernel
-            what = (f"The remote kernel {remote.grant.kernel_id} on {remote.grant.display} "
-                    f"was stopped.")
+            why = await asyncio.wait_for(self.client.ended_reason(remote), 5)
         self._lost = (f"{what}{f' The pool says: {why}.' if why else ''} Its variables are "
                       f"lost and its hardware was released. Restart the kernel to start a new "
                       f"one, or `%cloudgpu switch gpu=...`.")
@@ -415,8 +384,7 @@ class ProxyKernel:
         self._pending.clear()
         self._running.clear()
         self._idle.set()
-        await remote.close()
-        await self._release(remote.grant)
+        await self._release(remote)
 
     # --- answering locally -----------------------------------------------------
 
@@ -484,7 +452,7 @@ class ProxyKernel:
         self._finish(request, {"status": "ok", "execution_count": self.execution_count,
                                "payload": [], "user_expressions": {}})
 
-    async def _unless_interrupted(self, coro: Coroutine[Any, Any, Grant]) -> Grant:
+    async def _unless_interrupted(self, coro: Coroutine[Any, Any, T]) -> T:
         """``coro``'s result; cancelled (and _Interrupted raised) when the user interrupts."""
         task = asyncio.get_running_loop().create_task(coro)
         interrupted = asyncio.get_running_loop().create_task(self._interrupted.wait())
@@ -494,7 +462,7 @@ class ProxyKernel:
             task.cancel()  # a pool withdraws the request
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            raise _Interrupted("Interrupted while waiting for the new hardware.")
+            raise _Interrupted("Interrupted while switching; the new hardware was released.")
         return task.result()
 
     async def _status(self) -> str:
@@ -503,8 +471,8 @@ class ProxyKernel:
         if self.remote is None:
             why = self._lost or f"the last start on {self.spec.display} failed"
             return f"no remote kernel: {why}\n"
-        return status_text(self.remote.grant, time.monotonic() - self.remote.started,
-                           (await self.provider()).description)
+        return status_text(self.remote.grant, time.monotonic() - self.remote.kernel.opened,
+                           (await self.client.get_provider()).description)
 
     async def _switch(self, request: _Request, spec: HardwareSpec) -> None:
         header = request.msg["header"]
@@ -516,30 +484,35 @@ class ProxyKernel:
         old = self.remote
         self._stream(header, "stderr", f"cloudgpu: switching to {spec.display} ...\n")
         started = time.monotonic()
-        # Snapshot first: the new kernel should not sit unconnected while the old one pickles.
-        values, failed = await old.snapshot() if old is not None else ({}, {})
+
+        async def take_over(new: RemoteSession) -> None:
+            """Number the next cell on, and relay to the new kernel before the old one goes."""
+            info = await new.kernel.kernel_info(HANDSHAKE_TIMEOUT)
+            await self._continue_count(new, self.execution_count + 1)
+            self.spec = spec
+            self._install(new, info)
+
         self._status_target = header
         try:
-            grant = await self._unless_interrupted(self._acquire(spec))
+            new, report = await self._unless_interrupted(self.client.switch(
+                KEY, spec, on_status=self._on_status(), forward=self._on_remote,
+                say=lambda text: self._stream(header, "stderr", text), prepare=take_over))
         finally:
             self._status_target = None
-        new = await self._connect(grant)
-        try:
-            report = await move_variables(values, failed, grant, old is None,
-                                          lambda text: self._stream(header, "stderr", text))
-            await new.continue_count(self.execution_count + 1)
-        except BaseException:
-            await new.close()
-            await self._release(grant)
-            raise
-        self.spec = spec
-        self._install(new)
+        grant = new.grant
         lines = [(f"cloudgpu: now on {grant.display} (kernel {grant.kernel_id}), ready in "
                  f"{time.monotonic() - started:.1f} s.")]
         if old is not None:
-            await old.close()
-            await self._release(old.grant)
             lines.append(f"cloudgpu: released {old.grant.display} (kernel {old.grant.kernel_id}).")
         self._stream(header, "stdout", "\n".join([*lines, *report.summary()]) + "\n")
         if report.failed:
             self._stream(header, "stderr", report.failures() + "\n")
+
+    async def _continue_count(self, session: RemoteSession, execution_count: int) -> None:
+        """Number the next cell ``execution_count``, so a switch does not restart at [1]."""
+        code = f"get_ipython().execution_count = {int(execution_count)}"
+        reply = await session.kernel.request("shell", "execute_request", {
+            "code": code, "silent": True, "store_history": False, "user_expressions": {},
+            "allow_stdin": False, "stop_on_error": False}, HANDSHAKE_TIMEOUT)
+        if reply["content"].get("status") != "ok":
+            raise CloudGPUError(f"The remote kernel refused `{code}`: {reply['content']}")

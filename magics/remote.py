@@ -7,6 +7,7 @@ import concurrent.futures
 import queue
 import sys
 import time
+import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -24,8 +25,9 @@ from cloudgpu.errors import (
     RemoteKernelDiedError,
     SerializationError,
     UnknownHardwareError,
+    VersionSkewWarning,
 )
-from cloudgpu.hardware import Catalog, HardwareSpec, HardwareType, parse_spec
+from cloudgpu.hardware import HardwareSpec, parse_spec
 from cloudgpu.serialize import Serialized, dumps, loads
 from cloudgpu.session import CellResult, RemoteSession
 
@@ -37,7 +39,6 @@ __all__ = ["RemoteMagics", "install_error_display"]
 
 T = TypeVar("T")
 _KEY_VALUE_OPTIONS = ("gpu", "max_cost", "idle_timeout")
-WARNINGS_EVERY = 5.0  # seconds between asking the pool for a session's budget warnings
 
 
 def _split_names(text: str | None) -> list[str]:
@@ -95,11 +96,6 @@ class RemoteMagics(Magics):
 
     #: How the last ``%%remote`` cell went (timing, bytes moved), for inspection and tests.
     last_result: CellResult | None = None
-
-    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
-        super().__init__(shell, **kwargs)
-        # Per remote kernel: when the pool was last asked for budget warnings, and what it said.
-        self._warnings: dict[str, tuple[float, list[str]]] = {}
 
     @magic_arguments()
     @argument("--gpu", "-g", default="cpu",
@@ -176,8 +172,8 @@ class RemoteMagics(Magics):
 
     def _session(self, spec: HardwareSpec, new: bool, options: dict[str, Any]) -> RemoteSession:
         client = get_client()
-        existing = client.sessions.get(str(spec))
-        if existing is not None and existing.alive and not new:
+        existing = client.current(str(spec))
+        if existing is not None and not new:
             return existing
         handle = publish_status(f"cloudgpu: asking for {spec.display} ...")
         started = time.perf_counter()
@@ -207,11 +203,11 @@ class RemoteMagics(Magics):
     def _run(self, session: RemoteSession, code: str, push: dict[str, Serialized],
              pull: list[str]) -> CellResult:
         progress = Progress()
-        provider = get_client().provider
+        client = get_client()
         interrupted: list[bool] = []
 
         async def stopped_by_pool() -> RemoteKernelDiedError | None:
-            reason = await provider.ended_reason(session.grant)
+            reason = await client.ended_reason(session)
             if not reason:
                 return None
             return RemoteKernelDiedError(
@@ -219,31 +215,23 @@ class RemoteMagics(Magics):
                 f"variables are unchanged; the next %%remote cell starts a new session."
             )
 
-        checked, known = self._warnings.get(session.kernel_id, (0.0, []))
-        refresh = time.monotonic() - checked > WARNINGS_EVERY
-
-        async def no_news() -> list[str]:
-            return known
-
-        async def run(emit: Callable[[str, Any], None]) -> tuple[CellResult, list[str]]:
-            # Budget warnings travel beside the cell, not after it: no extra round trip; and
-            # only every few seconds, to spare the pool a request per cell.
-            warnings = asyncio.ensure_future(
-                provider.warnings(session.grant) if refresh else no_news()
-            )
+        async def run(emit: Callable[[str, Any], None]) -> CellResult:
+            # Budget warnings travel beside the cell, not after it: no extra round trip.
+            budget = asyncio.ensure_future(client.warnings(session))
             try:
                 result = await session.run_cell(code, push, pull, emit)
             except (HostConnectionError, RemoteKernelDiedError) as e:
-                warnings.cancel()
+                budget.cancel()
                 raise (await stopped_by_pool() or e) from None
             if result.error is not None and not interrupted:
                 # A pool stopping a session interrupts the cell first: say why, not just
                 # "KeyboardInterrupt". Costs a round trip on failed cells only.
                 stopped = await stopped_by_pool()
                 if stopped is not None:
-                    warnings.cancel()
+                    budget.cancel()
                     raise stopped
-            return result, await warnings
+            result.warnings = await budget
+            return result
 
         def on_event(kind: str, payload: Any) -> None:
             if kind == "progress":
@@ -256,17 +244,13 @@ class RemoteMagics(Magics):
             _loop.submit(session.interrupt())
             return "cloudgpu: interrupting the remote cell (interrupt again to stop waiting)"
 
-        result, warnings = _wait(run, on_event, interrupt)
-        if refresh:
-            self._warnings[session.kernel_id] = (time.monotonic(), warnings)
-        result.warnings = warnings
-        return result
+        return _wait(run, on_event, interrupt)
 
     def _finish(self, session: RemoteSession, result: CellResult) -> None:
         if session.version_warnings and not session.version_warned:
             session.version_warned = True
             for text in session.version_warnings:  # before any unpickling error they explain
-                print(f"cloudgpu warning: {text}", file=sys.stderr)
+                warnings.warn(text, VersionSkewWarning, stacklevel=1)
         if result.push_errors:
             raise SerializationError(
                 "The cell did not run: these inputs could not be loaded remotely:\n"
@@ -316,16 +300,13 @@ class RemoteMagics(Magics):
             stopped = _loop.run_sync(client.shutdown(spec))
             print(f"Stopped: {', '.join(stopped)}" if stopped else "No such session was running.")
             return
-        pool = getattr(client.provider, "pool", None)
-        if pool is None:
-            raise UsageError(f"`%remote {args.action}` needs a pool; this client has none.")
-        mine = {s.grant.session_id for s in client.sessions.values()}
+        mine = client.session_ids()
         if args.action == "status":
-            print(_report.status(_loop.run_sync(pool.sessions()), mine))
+            print(_report.status(_loop.run_sync(client.user_sessions()), mine))
         elif args.action == "hardware":
-            print(_report.hardware(_loop.run_sync(pool.hardware())))
+            print(_report.hardware(_loop.run_sync(client.hardware())))
         else:
-            print(_report.cost(_loop.run_sync(pool.cost()), mine))
+            print(_report.cost(_loop.run_sync(client.cost()), mine))
 
 
 def _parse_hardware(text: str) -> HardwareSpec:
@@ -334,24 +315,14 @@ def _parse_hardware(text: str) -> HardwareSpec:
         return parse_spec(text)
     except UnknownHardwareError as e:
         local_error = e
-    catalog = _pool_catalog()
-    if catalog is None:
-        raise UsageError(str(local_error))
+    try:
+        catalog = _loop.run_sync(get_client().catalog())
+    except CloudGPUError as e:
+        raise UsageError(f"{local_error} (The pool's own types could not be read: {e})") from None
     try:
         return parse_spec(text, catalog)
     except UnknownHardwareError as e:
         raise UsageError(str(e)) from None
-
-
-def _pool_catalog() -> Catalog | None:
-    """The pool's catalog (its operator may have added types), or None without a pool."""
-    pool = getattr(get_client().provider, "pool", None)
-    if pool is None:
-        return None
-    types = _loop.run_sync(pool.hardware())
-    return Catalog(HardwareType(t["type"], aliases=tuple(t.get("aliases", ())),
-                                memory_gb=t["memory_gb"], price_per_hour=t["price_per_hour"])
-                   for t in types)
 
 
 def install_error_display(shell: Any) -> None:

@@ -11,17 +11,25 @@ from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
 from cloudgpu import __version__
-from cloudgpu.errors import UnknownHardwareError
+from cloudgpu.errors import CloudGPUError, InvalidRequestError, error_body, http_status
 from cloudgpu.hardware import parse_spec
 
 from .auth import HostIdentityProvider
-from .inventory import NoCapacityError
 from .kernels import GPUKernelManager
 
-__all__ = ["HOST_HANDLERS"]
+__all__ = ["HOST_HANDLERS", "CloudGPUHandler"]
 
 
-class HostInfoHandler(APIHandler):
+class CloudGPUHandler(APIHandler):
+    """A host API handler whose cloudgpu errors answer in the shared wire convention."""
+
+    def write_cloudgpu_error(self, error: CloudGPUError) -> None:
+        """Answer ``error`` as ``{"error": class, "message": ..., "status": code}``."""
+        self.set_status(http_status(error))
+        self.finish(json.dumps(error_body(error)))
+
+
+class HostInfoHandler(CloudGPUHandler):
     """``GET /api/cloudgpu/host``: versions, the inventory and its use."""
 
     @web.authenticated
@@ -37,7 +45,7 @@ class HostInfoHandler(APIHandler):
         }))
 
 
-class GPUKernelsHandler(APIHandler):
+class GPUKernelsHandler(CloudGPUHandler):
     """``POST /api/cloudgpu/kernels`` with ``{"hardware": "H100:2"}``: a kernel holding those GPUs.
 
     With ``"scoped_token": T`` the new kernel also opens to T, and T opens nothing else:
@@ -46,27 +54,29 @@ class GPUKernelsHandler(APIHandler):
 
     @web.authenticated
     async def post(self) -> None:
-        km = cast(GPUKernelManager, self.kernel_manager)
-        body: dict[str, Any] = self.get_json_body() or {}
         try:
-            spec = parse_spec(str(body.get("hardware", "cpu")), km.catalog)
-        except UnknownHardwareError as e:
-            raise web.HTTPError(400, reason="Unknown hardware", log_message=str(e)) from None
+            await self._start()
+        except CloudGPUError as e:
+            self.write_cloudgpu_error(e)
+
+    async def _start(self) -> None:
+        km = cast(GPUKernelManager, self.kernel_manager)
+        body = self.get_json_body() or {}
+        if not isinstance(body, dict):
+            raise InvalidRequestError('The request body must be a JSON object: '
+                                      '{"hardware": "H100"}.')
+        spec = parse_spec(str(body.get("hardware", "cpu")), km.catalog)
         scoped = body.get("scoped_token")
         if scoped is not None and (not isinstance(scoped, str) or len(scoped) < 16):
-            raise web.HTTPError(400, reason="Bad token",
-                                log_message="`scoped_token` must be a string of 16+ characters.")
-        try:
-            kernel_id, _ = await km.start_gpu_kernel(spec)
-        except NoCapacityError as e:
-            raise web.HTTPError(409, reason="No capacity", log_message=str(e)) from None
+            raise InvalidRequestError("`scoped_token` must be a string of 16+ characters.")
+        kernel_id, _ = await km.start_gpu_kernel(spec)
         if scoped:
             cast(HostIdentityProvider, self.identity_provider).add_scoped_token(scoped, kernel_id)
         self.set_status(201)
         self.finish(json.dumps(km.kernel_model(kernel_id), default=str))
 
 
-HOST_HANDLERS: list[tuple[str, type[APIHandler]]] = [
+HOST_HANDLERS: list[tuple[str, type[CloudGPUHandler]]] = [
     (r"/api/cloudgpu/host", HostInfoHandler),
     (r"/api/cloudgpu/kernels", GPUKernelsHandler),
 ]

@@ -5,14 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-from cloudgpu.errors import HardwareUnavailableError, UnknownHardwareError
+from cloudgpu.errors import NoCapacityError, UnknownHardwareError
 from cloudgpu.hardware import Catalog, HardwareSpec, parse_spec
 
-__all__ = ["Device", "Inventory", "NoCapacityError"]
-
-
-class NoCapacityError(HardwareUnavailableError):
-    """Raised when a host has no free devices of the kind a kernel asked for."""
+__all__ = ["Device", "Inventory"]
 
 
 @dataclass(frozen=True)

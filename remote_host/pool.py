@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cloudgpu.errors import BudgetExceededError, CloudGPUError
+from cloudgpu.errors import BudgetExceededError, InvalidRequestError, SessionNotFoundError
 from cloudgpu.hardware import CPU, Catalog, Choice, parse_spec
 
 from .backend import Backend, Placement
@@ -26,13 +26,9 @@ from .ledger import Ledger, SessionRecord
 from .scheduler import Scheduler
 from .warm import WarmKernels
 
-__all__ = ["BudgetExceededError", "Pool", "SessionNotFound"]
+__all__ = ["Pool"]
 
 WARN_AT = 0.8
-
-
-class SessionNotFound(CloudGPUError):
-    """Raised when a session id is unknown or belongs to another user."""
 
 
 def start_of_day(now: float) -> float:
@@ -168,9 +164,9 @@ class Pool:
                 f"PoolApp.daily_limit."
             )
         if max_cost is not None and not (math.isfinite(max_cost) and max_cost > 0):
-            raise CloudGPUError(f"max_cost must be a positive number of dollars, not {max_cost}.")
+            raise InvalidRequestError(f"max_cost must be a positive number of dollars, not {max_cost}.")
         if idle_timeout is not None and not (math.isfinite(idle_timeout) and idle_timeout >= 0):
-            raise CloudGPUError(
+            raise InvalidRequestError(
                 f"idle_timeout must be a number of seconds, 0 or more (0: never), not "
                 f"{idle_timeout}."
             )
@@ -257,7 +253,7 @@ class Pool:
         """End a session whatever its state: dequeue it, or stop its kernel and free its GPUs."""
         rec = self.sessions.get(session_id) or self.ledger.get(session_id)
         if rec is None:
-            raise SessionNotFound(f"No session `{session_id}`.")
+            raise SessionNotFoundError(f"No session `{session_id}`.")
         if not rec.active:
             return rec
         if rec.state == "queued":
@@ -279,11 +275,11 @@ class Pool:
         """A user's session (active or ended).
 
         Raises:
-            SessionNotFound: when it does not exist or is someone else's.
+            SessionNotFoundError: when it does not exist or is someone else's.
         """
         rec = self.sessions.get(session_id) or self.ledger.get(session_id)
         if rec is None or rec.user != user:
-            raise SessionNotFound(f"No session `{session_id}` of yours.")
+            raise SessionNotFoundError(f"No session `{session_id}` of yours.")
         return rec
 
     def version(self, session_id: str) -> int:

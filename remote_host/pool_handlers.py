@@ -12,16 +12,17 @@ from typing import Any
 from tornado import web
 
 from cloudgpu import __version__
-from cloudgpu.errors import CloudGPUError, HardwareUnavailableError, UnknownHardwareError
+from cloudgpu.errors import (
+    AuthenticationError,
+    CloudGPUError,
+    InvalidRequestError,
+    error_body,
+    http_status,
+)
 
-from .pool import BudgetExceededError, Pool, SessionNotFound
+from .pool import Pool
 
 __all__ = ["POOL_HANDLERS"]
-
-_STATUS = [(UnknownHardwareError, 400), (HardwareUnavailableError, 409),
-           (BudgetExceededError, 402), (SessionNotFound, 404), (CloudGPUError, 400)]
-
-
 
 
 def api(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
@@ -32,9 +33,7 @@ def api(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]
         try:
             await method(self, *args)
         except CloudGPUError as e:
-            status = next(code for cls, code in _STATUS if isinstance(e, cls))
-            self.write_json({"message": str(e), "status": status, "error": type(e).__name__},
-                            status)
+            self.write_json(error_body(e), http_status(e))
 
     return wrapper
 
@@ -59,10 +58,10 @@ class PoolHandler(web.RequestHandler):
             if given and hmac.compare_digest(given.encode(), token.encode()):
                 user = name
         if user is None:
-            raise web.HTTPError(403, reason="Forbidden", log_message=(
+            raise AuthenticationError(
                 f"This cloudgpu pool needs a valid token (`Authorization: token T`); the one "
                 f"given is {'wrong' if given else 'missing'}. Set CLOUDGPU_TOKEN to the token "
-                f"the pool's operator gave you."))
+                f"the pool's operator gave you.")
         self.user = user
 
     def write_json(self, body: Any, status: int = 200) -> None:
@@ -76,18 +75,23 @@ class PoolHandler(web.RequestHandler):
         try:
             data = json.loads(self.request.body)
         except ValueError:
-            raise web.HTTPError(400, log_message="The request body is not JSON.") from None
+            raise InvalidRequestError("The request body is not JSON.") from None
         if not isinstance(data, dict):
-            raise web.HTTPError(400, log_message="The request body must be a JSON object.")
+            raise InvalidRequestError("The request body must be a JSON object.")
         return data
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Every error in the shared wire convention (``cloudgpu.errors.error_body``)."""
         exc = kwargs.get("exc_info", (None, None))[1]
-        message = self._reason
-        if isinstance(exc, web.HTTPError) and exc.log_message:
-            message = exc.log_message
+        if isinstance(exc, CloudGPUError):  # raised outside `api` (authentication)
+            self.set_status(http_status(exc))
+            body = error_body(exc)
+        else:  # tornado's own: an unknown route, a wrong method
+            message = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message \
+                else self._reason
+            body = {"error": "CloudGPUError", "message": message, "status": status_code}
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"message": message, "status": status_code}))
+        self.finish(json.dumps(body))
 
 
 
@@ -127,7 +131,7 @@ class SessionsHandler(PoolHandler):
         body = self.body()
         hardware = body.get("hardware")
         if not isinstance(hardware, str):
-            raise web.HTTPError(400, log_message='Give the hardware: {"hardware": "H100"}.')
+            raise InvalidRequestError('Give the hardware: {"hardware": "H100"}.')
         rec = await self.pool.create(
             self.user, hardware, max_cost=_number(body, "max_cost"),
             idle_timeout=_number(body, "idle_timeout"), notebook=body.get("notebook"),
@@ -146,8 +150,8 @@ class SessionHandler(PoolHandler):
             wait = min(float(self.get_query_argument("wait", "0") or 0), 60.0)
             version = int(self.get_query_argument("version", "-1"))
         except ValueError:
-            raise web.HTTPError(400, log_message="`wait` must be seconds and `version` an "
-                                "integer: ?wait=20&version=3.") from None
+            raise InvalidRequestError("`wait` must be seconds and `version` an integer: "
+                                      "?wait=20&version=3.") from None
         if wait > 0:
             await pool.wait(session_id, version, wait)
         self.write_json(pool.view(pool.get(self.user, session_id), with_token=True))
@@ -172,7 +176,7 @@ def _number(body: dict[str, Any], key: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise web.HTTPError(400, log_message=f"`{key}` must be a number (finite), not {value!r}.")
+        raise InvalidRequestError(f"`{key}` must be a number (finite), not {value!r}.")
     return float(value)
 
 

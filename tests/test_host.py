@@ -22,7 +22,8 @@ from websockets.exceptions import InvalidStatus
 from cloudgpu.errors import AuthenticationError, HardwareUnavailableError, UnknownHardwareError
 from cloudgpu.host_client import HostClient
 from cloudgpu.remote_host.inventory import Inventory
-from cloudgpu.session import Grant, RemoteSession
+from cloudgpu.provider import Grant
+from cloudgpu.session import RemoteSession
 
 pytestmark = pytest.mark.timeout(90)
 

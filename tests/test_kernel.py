@@ -320,7 +320,9 @@ def test_jupyter_server_runs_the_kernel_as_jupyterlab_would(tmp_path: Path) -> N
     """Through Jupyter Server's REST API and kernel websocket: the JupyterLab path."""
     import asyncio
     import secrets
+    import uuid
 
+    from cloudgpu import _wire
     from cloudgpu.host_client import HostClient
 
     token = secrets.token_hex(16)
@@ -336,20 +338,27 @@ def test_jupyter_server_runs_the_kernel_as_jupyterlab_would(tmp_path: Path) -> N
         host = HostClient(url, token)
         model = await host.request("POST", "/api/kernels", {"name": "cloudgpu-cpu"})
         seen: list[tuple[str, dict[str, Any]]] = []
-        done = asyncio.get_running_loop().create_future()
+        replied = asyncio.get_running_loop().create_future()
+        idle = asyncio.get_running_loop().create_future()
+        execute = _wire.new_message("execute_request", {
+            "code": "print(6 * 7)", "silent": False, "store_history": True,
+            "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
+            session=uuid.uuid4().hex)
 
         def on_message(channel: str, msg: dict[str, Any]) -> None:
             seen.append((channel, msg))
-            if channel == "shell" and msg["msg_type"] == "execute_reply" and not done.done():
-                done.set_result(msg["content"])
+            if msg["parent_header"].get("msg_id") != execute["header"]["msg_id"]:
+                return
+            if channel == "shell" and msg["msg_type"] == "execute_reply" and not replied.done():
+                replied.set_result(msg["content"])
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle" \
+                    and not idle.done():
+                idle.set_result(None)
 
         conn = await host.connect(model["id"], on_message)
-        execute = conn.message("execute_request", {
-            "code": "print(6 * 7)", "silent": False, "store_history": True,
-            "user_expressions": {}, "allow_stdin": False, "stop_on_error": True})
         await conn.send("shell", execute)
-        reply = await asyncio.wait_for(done, 90)
-        await asyncio.sleep(0.5)  # the idle after the reply
+        reply = await asyncio.wait_for(replied, 90)
+        await asyncio.wait_for(idle, 30)  # the outputs all come before the idle
         await conn.close()
         await host.request("DELETE", f"/api/kernels/{model['id']}")
         await host.aclose()
@@ -553,7 +562,10 @@ def test_remote_death_is_an_error_in_the_cell_and_a_restart_recovers() -> None:
         sessions = httpx.get(f"{pool['url']}/api/sessions", headers=auth, timeout=10).json()
         session = next(s for s in sessions["sessions"] if s["kernel_id"] == kernel_id)
         httpx.delete(f"{pool['url']}/api/sessions/{session['id']}", headers=auth, timeout=30)
-        time.sleep(3)  # the proxy checks on its kernel every 2 s
+        # The host closes the kernel's websocket as it stops it: wait until the proxy knows.
+        deadline = time.monotonic() + 30
+        while "no remote kernel" not in ok(kc, "%cloudgpu status").stream():
+            assert time.monotonic() < deadline, "the proxy never noticed its kernel was stopped"
         ex = run(kc, "print('still there?')")
         assert ex.status == "error" and "was stopped" in ex.error_text()
         assert "The pool says: stopped by its owner" in ex.error_text()

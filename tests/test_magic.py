@@ -359,7 +359,7 @@ def test_remote_kernel_goes_away_with_the_local_kernel(how: str) -> None:
 @pytest.mark.timeout(90)
 def test_python_version_skew_is_warned_naming_both_versions(kc: BlockingKernelClient) -> None:
     """The local side pretends to run Python 3.9.1; the remote kernel runs this Python."""
-    ok(kc, "import cloudgpu.session as _s\n_real_versions = _s.versions\n"
+    ok(kc, "import cloudgpu.remote as _s\n_real_versions = _s.versions\n"
            "_s.versions = lambda: dict(_real_versions(), python='3.9.1')")
     try:
         ex = ok(kc, "%%remote gpu=cpu --new\nimport platform\nv = platform.python_version()")

@@ -43,7 +43,8 @@ from cloudgpu.pool_client import PoolClient, describe_wait
 from cloudgpu.remote_host.backend import Backend, load_backend
 from cloudgpu.remote_host.backend_local import LocalBackend
 from cloudgpu.remote_host.backend_static import StaticBackend
-from cloudgpu.session import Grant, RemoteSession
+from cloudgpu.provider import Grant
+from cloudgpu.session import RemoteSession
 
 HOST_INVENTORIES = {"a": "H100:2", "b": "H100:1,A100-80GB:1", "c": "A100-80GB:2"}
 TOTALS = {"H100": 3, "A100-80GB": 3}

@@ -15,7 +15,7 @@ from cloudgpu import _wire
 from cloudgpu._transfer import Assembler, pack
 from cloudgpu.errors import SerializationError
 from cloudgpu.serialize import Serialized, dumps, loads
-from cloudgpu.session import _version_skew
+from cloudgpu.remote import version_skew as _version_skew
 from cloudgpu.magics._names import analyze
 
 

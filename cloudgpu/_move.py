@@ -1,8 +1,8 @@
-"""Moving a session's variables from one remote kernel to another (``%cloudgpu switch``).
+"""Moving a session's variables from one remote kernel to another (switching hardware).
 
 The old kernel's agent pickles every variable it can (``snapshot``); the frames go
 straight to the new kernel's agent (``push``) without being unpickled here, so the
-proxy needs none of the user's libraries.
+client needs none of the user's libraries.
 """
 
 from __future__ import annotations
@@ -12,10 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudgpu.serialize import Serialized
-from cloudgpu.session import Grant, RemoteSession
+from typing import TYPE_CHECKING
 
-__all__ = ["MoveReport", "move_variables"]
+from .serialize import Serialized
+
+if TYPE_CHECKING:
+    from .session import RemoteSession
+
+__all__ = ["MoveReport", "carry_over", "size_text"]
 
 
 @dataclass
@@ -40,7 +44,7 @@ class MoveReport:
             return ["cloudgpu: no variables to carry over."]
         size = sum(self.moved.values())
         return [(f"cloudgpu: carried over {len(self.moved)} variable"
-                f"{'s' if len(self.moved) != 1 else ''} ({_size(size)}): "
+                f"{'s' if len(self.moved) != 1 else ''} ({size_text(size)}): "
                 f"{', '.join(sorted(self.moved))}")]
 
     def failures(self) -> str:
@@ -51,33 +55,27 @@ class MoveReport:
         return "\n".join(lines)
 
 
-async def move_variables(values: dict[str, Serialized], failed: dict[str, str], new: Grant,
-                         old_gone: bool, say: Callable[[str], None]) -> MoveReport:
-    """Push the old kernel's ``snapshot`` into the kernel of ``new``.
+async def carry_over(session: RemoteSession, values: dict[str, Serialized],
+                     failed: dict[str, str], say: Callable[[str], None]) -> MoveReport:
+    """Push an old kernel's ``snapshot`` into ``session``'s kernel.
 
     Args:
+        session: the kernel to copy into.
         values: what the old kernel's agent sent, as frames.
         failed: what it could not send, and why.
-        new: the kernel to copy into.
-        old_gone: there was no old kernel to take a snapshot of.
-        say: shows a line of progress under the cell.
+        say: shows a line of progress to the user.
     """
-    if old_gone:
-        return MoveReport(note="nothing to carry over: the previous remote kernel was gone.")
     report = MoveReport(failed=dict(failed))
     if not values:
         return report
-    session = await RemoteSession.open(new)
-    try:
-        for warning in session.version_warnings:
-            say(f"cloudgpu warning: {warning}\n")
-        result = await session.run_cell("", values, [], _progress(say))
-        if result.push_errors:
-            report.failed.update(result.push_errors)
-            # The agent rejects the next cell after a failed push; let it reject this one.
-            await session.run_cell("pass", {}, [], _progress(say))
-    finally:
-        await session.close(shutdown=False)
+    await session.ready()
+    for warning in session.version_warnings:
+        say(f"cloudgpu warning: {warning}\n")
+    result = await session.run_cell("", values, [], _progress(say))
+    if result.push_errors:
+        report.failed.update(result.push_errors)
+        # The agent rejects the next cell after a failed push; let it reject this one.
+        await session.run_cell("pass", {}, [], _progress(say))
     report.moved = {n: v.nbytes for n, v in values.items() if n not in report.failed}
     return report
 
@@ -90,12 +88,12 @@ def _progress(say: Callable[[str], None]) -> Callable[[str, dict[str, Any]], Non
         if kind != "progress" or (now - last[0] < 1.0 and info["done"] < info["total"]):
             return
         last[0] = now
-        say(f"cloudgpu: moving variables: {_size(info['done'])} / {_size(info['total'])}\n")
+        say(f"cloudgpu: moving variables: {size_text(info['done'])} / {size_text(info['total'])}\n")
 
     return sink
 
 
-def _size(nbytes: float) -> str:
+def size_text(nbytes: float) -> str:
     if nbytes < 1024:
         return f"{nbytes:.0f} bytes"
     for unit in ("KiB", "MiB", "GiB"):

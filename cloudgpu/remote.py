@@ -1,0 +1,383 @@
+"""One connection to one remote kernel, the one every front-end drives it through.
+
+:class:`RemoteKernel` owns the websocket to a granted kernel and everything about the
+conversation on it:
+
+- **Our own requests** carry this connection's Jupyter session id. Whatever the kernel
+  sends parented to one of them (replies, iopub) goes to the route registered for that
+  request; nothing of ours ever reaches anyone else.
+- **Relayed traffic** (the Cloud GPU kernel's frontends, who keep their own headers) goes
+  to ``forward``, untouched.
+- **The agent comm** (``cloudgpu.agent``): opened with our versions as soon as the socket
+  is up; the agent's ``hello`` answers with its own (the version handshake), and
+  ``push``, ``pull`` and ``snapshot`` exchanges are matched by batch id.
+- **Death**, one mechanism: the kernel's iopub status turning ``dead`` or ``restarting``,
+  or the websocket closing under us. Either resolves :attr:`RemoteKernel.lost` with the
+  error that says what happened, fails everything still waiting, and calls the
+  ``on_lost`` callbacks once. Closing the connection ourselves is not a loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from . import _wire
+from ._transfer import Assembler, pack
+from .errors import CloudGPUError, HostConnectionError, RemoteKernelDiedError
+from .host_client import HostClient, KernelConnection
+from .provider import Grant
+from .serialize import Serialized, versions
+
+__all__ = ["AGENT_TARGET", "AgentBatch", "Forward", "RemoteKernel", "version_skew"]
+
+AGENT_TARGET = "cloudgpu.agent"
+DEATH_STATES = frozenset({"restarting", "autorestarting", "dead"})
+PROGRESS_MIN_BYTES = 32 * 2**20
+#: The websocket close code a host sends when it stops the kernel (going away, RFC 6455).
+KERNEL_STOPPED = 1001
+
+#: Receives each message that is not this connection's own business: (channel, message).
+Forward = Callable[[str, _wire.Message], None]
+#: Receives each message parented to one of our requests: (channel, message).
+Route = Callable[[str, _wire.Message], None]
+#: Receives transfer progress: {"direction": "push"|"pull", "done": bytes, "total": bytes}.
+Progress = Callable[[dict[str, Any]], None]
+
+
+class AgentBatch:
+    """One exchange with the agent: the messages that come back under one batch id.
+
+    Attributes:
+        id: the batch id.
+        assembler: rebuilds the values a ``pulled`` or ``snapshot`` answer carries.
+        done: resolves with the answer's final part (``errors``, ``stale``, ...).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_progress: Progress | None) -> None:
+        self.id = uuid.uuid4().hex
+        self.assembler = Assembler()
+        self.done: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._on_progress = on_progress
+
+    def feed(self, data: dict[str, Any], buffers: list[Any]) -> None:
+        """Take one message of the answer."""
+        if data.get("op") == "pushed":
+            self._resolve(data)
+            return
+        self.assembler.feed(data, buffers)
+        if self._on_progress is not None and self.assembler.total >= PROGRESS_MIN_BYTES:
+            self._on_progress({"direction": "pull", "done": self.assembler.received,
+                               "total": self.assembler.total})
+        if self.assembler.done:
+            self._resolve(data)
+
+    def _resolve(self, data: dict[str, Any]) -> None:
+        if not self.done.done():
+            self.done.set_result(data)
+
+    def fail(self, error: BaseException) -> None:
+        """End the exchange with ``error`` (the kernel or the connection is gone)."""
+        if not self.done.done():
+            self.done.set_exception(error)
+            self.done.exception()  # retrieved here: whoever awaits it raises it
+
+
+class RemoteKernel:
+    """A granted remote kernel and the one websocket that drives it.
+
+    Use :meth:`open`; see the module docstring for who gets which message.
+
+    Args:
+        grant: what the provider handed out.
+        forward: receives every message that is not ours (relayed frontends' traffic).
+    """
+
+    def __init__(self, grant: Grant, forward: Forward | None = None) -> None:
+        self.grant = grant
+        self.forward = forward
+        self.host = HostClient(grant.host_url, grant.token)
+        self.conn: KernelConnection | None = None
+        #: The Jupyter session id of the messages we send for ourselves.
+        self.session = uuid.uuid4().hex
+        self.comm_id = uuid.uuid4().hex
+        #: When this connection was opened (``time.monotonic()``), for uptime.
+        self.opened = time.monotonic()
+        #: The agent's greeting: its versions, hostname, pid and devices.
+        self.remote: dict[str, Any] = {}
+        #: Differences between the two sides that can break unpickling, as sentences.
+        self.version_warnings: list[str] = []
+        loop = asyncio.get_running_loop()
+        #: Resolves (with the error saying why, as a value) once the kernel is lost.
+        self.lost: asyncio.Future[CloudGPUError] = loop.create_future()
+        self._hello: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._routes: dict[str, Route] = {}
+        self._batches: dict[str, AgentBatch] = {}
+        self._lost_callbacks: list[Callable[[CloudGPUError], None]] = []
+        self._closing = False
+
+    @classmethod
+    async def open(cls, grant: Grant, forward: Forward | None = None) -> RemoteKernel:
+        """Connect to the granted kernel and greet its agent (without waiting for the answer).
+
+        Raises:
+            HostConnectionError: the host cannot be reached.
+            AuthenticationError: the host refused the grant's token.
+        """
+        kernel = cls(grant, forward)
+        try:
+            kernel.conn = await kernel.host.connect(grant.kernel_id, kernel._on_message)
+            kernel.conn.closed.add_done_callback(kernel._on_closed)
+            await kernel.agent_send({"versions": versions()}, open_comm=True)
+        except BaseException:
+            await kernel.close()
+            raise
+        return kernel
+
+    @property
+    def kernel_id(self) -> str:
+        """The remote kernel's id."""
+        return self.grant.kernel_id
+
+    @property
+    def alive(self) -> bool:
+        """False once the kernel died or the connection dropped or was closed."""
+        return not self.lost.done() and not self._closing
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def message(self, msg_type: str, content: dict[str, Any], **kw: Any) -> _wire.Message:
+        """A new message of our own (parented replies come back to its route)."""
+        return _wire.new_message(msg_type, content, self.session, **kw)
+
+    async def send(self, channel: str, msg: _wire.Message) -> None:
+        """Send one message, ours or relayed.
+
+        Raises:
+            CloudGPUError: why the kernel is lost, when it is.
+        """
+        if self.lost.done():
+            raise self.lost.result()
+        assert self.conn is not None
+        await self.conn.send(channel, msg)
+
+    def route(self, msg_id: str, handler: Route) -> None:
+        """Deliver what the kernel sends parented to our request ``msg_id`` to ``handler``."""
+        self._routes[msg_id] = handler
+
+    def unroute(self, msg_id: str) -> None:
+        """Stop delivering for ``msg_id``; later messages parented to it are dropped."""
+        self._routes.pop(msg_id, None)
+
+    async def request(self, channel: str, msg_type: str, content: dict[str, Any],
+                      timeout: float) -> _wire.Message:
+        """Send a request of our own and wait for its reply.
+
+        Raises:
+            HostConnectionError: no reply within ``timeout`` seconds.
+            CloudGPUError: why the kernel was lost meanwhile.
+        """
+        msg = self.message(msg_type, content)
+        msg_id = msg["header"]["msg_id"]
+        reply: asyncio.Future[_wire.Message] = asyncio.get_running_loop().create_future()
+
+        def on_reply(reply_channel: str, answer: _wire.Message) -> None:
+            if reply_channel != "iopub" and not reply.done():
+                reply.set_result(answer)
+
+        self.route(msg_id, on_reply)
+        try:
+            await self.send(channel, msg)
+            return await self.wait(reply, timeout, f"answer {msg_type}")
+        finally:
+            self.unroute(msg_id)
+
+    async def wait(self, future: asyncio.Future[Any], timeout: float | None, what: str) -> Any:
+        """``future``'s result; the loss error if the kernel is lost first.
+
+        Raises:
+            HostConnectionError: nothing within ``timeout`` seconds (``what`` says what).
+        """
+        done, _ = await asyncio.wait([future, self.lost], timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if future in done:
+            return future.result()
+        if self.lost in done:
+            raise self.lost.result()
+        raise HostConnectionError(
+            f"The remote kernel {self.kernel_id} on {self.grant.host_url} did not {what} "
+            f"within {timeout:.0f} s."
+        )
+
+    async def kernel_info(self, timeout: float = 60.0) -> dict[str, Any]:
+        """The remote kernel's ``kernel_info_reply`` content (language, banner, ...)."""
+        reply = await self.request("shell", "kernel_info_request", {}, timeout)
+        return dict(reply["content"])
+
+    async def interrupt(self) -> None:
+        """Interrupt whatever the kernel runs, through the host."""
+        await self.host.interrupt(self.kernel_id)
+
+    # --- the agent -------------------------------------------------------------------------
+
+    async def ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        """The agent's greeting, once it came; ``remote`` and ``version_warnings`` are set.
+
+        Raises:
+            HostConnectionError: the agent did not answer in time.
+        """
+        if not self.remote:
+            hello = await self.wait(self._hello, timeout,
+                                    "answer the cloudgpu agent's greeting (is the agent loaded "
+                                    "there, or is the kernel still starting?)")
+            self.version_warnings = version_skew(versions(), hello.get("versions", {}))
+            self.remote = hello
+        return self.remote
+
+    def batch(self, on_progress: Progress | None = None) -> AgentBatch:
+        """A new exchange with the agent; its answer is fed to it as it arrives."""
+        batch = AgentBatch(asyncio.get_running_loop(), on_progress)
+        self._batches[batch.id] = batch
+        batch.done.add_done_callback(lambda _: self._batches.pop(batch.id, None))
+        return batch
+
+    def forget(self, *batches: AgentBatch) -> None:
+        """Stop waiting for these exchanges' answers (their cell is over)."""
+        for batch in batches:
+            self._batches.pop(batch.id, None)
+
+    async def agent_send(self, data: dict[str, Any], buffers: list[Any] | None = None, *,
+                         open_comm: bool = False) -> None:
+        """One message to the agent (the comm's first, with ``open_comm``)."""
+        if open_comm:
+            content = {"comm_id": self.comm_id, "target_name": AGENT_TARGET, "data": data}
+            await self.send("shell", self.message("comm_open", content))
+        else:
+            await self.send("shell", self.message(
+                "comm_msg", {"comm_id": self.comm_id, "data": data}, buffers=buffers))
+
+    async def push(self, values: dict[str, Serialized], batch: AgentBatch,
+                   on_progress: Progress | None = None) -> None:
+        """Send ``values`` to the agent as batch ``batch``; its ``pushed`` answer resolves it."""
+        total = sum(v.nbytes for v in values.values())
+        sent = 0
+        for data, buffers in pack(values, extra={"op": "push", "id": batch.id}):
+            await self.agent_send(data, buffers)
+            sent += sum(b.nbytes for b in buffers)
+            if on_progress is not None and total >= PROGRESS_MIN_BYTES:
+                on_progress({"direction": "push", "done": sent, "total": total})
+
+    async def pull(self, names: list[str], batch: AgentBatch, only_if_ok: bool = True) -> None:
+        """Ask the agent for ``names``; they arrive in ``batch``'s assembler."""
+        await self.agent_send({"op": "pull", "id": batch.id, "names": names,
+                               "only_if_ok": only_if_ok})
+
+    async def snapshot(self, timeout: float = 600.0) -> tuple[dict[str, Serialized],
+                                                                dict[str, str]]:
+        """Every variable of the kernel that can move, as frames, and why the others cannot.
+
+        Raises:
+            HostConnectionError: the agent sent nothing within ``timeout`` seconds.
+        """
+        batch = self.batch()
+        await self.agent_send({"op": "snapshot", "id": batch.id})
+        final = await self.wait(batch.done, timeout, "send its variables")
+        return batch.assembler.values(), dict(final.get("errors", {}))
+
+    # --- receiving -------------------------------------------------------------------------
+
+    def _on_message(self, channel: str, msg: _wire.Message) -> None:
+        content = msg["content"]
+        msg_type = msg["msg_type"]
+        if channel == "iopub" and msg_type == "status" and \
+                content.get("execution_state") in DEATH_STATES:
+            self._lose(RemoteKernelDiedError(
+                f"The remote kernel {self.kernel_id} on {self.grant.display} died "
+                f"({content['execution_state']})."
+            ))
+            return
+        if msg_type == "comm_msg" and content.get("comm_id") == self.comm_id:
+            self._on_agent(content.get("data", {}), msg["buffers"])
+            return
+        parent = msg["parent_header"]
+        if parent.get("session") == self.session:
+            route = self._routes.get(parent.get("msg_id", ""))
+            if route is not None:
+                route(channel, msg)
+            return  # ours, answered or not: never anyone else's business
+        if self.forward is not None:
+            self.forward(channel, msg)
+
+    def _on_closed(self, closed: asyncio.Future[tuple[int, str] | None]) -> None:
+        frame = closed.result()
+        if frame is not None and frame[0] == KERNEL_STOPPED:
+            self._lose(RemoteKernelDiedError(
+                f"The remote kernel {self.kernel_id} on {self.grant.display} was stopped."))
+        else:
+            self._lose(HostConnectionError(
+                f"The connection to the cloudgpu host at {self.grant.host_url} was lost "
+                f"(remote kernel {self.kernel_id} on {self.grant.display})."))
+
+    def _on_agent(self, data: dict[str, Any], buffers: list[Any]) -> None:
+        if data.get("op") == "hello":
+            if not self._hello.done():
+                self._hello.set_result(data)
+            return
+        batch = self._batches.get(str(data.get("id")))
+        if batch is not None:
+            batch.feed(data, buffers)
+
+    # --- the end ---------------------------------------------------------------------------
+
+    def on_lost(self, callback: Callable[[CloudGPUError], None]) -> None:
+        """Call ``callback(error)`` once if the kernel is lost (at once if it already is).
+
+        Not called when we close the connection ourselves.
+        """
+        if self.lost.done():
+            if not self._closing:
+                asyncio.get_running_loop().call_soon(callback, self.lost.result())
+            return
+        self._lost_callbacks.append(callback)
+
+    def _lose(self, error: CloudGPUError) -> None:
+        if self.lost.done():
+            return
+        self.lost.set_result(error)
+        for batch in list(self._batches.values()):
+            batch.fail(error)
+        if not self._hello.done():
+            self._hello.set_exception(error)
+            self._hello.exception()
+        callbacks, self._lost_callbacks = self._lost_callbacks, []
+        if not self._closing:
+            for callback in callbacks:
+                callback(error)
+
+    async def close(self, shutdown: bool = False) -> None:
+        """Disconnect; with ``shutdown`` also stop the remote kernel (a provider usually does)."""
+        self._closing = True
+        if self.conn is not None:
+            await self.conn.close()
+        self._lose(RemoteKernelDiedError(f"The connection to the remote kernel "
+                                         f"{self.kernel_id} was closed."))
+        if shutdown:
+            await self.host.shutdown(self.kernel_id)
+        await self.host.aclose()
+
+
+def version_skew(local: dict[str, str], remote: dict[str, str]) -> list[str]:
+    """Warnings for differences that can break unpickling, naming both versions."""
+    found = []
+    for key, label in (("python", "Python"), ("cloudpickle", "cloudpickle")):
+        mine, theirs = local.get(key, "?"), remote.get(key, "?")
+        if mine.split(".")[:2] != theirs.split(".")[:2]:
+            found.append(
+                f"Local {label} is {mine} but the remote kernel runs {label} {theirs}: "
+                f"functions and classes pickled on one side may fail to load on the other. "
+                f"Use the same {label} minor version on both sides."
+            )
+    return found
