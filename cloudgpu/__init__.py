@@ -10,7 +10,10 @@ In a notebook::
 
 from __future__ import annotations
 
-from typing import Any
+import typing
+
+if typing.TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
 
 __version__ = "0.1.0"
 
@@ -49,7 +52,7 @@ __all__ = [
 ]
 
 
-def load_ipython_extension(ipython: Any) -> None:
+def load_ipython_extension(ipython: InteractiveShell) -> None:
     """``%load_ext cloudgpu``: register ``%%remote`` and ``%remote``."""
     from .magics import load_ipython_extension as load
 

@@ -14,12 +14,13 @@ from typing import Any
 
 from typing import TYPE_CHECKING
 
+from ._format import size
 from .serialize import Serialized
 
 if TYPE_CHECKING:
     from .session import RemoteSession
 
-__all__ = ["MoveReport", "carry_over", "size_text"]
+__all__ = ["MoveReport", "carry_over"]
 
 
 @dataclass
@@ -44,7 +45,7 @@ class MoveReport:
             return ["cloudgpu: no variables to carry over."]
         size = sum(self.moved.values())
         return [(f"cloudgpu: carried over {len(self.moved)} variable"
-                f"{'s' if len(self.moved) != 1 else ''} ({size_text(size)}): "
+                f"{'s' if len(self.moved) != 1 else ''} ({size(size)}): "
                 f"{', '.join(sorted(self.moved))}")]
 
     def failures(self) -> str:
@@ -88,16 +89,6 @@ def _progress(say: Callable[[str], None]) -> Callable[[str, dict[str, Any]], Non
         if kind != "progress" or (now - last[0] < 1.0 and info["done"] < info["total"]):
             return
         last[0] = now
-        say(f"cloudgpu: moving variables: {size_text(info['done'])} / {size_text(info['total'])}\n")
+        say(f"cloudgpu: moving variables: {size(info['done'])} / {size(info['total'])}\n")
 
     return sink
-
-
-def size_text(nbytes: float) -> str:
-    if nbytes < 1024:
-        return f"{nbytes:.0f} bytes"
-    for unit in ("KiB", "MiB", "GiB"):
-        nbytes /= 1024
-        if nbytes < 1024 or unit == "GiB":
-            break
-    return f"{nbytes:.1f} {unit}"

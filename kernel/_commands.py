@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from cloudgpu._format import money, uptime
 from cloudgpu.errors import CommandError, UnknownHardwareError
 from cloudgpu.hardware import HardwareSpec, parse_spec
 from cloudgpu.provider import Grant
@@ -79,22 +80,8 @@ def status_text(grant: Grant, seconds: float, provider: str) -> str:
     """What ``%cloudgpu status`` prints for a live session."""
     cost = "not metered by this provider"
     if grant.rate_per_hour:
-        cost = f"{_money(grant.cost())} so far, at {_money(grant.rate_per_hour)}/hour"
+        cost = f"{money(grant.cost())} so far, at {money(grant.rate_per_hour)}/hour"
     return (f"hardware: {grant.display}\n"
             f"kernel:   {grant.kernel_id} on {grant.host_url} ({provider})\n"
-            f"uptime:   {_duration(seconds)}\n"
+            f"uptime:   {uptime(seconds)}\n"
             f"cost:     {cost}\n")
-
-
-def _money(dollars: float) -> str:
-    if dollars >= 0.01 or dollars == 0:
-        return f"${dollars:.2f}"
-    return f"${dollars:.4f}" if dollars >= 0.0001 else "<$0.0001"
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"

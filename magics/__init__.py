@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+import typing
+
+if typing.TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
 
 from .remote import RemoteMagics
 
 __all__ = ["RemoteMagics", "load_ipython_extension"]
 
 
-def load_ipython_extension(ipython: Any) -> None:
+def load_ipython_extension(ipython: InteractiveShell) -> None:
     """Register the magics and the renderer for remote tracebacks."""
     from .remote import install_error_display  # noqa: PLC0415
 

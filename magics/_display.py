@@ -10,14 +10,7 @@ from IPython.display import clear_output, publish_display_data
 
 from cloudgpu.errors import RemoteExecutionError
 
-__all__ = ["Progress", "money", "publish_status", "render_error", "show"]
-
-
-def money(dollars: float) -> str:
-    """``$2.50``; ``$0.0012`` for fractions of a cent; ``<$0.0001`` below that."""
-    if dollars >= 0.01 or dollars == 0:
-        return f"${dollars:.2f}"
-    return f"${dollars:.4f}" if dollars >= 0.0001 else "<$0.0001"
+__all__ = ["Progress", "publish_status", "render_error", "show"]
 
 
 def publish_status(text: str, handle: str | None = None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ._display import money
+from cloudgpu._format import duration, money
 
 __all__ = ["cost", "hardware", "status"]
 
@@ -24,9 +24,7 @@ def _what(s: dict[str, Any]) -> str:
 
 
 def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+    return "-" if seconds is None else duration(seconds)
 
 
 def status(sessions: list[dict[str, Any]], mine: set[str | None]) -> str:

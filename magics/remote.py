@@ -17,6 +17,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from cloudgpu import _loop
+from cloudgpu._format import money
 from cloudgpu.client import get_client
 from cloudgpu.errors import (
     CloudGPUError,
@@ -32,7 +33,7 @@ from cloudgpu.serialize import Serialized, dumps, loads
 from cloudgpu.session import CellResult, RemoteSession
 
 from . import _report
-from ._display import Progress, money, publish_status, render_error, show
+from ._display import Progress, publish_status, render_error, show
 from ._names import analyze
 
 __all__ = ["RemoteMagics", "install_error_display"]

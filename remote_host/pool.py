@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cloudgpu._format import duration
 from cloudgpu.errors import BudgetExceededError, InvalidRequestError, SessionNotFoundError
 from cloudgpu.hardware import CPU, Catalog, Choice, parse_spec
 
@@ -407,7 +408,7 @@ class Pool:
                 continue
             if self._abandoned(rec, model, now):
                 await self.stop(rec.id, f"no notebook was connected to it for "
-                                        f"{_duration(self.disconnected_timeout)}")
+                                        f"{duration(self.disconnected_timeout)}")
                 continue
             busy = model.get("execution_state") == "busy"
             last = _parse_time(model.get("last_activity")) or rec.started or now
@@ -419,8 +420,8 @@ class Pool:
             if not timeout or busy:
                 continue
             if now - last > timeout:
-                await self.stop(rec.id, f"idle: nothing ran for {_duration(now - last)} "
-                                        f"(idle_timeout {_duration(timeout)})")
+                await self.stop(rec.id, f"idle: nothing ran for {duration(now - last)} "
+                                        f"(idle_timeout {duration(timeout)})")
 
     def _abandoned(self, rec: SessionRecord, model: dict[str, Any], now: float) -> bool:
         if not self.disconnected_timeout or model.get("connections", 1) > 0:
@@ -473,10 +474,3 @@ def _parse_time(text: str | None) -> float | None:
         return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min"
-
