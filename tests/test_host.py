@@ -21,7 +21,7 @@ from websockets.exceptions import InvalidStatus
 
 from cloudgpu.errors import AuthenticationError, HardwareUnavailableError, UnknownHardwareError
 from cloudgpu.host_client import HostClient
-from cloudgpu.remote_host.inventory import Inventory
+from cloudgpu.remote_host.host.inventory import Inventory
 from cloudgpu.session import Grant, RemoteSession
 
 pytestmark = pytest.mark.timeout(90)

@@ -40,9 +40,8 @@ from kernel_driver import CLIENT, Message, ok, run, value
 from cloudgpu.errors import AuthenticationError, CloudGPUError
 from cloudgpu.host_client import HostClient
 from cloudgpu.pool_client import PoolClient, describe_wait
-from cloudgpu.remote_host.backend import Backend, load_backend
-from cloudgpu.remote_host.backend_local import LocalBackend
-from cloudgpu.remote_host.backend_static import StaticBackend
+from cloudgpu.remote_host.pool.backend import Backend, load_backend
+from cloudgpu.remote_host.pool.backends import LocalBackend, StaticBackend
 from cloudgpu.session import Grant, RemoteSession
 
 HOST_INVENTORIES = {"a": "H100:2", "b": "H100:1,A100-80GB:1", "c": "A100-80GB:2"}

@@ -14,7 +14,7 @@ from tornado import web
 from cloudgpu import __version__
 from cloudgpu.errors import CloudGPUError, HardwareUnavailableError, UnknownHardwareError
 
-from .pool import BudgetExceededError, Pool, SessionNotFound
+from .service import BudgetExceededError, Pool, SessionNotFound
 
 __all__ = ["POOL_HANDLERS"]
 

@@ -22,11 +22,11 @@ from cloudgpu import __version__
 from cloudgpu.hardware import Catalog
 
 from .backend import Backend, load_backend
-from .backend_local import LocalBackend
-from .backend_static import StaticBackend
+from .backends.local import LocalBackend
+from .backends.static import StaticBackend
+from .handlers import POOL_HANDLERS
 from .ledger import Ledger
-from .pool import Pool
-from .pool_handlers import POOL_HANDLERS
+from .service import Pool
 
 __all__ = ["PoolApp"]
 

@@ -41,7 +41,7 @@ class AgentKernelSpecManager(KernelSpecManager):
     def _spec(self) -> KernelSpec:
         argv = [
             sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
-            "--ext=cloudgpu.remote_host.agent",
+            "--ext=cloudgpu.remote_host.host.agent",
         ]
         return KernelSpec(
             argv=argv,
