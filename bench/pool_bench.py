@@ -33,10 +33,10 @@ import time
 
 import httpx
 from _util import QUICK, Table, descendants, host, machine, median_ms, p99_ms, pool
+from cloudgpu.remote_host.pool.scheduler import Decision, Scheduler, Slot
 from jupyter_client.manager import AsyncKernelManager
 
 from cloudgpu.hardware import CPU, Catalog, parse_spec
-from cloudgpu.remote_host.pool.scheduler import Decision, Scheduler, Slot
 
 SPECS = ("H100", "H100:2", "A100-80GB|H100", "any", "cpu")
 CYCLES = 3_000 if QUICK else 30_000

@@ -12,8 +12,8 @@ from cloudgpu.errors import CloudGPUError, HostConnectionError
 from cloudgpu.hardware import Choice
 
 from ..backend import HostsBackend, Placement
-from ._local_host import LocalHostProcess
 from ..scheduler import Slot
+from ._local_host import LocalHostProcess
 
 __all__ = ["LocalBackend"]
 
