@@ -7,9 +7,10 @@ that budgets trip within seconds. The hosts and the pool are shared by the modul
 starting them is the slow part; each test releases what it took (``_release_everything``).
 Tests that kill a pool start their own over the same hosts, with their own ledger.
 
+The hosts are the conftest ``host_factory``'s and the pool a ``servers.PoolProcess``.
 The notebook side is a real local ipykernel with ``%load_ext cloudgpu``, pointed at the
-pool through ``CLOUDGPU_POOL``/``CLOUDGPU_TOKEN``, driven through jupyter_client exactly as
-tests/test_magic.py does it (its small helpers are copied here).
+pool through ``CLOUDGPU_POOL``/``CLOUDGPU_TOKEN``, driven through jupyter_client with
+tests/kernel_driver.py, as tests/test_magic.py does it.
 """
 
 from __future__ import annotations
@@ -20,10 +21,7 @@ import math
 import os
 import re
 import secrets
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +34,7 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
 from kernel_driver import CLIENT, Message, ok, run, value
+from servers import HostFactory, HostProcess, PoolProcess
 
 from cloudgpu.errors import AuthenticationError, CloudGPUError
 from cloudgpu.host_client import HostClient
@@ -57,64 +56,15 @@ ACTIVE = ("queued", "starting", "running")
 # --- processes: hosts and pools ------------------------------------------------------
 
 
-@dataclass
-class Host:
-    name: str
-    url: str
-    token: str
-    proc: subprocess.Popen[bytes]
-
-    def get(self, path: str, token: str | None = None) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=30,
-                         headers={"Authorization": f"token {token or self.token}"})
-
-    def gpus(self) -> list[dict[str, Any]]:
-        """The host's own view: each GPU with the kernel holding it (or None)."""
-        response = self.get("/api/cloudgpu/host")
-        assert response.status_code == 200, response.text
-        return response.json()["inventory"]["gpus"]  # type: ignore[no-any-return]
-
-    def kernel_alive(self, kernel_id: str) -> bool:
-        response = self.get(f"/api/kernels/{kernel_id}")
-        assert response.status_code in (200, 404), response.text
-        return response.status_code == 200
-
-    def delete_kernel(self, kernel_id: str) -> None:
-        response = httpx.delete(f"{self.url}/api/kernels/{kernel_id}", timeout=30,
-                                headers={"Authorization": f"token {self.token}"})
-        assert response.status_code == 204, response.text
-
-    def reset(self) -> None:
-        """Shut every kernel down (a safety net after a test that killed its pool)."""
-        for kernel in self.get("/api/kernels").json():
-            httpx.delete(f"{self.url}/api/kernels/{kernel['id']}", timeout=30,
-                         headers={"Authorization": f"token {self.token}"})
-
-
-def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], log: Path, what: str,
-                   within: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + within
-    while not path.exists():
-        assert proc.poll() is None, f"{what} exited ({proc.returncode}):\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"{what} did not start:\n{log.read_text()}"
-        time.sleep(0.05)
-    return json.loads(path.read_text())  # type: ignore[no-any-return]
-
-
 class User:
     """One user's view of a pool, through its REST API (synchronous, for readable tests)."""
 
-    def __init__(self, pool: PoolProcess, name: str) -> None:
+    def __init__(self, pool: UsersPool, name: str) -> None:
         self.pool, self.name = pool, name
         self.token = pool.tokens[name]
 
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"token {self.token}"}
-
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        return httpx.request(method, self.pool.url + path, headers=self.headers,
-                             timeout=90, **kw)
+        return self.pool.request(method, path, token=self.token, **kw)
 
     def create(self, hardware: str, **options: Any) -> dict[str, Any]:
         response = self.request("POST", "/api/sessions", json={"hardware": hardware, **options})
@@ -172,40 +122,18 @@ class User:
         return self.wait_for(session_id, lambda s: s["state"] not in ACTIVE, within, seen)
 
 
-class PoolProcess:
-    """A ``cloudgpu pool --backend static`` subprocess over the given hosts."""
+class UsersPool(PoolProcess):
+    """A pool process (static backend over the given hosts) as this module's users see it;
+    started at once."""
 
-    def __init__(self, tmp: Path, hosts: dict[str, Host], db: Path, config: Path,
+    def __init__(self, tmp: Path, hosts: dict[str, HostProcess], db: Path, config: Path,
                  tokens: dict[str, str], name: str) -> None:
-        self.tmp, self.hosts, self.db, self.config, self.tokens = tmp, hosts, db, config, tokens
-        self.info = tmp / f"{name}.json"
-        self.log = tmp / f"{name}.log"
-        entries = ",".join(f"{h.url}?token={h.token}" for h in hosts.values())
-        env = dict(os.environ, CLOUDGPU_POOL_TOKEN=secrets.token_hex(24))
-        env.pop("CLOUDGPU_SIMULATE", None)
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cloudgpu", "pool", "--backend=static",
-                 f"--hosts={entries}", "--port=0", f"--db={db}", f"--config={config}",
-                 f"--info-file={self.info}", "--log-level=DEBUG"],
-                env=env, stdout=out, stderr=subprocess.STDOUT,
-            )
-        self.url = _wait_for_file(self.info, self.proc, self.log, "the pool")["url"]
+        super().__init__(tmp, hosts.values(), config, name=name, db=db)
+        self.tokens = tokens
+        self.start()
 
     def user(self, name: str) -> User:
         return User(self, name)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(20)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
     def release_all(self) -> None:
         """Stop every active session of every user; the pool frees the GPUs at once."""
@@ -221,35 +149,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hosts(workdir: Path) -> Iterator[dict[str, Host]]:
+def hosts(host_factory: HostFactory) -> dict[str, HostProcess]:
     """Three simulated hosts, started side by side."""
-    env = dict(os.environ)
-    env.pop("CLOUDGPU_SIMULATE", None)
-    started: dict[str, tuple[subprocess.Popen[bytes], str, Path, Path]] = {}
-    for name, inventory in HOST_INVENTORIES.items():
-        token = secrets.token_hex(24)
-        info, log = workdir / f"host-{name}.json", workdir / f"host-{name}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "cloudgpu", "host", "--port=0", f"--info-file={info}",
-                 f"--simulate={inventory}"],
-                env=dict(env, CLOUDGPU_HOST_TOKEN=token), stdout=out, stderr=subprocess.STDOUT,
-            )
-        started[name] = (proc, token, info, log)
-    found = {}
-    try:
-        for name, (proc, token, info, log) in started.items():
-            url = _wait_for_file(info, proc, log, f"host {name}")["url"].rstrip("/")
-            found[name] = Host(name, url, token, proc)
-        yield found
-    finally:
-        for proc, *_ in started.values():
-            proc.terminate()
-        for proc, *_ in started.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    return host_factory.start_many(HOST_INVENTORIES)
 
 
 @pytest.fixture(scope="module")
@@ -274,10 +176,10 @@ def pool_config(workdir: Path, tokens: dict[str, str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pool(workdir: Path, hosts: dict[str, Host], pool_config: Path,
-         tokens: dict[str, str]) -> Iterator[PoolProcess]:
+def pool(workdir: Path, hosts: dict[str, HostProcess], pool_config: Path,
+         tokens: dict[str, str]) -> Iterator[UsersPool]:
     """The shared pool (static backend over the three hosts)."""
-    proc = PoolProcess(workdir, hosts, workdir / "ledger.sqlite", pool_config, tokens, "pool")
+    proc = UsersPool(workdir, hosts, workdir / "ledger.sqlite", pool_config, tokens, "pool")
     try:
         yield proc
     finally:
@@ -292,12 +194,12 @@ def _release_everything(request: pytest.FixtureRequest) -> Iterator[None]:
         request.getfixturevalue("pool").release_all()
 
 
-def gpu_holders(hosts: dict[str, Host]) -> dict[tuple[str, int], str | None]:
+def gpu_holders(hosts: dict[str, HostProcess]) -> dict[tuple[str, int], str | None]:
     """(host name, GPU index) -> the kernel holding it, as the hosts report."""
     return {(h.name, g["index"]): g["kernel_id"] for h in hosts.values() for g in h.gpus()}
 
 
-def host_of(hosts: dict[str, Host], url: str) -> Host:
+def host_of(hosts: dict[str, HostProcess], url: str) -> HostProcess:
     return next(h for h in hosts.values() if h.url == url.rstrip("/"))
 
 
@@ -305,7 +207,7 @@ def host_of(hosts: dict[str, Host], url: str) -> Host:
 
 
 @pytest.mark.timeout(60)
-def test_hardware_list_counts_simulated_gpus_of_all_hosts_with_prices(pool: PoolProcess) -> None:
+def test_hardware_list_counts_simulated_gpus_of_all_hosts_with_prices(pool: UsersPool) -> None:
     alice = pool.user("alice")
     info = alice.request("GET", "/api/pool").json()
     assert info["user"] == "alice" and info["backend"] == "static"
@@ -335,7 +237,7 @@ def test_hardware_list_counts_simulated_gpus_of_all_hosts_with_prices(pool: Pool
 
 @pytest.mark.timeout(90)
 def test_simulated_gpus_fifo_per_type_fallbacks_any_and_one_host_per_session(
-        pool: PoolProcess, hosts: dict[str, Host]) -> None:
+        pool: UsersPool, hosts: dict[str, HostProcess]) -> None:
     alice, bob = pool.user("alice"), pool.user("bob")
 
     # `any`: the cheapest free GPU (A100-80GB at $1800/h beats H100 at $3600/h).
@@ -403,7 +305,7 @@ def test_simulated_gpus_fifo_per_type_fallbacks_any_and_one_host_per_session(
 
 
 @pytest.mark.timeout(30)
-def test_simulated_free_gpu_is_granted_without_ever_reporting_a_wait(pool: PoolProcess) -> None:
+def test_simulated_free_gpu_is_granted_without_ever_reporting_a_wait(pool: UsersPool) -> None:
     alice = pool.user("alice")
     seen: list[dict[str, Any]] = []
     created = alice.create("H100")
@@ -415,7 +317,7 @@ def test_simulated_free_gpu_is_granted_without_ever_reporting_a_wait(pool: PoolP
 
 @pytest.mark.timeout(60)
 def test_simulated_queue_position_updates_live_when_someone_ahead_leaves(
-        pool: PoolProcess) -> None:
+        pool: UsersPool) -> None:
     alice, bob = pool.user("alice"), pool.user("bob")
     alice.running(alice.create("H100:2")["id"])
     bob.running(bob.create("H100")["id"])
@@ -454,7 +356,7 @@ class Held:
 
 @pytest.mark.timeout(90)
 def test_simulated_gpus_are_never_over_granted_under_16_concurrent_clients(
-        pool: PoolProcess, hosts: dict[str, Host]) -> None:
+        pool: UsersPool, hosts: dict[str, HostProcess]) -> None:
     specs = ["H100", "A100-80GB", "H100|A100-80GB", "any", "H100:2", "A100-80GB:2"]
     users = ["alice", "bob", "carol"]
     jobs = [Held(users[i % 3], specs[i % len(specs)]) for i in range(16)]
@@ -542,7 +444,7 @@ def test_simulated_gpus_are_never_over_granted_under_16_concurrent_clients(
 
 @pytest.mark.timeout(60)
 def test_simulated_session_is_warned_at_80_percent_and_stopped_at_its_max_cost(
-        pool: PoolProcess, hosts: dict[str, Host]) -> None:
+        pool: UsersPool, hosts: dict[str, HostProcess]) -> None:
     alice = pool.user("alice")
     s = alice.running(alice.create("H100", max_cost=2.0)["id"])  # $1/s: 2 s
     host = host_of(hosts, s["host_url"])
@@ -565,7 +467,7 @@ def test_simulated_session_is_warned_at_80_percent_and_stopped_at_its_max_cost(
 
 @pytest.mark.timeout(60)
 def test_simulated_daily_limit_stops_the_running_session_and_refuses_new_ones(
-        pool: PoolProcess, hosts: dict[str, Host]) -> None:
+        pool: UsersPool, hosts: dict[str, HostProcess]) -> None:
     dave = pool.user("dave")
     assert dave.request("GET", "/api/pool").json()["daily_limit"] == DAVE_DAILY_LIMIT
     s = dave.running(dave.create("H100")["id"])  # $1/s against a $3 daily limit
@@ -591,7 +493,7 @@ def test_simulated_daily_limit_stops_the_running_session_and_refuses_new_ones(
 
 @pytest.mark.timeout(60)
 def test_simulated_idle_session_is_culled_but_a_busy_one_is_not(
-        pool: PoolProcess, hosts: dict[str, Host]) -> None:
+        pool: UsersPool, hosts: dict[str, HostProcess]) -> None:
     alice = pool.user("alice")
     idle = alice.running(alice.create("H100", idle_timeout=1)["id"])
     end = alice.ended(idle["id"], within=10)
@@ -647,13 +549,13 @@ def _grant(view: dict[str, Any]) -> Grant:
 
 @pytest.mark.timeout(90)
 def test_simulated_sessions_survive_kill_9_of_the_pool(
-        workdir: Path, hosts: dict[str, Host], pool_config: Path,
+        workdir: Path, hosts: dict[str, HostProcess], pool_config: Path,
         tokens: dict[str, str]) -> None:
     tmp = workdir / "kill9"
     tmp.mkdir()
     db = tmp / "ledger.sqlite"
-    first = PoolProcess(tmp, hosts, db, pool_config, tokens, "first")
-    second: PoolProcess | None = None
+    first = UsersPool(tmp, hosts, db, pool_config, tokens, "first")
+    second: UsersPool | None = None
     try:
         alice = first.user("alice")
         kept = alice.running(alice.create("H100:2")["id"])
@@ -680,7 +582,7 @@ def test_simulated_sessions_survive_kill_9_of_the_pool(
         lost_host = host_of(hosts, lost["host_url"])
         lost_host.delete_kernel(lost["kernel_id"])
 
-        second = PoolProcess(tmp, hosts, db, pool_config, tokens, "second")
+        second = UsersPool(tmp, hosts, db, pool_config, tokens, "second")
         alice = second.user("alice")
         listed = {s["id"]: s for s in alice.sessions(all=True)}
         assert set(listed) == set(rows), "a session went missing from the ledger"
@@ -730,7 +632,7 @@ def test_simulated_sessions_survive_kill_9_of_the_pool(
 
 @pytest.mark.timeout(60)
 def test_simulated_users_cannot_see_touch_or_open_each_others_sessions(
-        pool: PoolProcess, hosts: dict[str, Host]) -> None:
+        pool: UsersPool, hosts: dict[str, HostProcess]) -> None:
     alice, bob = pool.user("alice"), pool.user("bob")
     mine = alice.running(alice.create("H100")["id"])
     theirs = bob.running(bob.create("A100-80GB")["id"])
@@ -768,7 +670,7 @@ def test_simulated_users_cannot_see_touch_or_open_each_others_sessions(
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("token", [None, "", "not-a-pool-token"])
 def test_pool_without_a_valid_token_is_403_with_a_clear_message(
-        pool: PoolProcess, token: str | None) -> None:
+        pool: UsersPool, token: str | None) -> None:
     headers = {} if token is None else {"Authorization": f"token {token}".strip()}
     for method, path in [("GET", "/api/pool"), ("GET", "/api/hardware"),
                          ("GET", "/api/sessions"), ("POST", "/api/sessions"),
@@ -804,7 +706,7 @@ def test_pool_without_a_valid_token_is_403_with_a_clear_message(
     ({"hardware": "H100", "idle_timeout": "soon"}, 400, "`idle_timeout` must be a number"),
 ])
 def test_bad_session_requests_get_clear_errors_and_create_nothing(
-        pool: PoolProcess, body: dict[str, Any], status: int, says: str) -> None:
+        pool: UsersPool, body: dict[str, Any], status: int, says: str) -> None:
     alice = pool.user("alice")
     response = alice.request("POST", "/api/sessions", content=json.dumps(body))
     assert response.status_code == status, response.text
@@ -816,7 +718,7 @@ def test_bad_session_requests_get_clear_errors_and_create_nothing(
 @pytest.mark.parametrize("options", [{"max_cost": float("nan")}, {"max_cost": float("inf")},
                                      {"idle_timeout": -5}, {"idle_timeout": float("nan")}])
 def test_non_finite_budgets_and_negative_timeouts_are_refused(
-        pool: PoolProcess, options: dict[str, float]) -> None:
+        pool: UsersPool, options: dict[str, float]) -> None:
     """JSON allows NaN and Infinity; neither is a budget, and a timeout is never negative.
 
     Every H100 is held first, so a request the pool wrongly accepts stays queued and is
@@ -835,7 +737,7 @@ def test_non_finite_budgets_and_negative_timeouts_are_refused(
 
 
 @pytest.mark.timeout(30)
-def test_bad_request_bodies_and_session_ids(pool: PoolProcess) -> None:
+def test_bad_request_bodies_and_session_ids(pool: UsersPool) -> None:
     alice = pool.user("alice")
     for content, says in [("{not json", "not JSON"), ('["H100"]', "JSON object")]:
         response = alice.request("POST", "/api/sessions", content=content)
@@ -869,7 +771,7 @@ def test_backends_are_found_by_entry_point_name() -> None:
 # --- 9. the magic against the pool --------------------------------------------------------
 
 @pytest.fixture
-def notebook(pool: PoolProcess) -> Iterator[BlockingKernelClient]:
+def notebook(pool: UsersPool) -> Iterator[BlockingKernelClient]:
     """A fresh local ipykernel whose %%remote cells go to the shared pool as alice.
 
     One per test: a test that fails with a hung cell must not leave the next one a busy kernel.
@@ -894,7 +796,7 @@ def _session_id(kc: BlockingKernelClient, spec: str) -> str:
 
 @pytest.mark.timeout(90)
 def test_magic_simulated_cost_line_and_a_new_session_after_idle_culling(
-        notebook: BlockingKernelClient, pool: PoolProcess) -> None:
+        notebook: BlockingKernelClient, pool: UsersPool) -> None:
     kc, alice = notebook, pool.user("alice")
     ok(kc, "base = 20")
     ex = ok(kc, "%%remote gpu=H100 idle_timeout=1\nseen = base + 1\n")
@@ -918,7 +820,7 @@ def test_magic_simulated_cost_line_and_a_new_session_after_idle_culling(
 
 @pytest.mark.timeout(90)
 def test_magic_cell_fails_clearly_when_max_cost_trips_mid_cell_on_simulated_h100(
-        notebook: BlockingKernelClient, pool: PoolProcess) -> None:
+        notebook: BlockingKernelClient, pool: UsersPool) -> None:
     kc = notebook
     ok(kc, "keep = 'local'")
     ex = run(kc, "%%remote gpu=H100 --new max_cost=2\n"
@@ -940,7 +842,7 @@ def test_magic_cell_fails_clearly_when_max_cost_trips_mid_cell_on_simulated_h100
 
 @pytest.mark.timeout(90)
 def test_magic_waits_live_for_simulated_h100s_bob_holds_then_runs_and_reports(
-        notebook: BlockingKernelClient, pool: PoolProcess) -> None:
+        notebook: BlockingKernelClient, pool: UsersPool) -> None:
     kc, alice, bob = notebook, pool.user("alice"), pool.user("bob")
     held = bob.running(bob.create("H100:2")["id"])  # the only host with two H100s
     released: list[float] = []

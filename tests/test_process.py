@@ -65,8 +65,8 @@ def test_a_server_that_exits_while_starting_is_an_error_quoting_its_log(tmp_path
 
 def test_a_server_that_never_gets_ready_is_stopped_and_the_error_says_so(tmp_path: Path) -> None:
     with (tmp_path / "log").open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", "print('stuck', flush=True)\n"
-                                 "import time; time.sleep(120)"], stdout=log)
+        stuck = "print('stuck', flush=True)\nimport time; time.sleep(120)"
+        proc = subprocess.Popen([sys.executable, "-c", stuck], stdout=log)
     with pytest.raises(HostStartError, match="did not start within 1 s") as info:
         wait_for_info(proc, tmp_path / "info.json", log_path=tmp_path / "log",
                       what="The test server", timeout=1)
