@@ -16,6 +16,7 @@ tests/kernel_driver.py, as tests/test_magic.py does it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
 from kernel_driver import CLIENT, Message, ok, run, value
-from servers import HostFactory, HostProcess, PoolProcess
+from servers import HostFactory, HostProcess, PoolProcess, wait_until
 
 from cloudgpu.errors import AuthenticationError, CloudGPUError
 from cloudgpu.host_client import HostClient
@@ -134,6 +135,11 @@ class UsersPool(PoolProcess):
 
     def user(self, name: str) -> User:
         return User(self, name)
+
+    def poll_is_waiting(self, session_id: str, version: int, wait: int) -> None:
+        """Until a long poll of the session (``?wait=&version=``) is waiting at the pool."""
+        self.wait_for_log(f"Session {session_id}: waiting up to {wait} s for a change past "
+                          f"version {version}")
 
     def release_all(self) -> None:
         """Stop every active session of every user; the pool frees the GPUs at once."""
@@ -279,7 +285,7 @@ def test_simulated_gpus_fifo_per_type_fallbacks_any_and_one_host_per_session(
     poll = threading.Thread(target=lambda: answer.append(
         alice.get(q1["id"], wait=20, version=before)))
     poll.start()
-    time.sleep(0.3)  # the long poll is waiting at the pool
+    pool.poll_is_waiting(q1["id"], before, wait=20)
     bob.delete(s2["id"])
     poll.join(25)
     assert answer and answer[0]["state"] in ("starting", "running"), answer
@@ -329,7 +335,7 @@ def test_simulated_queue_position_updates_live_when_someone_ahead_leaves(
     poll = threading.Thread(target=lambda: answer.append(
         bob.get(second["id"], wait=5, version=second["version"])))
     poll.start()
-    time.sleep(0.3)
+    pool.poll_is_waiting(second["id"], second["version"], wait=5)
     alice.delete(first["id"])  # the one ahead gives up
     poll.join(10)
     # The waiting cell's line ("1 ahead of you") must change now, not when the poll times out.
@@ -460,8 +466,7 @@ def test_simulated_session_is_warned_at_80_percent_and_stopped_at_its_max_cost(
     assert not host.kernel_alive(s["kernel_id"])
     assert s["kernel_id"] not in gpu_holders(hosts).values()
     assert alice.hardware()["H100"]["free"] == 3
-    # The cost stays what it was once stopped.
-    time.sleep(0.3)
+    # The cost stays what it was once stopped (at $1/s, any time that passed would show).
     assert alice.get(s["id"])["cost"] == end["cost"]
 
 
@@ -542,6 +547,13 @@ def _run_on(grant: Grant, code: str) -> str:
     return asyncio.run(go())
 
 
+def _metered(db: Path, *session_ids: str) -> bool:
+    """Whether the ledger shows each session seen alive by a meter round after it started."""
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        seen = dict(con.execute("SELECT id, last_seen > started FROM sessions").fetchall())
+    return all(seen.get(i) for i in session_ids)
+
+
 def _grant(view: dict[str, Any]) -> Grant:
     return Grant(view["host_url"], view["token"], view["kernel_id"], view["hardware"],
                  view["gpus"], view["simulated"], session_id=view["id"])
@@ -563,7 +575,8 @@ def test_simulated_sessions_survive_kill_9_of_the_pool(
         waiting = alice.get(alice.create("H100:2")["id"])
         assert waiting["state"] == "queued"
         assert _run_on(_grant(kept), "state_there = 41\nprint('set')").strip() == "set"
-        time.sleep(0.7)  # a couple of meter rounds record that both ran
+        wait_until(lambda: _metered(db, kept["id"], lost["id"]), within=10,
+                   what="the meter recording that both sessions ran")
 
         first.kill()
         # What SIGKILL left on disk: a WAL-journalled ledger with all three sessions.
@@ -594,8 +607,7 @@ def test_simulated_sessions_survive_kill_9_of_the_pool(
         assert host_of(hosts, kept["host_url"]).kernel_alive(kept["kernel_id"])
         cost = again["cost"]
         assert cost == pytest.approx((time.time() - kept["started"]) * 2, abs=1.0)
-        time.sleep(0.3)
-        assert alice.get(kept["id"])["cost"] > cost
+        assert alice.get(kept["id"])["cost"] > cost  # still billed: at $2/s, by the moment
         assert second.user("bob").hardware()["H100"]["free"] == 1
         # Its kernel kept its state, and the same session token still opens it.
         assert _run_on(_grant(again), "print(state_there + 2)").strip() == "43"
@@ -897,11 +909,13 @@ def test_magic_knows_hardware_types_the_pool_operator_added(
 
 @pytest.mark.timeout(60)
 def test_magic_shows_the_80_percent_budget_warning_under_the_next_cell(
-        notebook: BlockingKernelClient) -> None:
-    kc = notebook
+        notebook: BlockingKernelClient, pool: UsersPool) -> None:
+    kc, alice = notebook, pool.user("alice")
     ok(kc, "import cloudgpu.magics.remote as _r\n_r.WARNINGS_EVERY = 0  # ask on every cell")
-    # $1/s: 80% of $6 at 4.8 s, the stop at 6 s; the next cell comes at ~5.4 s.
-    first = ok(kc, "%%remote gpu=H100 max_cost=6\nimport time\ntime.sleep(5.0)")
+    # $1/s: the pool warns at $16 (after 16 s) and stops the session at $20, so once the
+    # warning is there the next cell has 4 s to run, not a fraction of a second.
+    first = ok(kc, "%%remote gpu=H100 max_cost=20\npass")
     assert "⚠" not in first.status_lines()[-1]
+    alice.wait_for(_session_id(kc, "H100"), lambda s: bool(s["warnings"]), within=30)
     line = ok(kc, "%%remote gpu=H100\npass").status_lines()[-1]
-    assert "⚠ 80% of the session's max_cost of $6.00 used" in line, line
+    assert "⚠ 80% of the session's max_cost of $20.00 used" in line, line
