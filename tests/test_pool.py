@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import re
 import secrets
 import sqlite3
@@ -33,8 +32,7 @@ from typing import Any
 import httpx
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
-from jupyter_client.manager import KernelManager, start_new_kernel
-from kernel_driver import CLIENT, Message, ok, run, value
+from kernel_driver import CLIENT, Message, ok, run, start_kernel, stop_kernel, value
 from servers import HostFactory, HostProcess, PoolProcess, wait_until
 
 from cloudgpu.errors import AuthenticationError, CloudGPUError
@@ -782,23 +780,19 @@ def test_backends_are_found_by_entry_point_name() -> None:
 
 # --- 9. the magic against the pool --------------------------------------------------------
 
+
 @pytest.fixture
 def notebook(pool: UsersPool) -> Iterator[BlockingKernelClient]:
     """A fresh local ipykernel whose %%remote cells go to the shared pool as alice.
 
     One per test: a test that fails with a hung cell must not leave the next one a busy kernel.
     """
-    env = dict(os.environ, CLOUDGPU_POOL=pool.url, CLOUDGPU_TOKEN=pool.tokens["alice"])
-    km: KernelManager
-    km, kc = start_new_kernel(kernel_name="python3", env=env, startup_timeout=60)
+    km, kc = start_kernel(CLOUDGPU_POOL=pool.url, CLOUDGPU_TOKEN=pool.tokens["alice"])
     try:
         ok(kc, "%load_ext cloudgpu")
         yield kc
     finally:
-        kc.stop_channels()
-        if km.is_alive():
-            km.shutdown_kernel(now=False)
-        km.cleanup_resources()
+        stop_kernel(km, kc)
 
 
 def _session_id(kc: BlockingKernelClient, spec: str) -> str:
