@@ -35,8 +35,9 @@ from jupyter_client.manager import KernelManager
 from jupyter_core.paths import jupyter_runtime_dir
 from kernel_driver import ok, run, shell_reply, start_kernel, stop_kernel, value
 from nbclient import NotebookClient
+from servers import wait_until
 
-from cloudgpu._process import wait_gone
+from cloudgpu import _process
 
 SIMULATE = "H100:1,A100-80GB:1"
 
@@ -217,32 +218,38 @@ def test_jupyter_server_runs_the_kernel_as_jupyterlab_would(tmp_path: Path) -> N
     from cloudgpu.host_client import HostClient
 
     token = secrets.token_hex(16)
-    with (tmp_path / "server.log").open("wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", "--ServerApp.port=0",
-             "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
-             "--ServerApp.open_browser=False", "--ServerApp.allow_root=True",
-             f"--ServerApp.root_dir={tmp_path}"],
-            stdout=subprocess.DEVNULL, stderr=log, env=os.environ)
+    log = tmp_path / "server.log"
+    server = _process.start([sys.executable, "-m", "jupyter_server", "--ServerApp.port=0",
+                             "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
+                             "--ServerApp.open_browser=False", "--ServerApp.allow_root=True",
+                             f"--ServerApp.root_dir={tmp_path}"], log_path=log)
 
     async def drive(url: str) -> tuple[list[str], dict[str, Any]]:
         host = HostClient(url, token)
         model = await host.request("POST", "/api/kernels", {"name": "cloudgpu-cpu"})
         seen: list[tuple[str, dict[str, Any]]] = []
-        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        replied, idle = loop.create_future(), loop.create_future()
+        sent: dict[str, str] = {}
 
         def on_message(channel: str, msg: dict[str, Any]) -> None:
             seen.append((channel, msg))
-            if channel == "shell" and msg["msg_type"] == "execute_reply" and not done.done():
-                done.set_result(msg["content"])
+            if msg["parent_header"].get("msg_id") != sent.get("msg_id"):
+                return
+            if channel == "shell" and msg["msg_type"] == "execute_reply" and not replied.done():
+                replied.set_result(msg["content"])
+            if channel == "iopub" and msg["msg_type"] == "status" and not idle.done() and \
+                    msg["content"]["execution_state"] == "idle":
+                idle.set_result(None)
 
         conn = await host.connect(model["id"], on_message)
         execute = conn.message("execute_request", {
             "code": "print(6 * 7)", "silent": False, "store_history": True,
             "user_expressions": {}, "allow_stdin": False, "stop_on_error": True})
+        sent["msg_id"] = execute["header"]["msg_id"]
         await conn.send("shell", execute)
-        reply = await asyncio.wait_for(done, 90)
-        await asyncio.sleep(0.5)  # the idle after the reply
+        reply = await asyncio.wait_for(replied, 90)
+        await asyncio.wait_for(idle, 30)  # the idle after the reply
         await conn.close()
         await host.request("DELETE", f"/api/kernels/{model['id']}")
         await host.aclose()
@@ -253,22 +260,16 @@ def test_jupyter_server_runs_the_kernel_as_jupyterlab_would(tmp_path: Path) -> N
         return mine, {**reply, "texts": texts}
 
     try:
-        deadline = time.monotonic() + 60
-        url = ""
-        while not url:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "Jupyter Server did not start"
-            found = re.search(r"(http://127\.0\.0\.1:\d+)/",
-                              (tmp_path / "server.log").read_text())
-            url = found.group(1) if found else ""
-            time.sleep(0.1)
-        types, reply = asyncio.run(drive(url))
+        # Jupyter Server's own info file, jpserver-<pid>.json in the runtime dir, once it listens.
+        info = _process.wait_for_info(
+            server, Path(jupyter_runtime_dir()) / f"jpserver-{server.pid}.json", log_path=log,
+            what="Jupyter Server")
+        types, reply = asyncio.run(drive(str(info["url"]).rstrip("/")))
         assert reply["status"] == "ok"
         assert "42\n" in reply["texts"]
         assert types[0] == "status" and types[-1] == "status" and "execute_input" in types
     finally:
-        server.terminate()
-        server.wait(20)
+        _process.stop(server, grace=20)
 
 
 # --- the protocol, relayed ------------------------------------------------------------
@@ -414,7 +415,8 @@ def test_switch_carries_variables_to_simulated_a100_and_names_what_stays(
     now = status(kc)
     assert now["hardware"] == "1x A100-80GB (simulated)"
     assert re.fullmatch(r"\$[\d.]+ so far, at \$2\.50/hour", now["cost"]), now  # catalog price
-    assert wait_gone(old_pid, 20), "the old remote kernel still runs: its hardware is still held"
+    assert _process.wait_gone(old_pid, 20), \
+        "the old remote kernel still runs: its hardware is still held"
 
 
 # --- failures, restart, shutdown ----------------------------------------------------------
@@ -429,7 +431,7 @@ def test_remote_death_is_an_error_in_the_cell_and_a_restart_recovers() -> None:
         assert ex.status == "error" and ex.reply["ename"] == "RemoteKernelDiedError"
         assert "died" in ex.tracebacks() and "Restart the kernel" in ex.tracebacks()
         assert ex.states() == ["busy", "idle"]
-        assert wait_gone(pid, 20), "the dead remote kernel's hardware was not released"
+        assert _process.wait_gone(pid, 20), "the dead remote kernel's hardware was not released"
 
         again = run(kc, "print('anyone there?')")
         assert again.status == "error" and "Restart the kernel" in again.tracebacks()
@@ -446,7 +448,10 @@ def test_remote_death_is_an_error_in_the_cell_and_a_restart_recovers() -> None:
         sessions = httpx.get(f"{pool['url']}/api/sessions", headers=auth, timeout=10).json()
         session = next(s for s in sessions["sessions"] if s["kernel_id"] == kernel_id)
         httpx.delete(f"{pool['url']}/api/sessions/{session['id']}", headers=auth, timeout=30)
-        time.sleep(3)  # the proxy checks on its kernel every 2 s
+        # The proxy hears of it (the host closes the kernel's websocket, and the proxy asks
+        # its host every 2 s), then asks the pool why.
+        wait_until(lambda: "The pool says" in ok(kc, "%cloudgpu status").stream(), within=20,
+                   what="the proxy learning from the pool that its session was stopped")
         ex = run(kc, "print('still there?')")
         assert ex.status == "error" and "was stopped" in ex.tracebacks()
         assert "The pool says: stopped by its owner" in ex.tracebacks()
@@ -495,7 +500,7 @@ def test_restart_gives_a_fresh_remote_kernel_and_frees_the_old_one(
     after = status(kc)
     assert after["hardware"] == "CPU"  # the kernelspec's hardware, not the switched-to one
     assert after["kernel"].split()[0] != before["kernel"].split()[0]
-    assert wait_gone(pid, 20), "the remote kernel before the restart still runs"
+    assert _process.wait_gone(pid, 20), "the remote kernel before the restart still runs"
 
 
 @pytest.mark.timeout(60)
@@ -505,7 +510,7 @@ def test_shutdown_releases_the_remote_kernel_at_once() -> None:
     started = time.monotonic()
     stop_kernel(km, kc)
     assert time.monotonic() - started < 10
-    assert wait_gone(pid, 10)
+    assert _process.wait_gone(pid, 10)
 
 
 # --- the standard kernel conformance suite ------------------------------------------------

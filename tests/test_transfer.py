@@ -111,7 +111,7 @@ def test_websocket_framing_round_trip() -> None:
 
 
 def test_websocket_framing_is_jupyters_own_byte_for_byte() -> None:
-    """Our encoder and the host's copy-free path share ``v1_header``; Jupyter's serializer agrees."""
+    """Our encoder and the host's copy-free path share ``v1_header``; Jupyter's agrees."""
     from jupyter_server.services.kernels.connection.base import serialize_msg_to_ws_v1
 
     msg = _wire.new_message("comm_msg", {"data": {"k": 1}}, "sess",
