@@ -481,8 +481,8 @@ def test_host_going_away_fails_the_running_cell_clearly() -> None:
     finally:
         stop_kernel(km, kc)
         pool = runtime / "cloudgpu-pool.json"
-        if pool.exists():
-            os.kill(json.loads(pool.read_text())["pid"], signal.SIGTERM)
+        if pool.exists():  # stopped before its folder goes
+            _process.stop(_process.read_json(pool)["pid"], grace=20)
         shutil.rmtree(runtime, ignore_errors=True)
 
 
