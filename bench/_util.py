@@ -7,12 +7,10 @@ started here is stopped on exit. Figures are medians unless a table says otherwi
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +21,8 @@ from typing import Any
 
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
+
+from cloudgpu._process import spawn, stop
 
 QUICK = "--quick" in sys.argv
 
@@ -85,14 +85,6 @@ def p99_ms(samples: Sequence[float]) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
 
 
-def _wait_file(path: Path, proc: subprocess.Popen[bytes], log: Path, within: float = 90) -> None:
-    deadline = time.monotonic() + within
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{proc.args} did not start:\n{log.read_text()[-2000:]}")
-        time.sleep(0.05)
-
-
 @contextlib.contextmanager
 def host(simulate: str = "", prefix: Sequence[str] = (), ip: str = "127.0.0.1"
          ) -> Iterator[tuple[str, str, int]]:
@@ -104,16 +96,14 @@ def host(simulate: str = "", prefix: Sequence[str] = (), ip: str = "127.0.0.1"
            f"--info-file={info}"]
     if simulate:
         cmd.append(f"--simulate={simulate}")
-    env = dict(os.environ, CLOUDGPU_HOST_TOKEN=token)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_file(info, proc, log)
-        yield json.loads(info.read_text())["url"].rstrip("/"), token, proc.pid
+        proc, found = spawn(cmd, env=dict(os.environ, CLOUDGPU_HOST_TOKEN=token),
+                            info_path=info, log_path=log, what="The benchmark's host", timeout=90)
+        try:
+            yield str(found["url"]).rstrip("/"), token, proc.pid
+        finally:
+            stop(proc, grace=20)
     finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(20)
         workdir.cleanup()
 
 
@@ -128,16 +118,14 @@ def pool(hosts: Sequence[tuple[str, str]], config: str = "") -> Iterator[tuple[s
     cmd = [sys.executable, "-m", "cloudgpu", "pool", "--backend=static", f"--hosts={urls}",
            "--port=0", f"--db={tmp / 'ledger.sqlite'}", f"--config={tmp / 'config.py'}",
            f"--info-file={info}"]
-    env = dict(os.environ, CLOUDGPU_POOL_TOKEN=token)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_file(info, proc, log)
-        yield json.loads(info.read_text())["url"], token
+        proc, found = spawn(cmd, env=dict(os.environ, CLOUDGPU_POOL_TOKEN=token),
+                            info_path=info, log_path=log, what="The benchmark's pool", timeout=90)
+        try:
+            yield str(found["url"]), token
+        finally:
+            stop(proc, grace=30)
     finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
         workdir.cleanup()
 
 

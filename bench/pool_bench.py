@@ -33,7 +33,7 @@ import time
 
 import httpx
 from _util import QUICK, Table, descendants, host, machine, median_ms, p99_ms, pool
-from cloudgpu.remote_host.scheduler import Decision, Scheduler, Slot
+from cloudgpu.remote_host.pool.scheduler import Decision, Scheduler, Slot
 from jupyter_client.manager import AsyncKernelManager
 
 from cloudgpu.hardware import CPU, Catalog, parse_spec

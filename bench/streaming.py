@@ -133,7 +133,7 @@ def main() -> None:
               note=f"target <= 50 ms: {met}")
     table.add("stdout flush interval in effect", remote_interval * 1000,
               local_interval * 1000, note="`sys.stdout.flush_interval` in the remote kernel "
-              "vs the local ipykernel (the host asks for 20 ms: remote_host/kernels.py)")
+              "vs the local ipykernel (the host asks for 20 ms: remote_host/host/kernels.py)")
     table.show()
 
     flood_table = Table(f"A flood: {FLOOD:,} printed lines")

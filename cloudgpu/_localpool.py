@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import secrets
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 from jupyter_core.paths import jupyter_runtime_dir
 
 from ._http import _tls
+from ._process import read_json, running, spawn, stop
 from .errors import HostStartError
 
 __all__ = ["local_pool", "stop_local_pool"]
@@ -25,7 +22,8 @@ RUNTIME_FILE = "cloudgpu-pool.json"
 
 def _alive(info: dict[str, object]) -> bool:
     try:
-        os.kill(int(info["pid"]), 0)  # type: ignore[call-overload]
+        if not running(int(info["pid"])):  # type: ignore[call-overload]
+            return False
         response = httpx.get(f"{info['url']}/api/pool", timeout=5, verify=_tls(),
                              headers={"Authorization": f"token {info['token']}"})
     except (OSError, KeyError, ValueError, httpx.HTTPError):
@@ -48,33 +46,20 @@ def local_pool(start_timeout: float = 90.0) -> tuple[str, str]:
     info_path = runtime / RUNTIME_FILE
     with open(runtime / f"{RUNTIME_FILE}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two notebooks starting at once get one pool
-        if info_path.exists():
-            info = json.loads(info_path.read_text() or "{}")
-            if _alive(info):
-                return str(info["url"]), str(info["token"])
-            info_path.unlink()
+        try:
+            info = read_json(info_path)
+        except (OSError, ValueError):
+            info = {}
+        if _alive(info):
+            return str(info["url"]), str(info["token"])
         token = secrets.token_hex(24)
-        log_path = runtime / "cloudgpu-pool.log"
-        env = dict(os.environ, CLOUDGPU_POOL_TOKEN=token)
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "cloudgpu", "pool", "--backend=local", "--port=0",
-                 f"--info-file={info_path}"],
-                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + start_timeout
-        while not info_path.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                if proc.poll() is None:
-                    proc.kill()
-                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-                raise HostStartError(
-                    f"The local cloudgpu pool did not start (exit code {proc.poll()}). "
-                    f"Its log ({log_path}) ends with:\n{tail}"
-                )
-            time.sleep(0.05)
-        info = json.loads(info_path.read_text())
+        _, info = spawn(
+            [sys.executable, "-m", "cloudgpu", "pool", "--backend=local", "--port=0",
+             f"--info-file={info_path}"],
+            env=dict(os.environ, CLOUDGPU_POOL_TOKEN=token), info_path=info_path,
+            log_path=runtime / "cloudgpu-pool.log", what="The local cloudgpu pool",
+            timeout=start_timeout, start_new_session=True,
+        )
         return str(info["url"]), str(info["token"])
 
 
@@ -84,17 +69,12 @@ def stop_local_pool(timeout: float = 30.0) -> int | None:
     Raises:
         HostStartError: when it does not exit within ``timeout`` seconds.
     """
-    info_path = Path(jupyter_runtime_dir()) / RUNTIME_FILE
     try:
-        pid = int(json.loads(info_path.read_text())["pid"])
-        os.kill(pid, signal.SIGTERM)
+        pid = int(read_json(Path(jupyter_runtime_dir()) / RUNTIME_FILE)["pid"])
     except (OSError, ValueError, KeyError):
         return None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return pid
-        time.sleep(0.1)
-    raise HostStartError(f"The local pool (pid {pid}) did not stop within {timeout:.0f} s.")
+    if not running(pid):
+        return None
+    if not stop(pid, grace=timeout, kill=False):
+        raise HostStartError(f"The local pool (pid {pid}) did not stop within {timeout:.0f} s.")
+    return pid

@@ -43,9 +43,9 @@ class MoveReport:
             return [f"cloudgpu: {self.note}"]
         if not self.moved:
             return ["cloudgpu: no variables to carry over."]
-        size = sum(self.moved.values())
+        total = sum(self.moved.values())
         return [(f"cloudgpu: carried over {len(self.moved)} variable"
-                f"{'s' if len(self.moved) != 1 else ''} ({size(size)}): "
+                f"{'s' if len(self.moved) != 1 else ''} ({size(total)}): "
                 f"{', '.join(sorted(self.moved))}")]
 
     def failures(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -37,16 +38,29 @@ def _dump(part: Any) -> bytes:
     return json.dumps(part, separators=(",", ":"), default=str).encode()
 
 
+def v1_header(channel: bytes, parts: Sequence[Any]) -> bytes:
+    """The offset table that starts a v1 websocket message of ``channel`` and ``parts``.
+
+    The message is this header, then ``channel``, then each part as it is: the parts are
+    only measured, never joined, so a caller can send big ones without copying them.
+
+    Args:
+        channel: the channel name, encoded (``b"iopub"``).
+        parts: the Jupyter message's parts (header, parent header, metadata, content, then
+            the buffers), as bytes-like objects.
+    """
+    offsets = [8 * (len(parts) + 3)]  # the count, and one offset per part, the channel and the end
+    for part in (channel, *parts):
+        offsets.append(offsets[-1] + memoryview(part).nbytes)
+    return b"".join(x.to_bytes(8, "little") for x in (len(offsets), *offsets))
+
+
 def encode(channel: str, msg: Message) -> bytes:
     """Frame a message for the websocket: offsets, channel, JSON parts, raw buffers."""
-    parts: list[Any] = [channel.encode(), _dump(msg["header"]), _dump(msg["parent_header"]),
+    name = channel.encode()
+    parts: list[Any] = [_dump(msg["header"]), _dump(msg["parent_header"]),
                         _dump(msg["metadata"]), _dump(msg["content"]), *msg.get("buffers", ())]
-    n = len(parts) + 1
-    offsets = [8 * (n + 1)]
-    for part in parts:
-        offsets.append(offsets[-1] + memoryview(part).nbytes)
-    head = b"".join(x.to_bytes(8, "little") for x in (n, *offsets))
-    return b"".join([head, *parts])
+    return b"".join([v1_header(name, parts), name, *parts])
 
 
 def decode(data: bytes) -> tuple[str, Message]:

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = args[0], args[1:]
     if command == "host":
-        from .remote_host.hostapp import HostApp
+        from .remote_host.host.app import HostApp
 
         HostApp.launch_instance(rest)
     elif command == "pool" and rest[:1] == ["stop"]:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Stopped your local pool (pid {pid}), its sessions and its host."
               if pid else "No local pool is running.")
     elif command == "pool":
-        from .remote_host.poolapp import PoolApp
+        from .remote_host.pool.app import PoolApp
 
         PoolApp.launch_instance(rest)
     elif command == "kernel":

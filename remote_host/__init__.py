@@ -1,4 +1,7 @@
-"""Everything that runs on the remote side: the host server and the in-kernel agent.
+"""Everything that runs on the remote side.
+
+- ``host``: the host server (Jupyter kernels with GPUs) and the agent inside each kernel;
+- ``pool``: the pool service (scheduling, metering, the ledger) and its backends.
 
 Names are imported lazily so that the agent, which runs inside every remote kernel,
 does not pull Jupyter Server into it.
@@ -6,16 +9,13 @@ does not pull Jupyter Server into it.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from cloudgpu import _lazy
 
-__all__ = ["Device", "HostApp", "Inventory", "NoCapacityError"]
+__all__ = ["Device", "HostApp", "Inventory", "PoolApp"]
 
-_WHERE = {"HostApp": ".hostapp", "Device": ".inventory", "Inventory": ".inventory",
-          "NoCapacityError": ".inventory"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _lazy.lazy_attributes(__name__, {
+    "Device": ".host.inventory",
+    "HostApp": ".host.app",
+    "Inventory": ".host.inventory",
+    "PoolApp": ".pool.app",
+})

@@ -1,23 +1,28 @@
-"""Test-session setup shared by every test file.
+"""Test-session setup and the fixtures shared by the test files.
 
 Every test runs against private Jupyter folders, so the per-user local pool the client
 starts (its runtime file, ledger and config) is this test session's own, never the
 developer's. The pool config makes idleness checks fast enough to test. The only fake is
 the GPU: a simulated inventory, ``CLOUDGPU_SIMULATE``, named as such in test names.
+
+``host_factory`` and ``host`` hand out real ``cloudgpu host`` processes (see servers.py),
+one set per test module, since starting them is the slow part.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from servers import HostFactory, HostProcess
+
+from cloudgpu._process import read_json, stop
 
 SIMULATE = "H100:1,A100-80GB:1"
+#: The inventory of the `host` fixture.
+HOST_INVENTORY = "H100:2,A100-80GB:1"
 
 POOL_CONFIG = """\
 # Written by tests/conftest.py: fast idleness checks for the test session's local pool.
@@ -25,18 +30,6 @@ c.PoolApp.cull_interval = 0.5
 c.PoolApp.meter_interval = 0.5
 c.PoolApp.disconnected_timeout = 3
 """
-
-
-def _stop(pid: int, within: float = 20) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,12 +53,32 @@ def private_jupyter_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
     finally:
         info = base / "runtime" / "cloudgpu-pool.json"
         if info.exists():  # the local pool the tests' kernels started; it stops its host
-            _stop(json.loads(info.read_text())["pid"])
+            stop(read_json(info)["pid"], grace=20)
         host_state = base / "runtime" / "cloudgpu-local-host" / "host-state.json"
         if host_state.exists():
-            _stop(json.loads(host_state.read_text())["pid"])
+            stop(read_json(host_state)["pid"], grace=20)
         for key, old in saved.items():
             if old is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = old
+
+
+@pytest.fixture(scope="module")
+def host_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostFactory]:
+    """Starts real `cloudgpu host` processes for one test module; stops them after it."""
+    factory = HostFactory(tmp_path_factory.mktemp("hosts"))
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="module")
+def host(host_factory: HostFactory) -> Iterator[HostProcess]:
+    """A real `cloudgpu host` with a simulated inventory (HOST_INVENTORY), logging every
+    request at DEBUG, shared by one test module."""
+    started = host_factory.start(HOST_INVENTORY, log_level="DEBUG")
+    yield started
+    started.stop()
+    assert not started.info.exists(), "the info file outlived the host"

@@ -1,12 +1,15 @@
-"""Driving a real local ipykernel through jupyter_client, as a notebook frontend does.
+"""Driving a real kernel through jupyter_client, as a notebook frontend does.
 
-Shared by the tests of the ``%%remote`` magic (test_magic.py, test_pool.py): send a cell,
-collect what the kernel publishes on iopub with arrival times, read the reply.
+Shared by the tests of the ``%%remote`` magic (test_magic.py, test_pool.py: a local
+ipykernel with ``%load_ext cloudgpu``) and of the Cloud GPU kernel (test_kernel.py: the
+proxy kernel): start a kernel by name, send a cell, collect everything it publishes on
+iopub for that cell (``status`` included) with arrival times, read its reply.
 """
 
 from __future__ import annotations
 
 import ast
+import os
 import queue
 import time
 from collections.abc import Callable
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager, start_new_kernel
 
 #: The magic object and the client, as expressions to evaluate in the local kernel.
 MAGIC = "get_ipython().magics_manager.registry['RemoteMagics']"
@@ -31,8 +35,9 @@ class Message:
 
 @dataclass
 class Execution:
-    """Everything one execute request produced."""
+    """Everything one execute request produced, as a frontend sees it."""
 
+    code: str
     started: float
     messages: list[Message] = field(default_factory=list)
     reply: dict[str, Any] = field(default_factory=dict)
@@ -40,18 +45,31 @@ class Execution:
 
     @property
     def status(self) -> str:
+        """The reply's status: ``ok``, ``error`` or ``aborted``."""
         return str(self.reply.get("status"))
 
     def of(self, *types: str) -> list[Message]:
+        """The messages of these types, in order."""
         return [m for m in self.messages if m.msg_type in types]
 
     def stream(self, name: str = "stdout") -> str:
+        """Everything written to one stream."""
         return "".join(m.content["text"] for m in self.of("stream") if m.content["name"] == name)
+
+    def tracebacks(self) -> str:
+        """The text of the error messages' tracebacks, and nothing else."""
+        return "\n".join(self._tracebacks())
 
     def error_text(self) -> str:
         """All the error text the user sees: error tracebacks and stderr."""
-        parts = ["\n".join(m.content["traceback"]) for m in self.of("error")]
-        return "\n".join([*parts, self.stream("stderr")])
+        return "\n".join([*self._tracebacks(), self.stream("stderr")])
+
+    def _tracebacks(self) -> list[str]:
+        return ["\n".join(m.content["traceback"]) for m in self.of("error")]
+
+    def states(self) -> list[str]:
+        """The kernel's execution states (``busy``, ``idle``) during this execution."""
+        return [m.content["execution_state"] for m in self.of("status")]
 
     def displays(self) -> list[Message]:
         """display_data/update_display_data that are not cloudgpu's own status line."""
@@ -65,21 +83,46 @@ class Execution:
                 if "cloudgpu" in m.content.get("metadata", {})]
 
     def describe(self) -> str:
-        lines = [f"reply: {self.reply}"]
+        """The code, the reply and every message, for an assertion's message."""
+        lines = [f"code: {self.code!r}", f"reply: {self.reply}"]
         lines += [f"  {m.at - self.started:6.3f} {m.msg_type}: {m.content}" for m in self.messages]
         return "\n".join(lines)
 
 
+def start_kernel(kernel_name: str = "python3", **env: str,
+                 ) -> tuple[KernelManager, BlockingKernelClient]:
+    """Start a kernel by kernelspec name, with this process's environment plus ``env``."""
+    km, kc = start_new_kernel(kernel_name=kernel_name, env={**os.environ, **env},
+                              startup_timeout=60)
+    return km, kc
+
+
+def stop_kernel(km: KernelManager, kc: BlockingKernelClient) -> None:
+    """Shut the kernel down as a frontend does, and close the client."""
+    kc.stop_channels()
+    if km.is_alive():
+        km.shutdown_kernel(now=False)
+    km.cleanup_resources()
+
+
 def run(kc: BlockingKernelClient, code: str, timeout: float = 60,
-        on_message: Callable[[Message], None] | None = None) -> Execution:
-    """Execute ``code``; collect its iopub messages until idle, then its execute_reply."""
-    msg_id = kc.execute(code)
-    ex = Execution(started=time.monotonic())
+        on_message: Callable[[Message], None] | None = None, **execute: Any) -> Execution:
+    """Execute ``code``; collect its iopub messages up to ``idle``, then its execute_reply.
+
+    Args:
+        kc: the kernel's client.
+        code: the cell.
+        timeout: seconds until the reply, at most.
+        on_message: called with each iopub message of the cell as it arrives.
+        execute: more arguments of ``kc.execute`` (``allow_stdin=True``, ...).
+    """
+    msg_id = kc.execute(code, **execute)
+    ex = Execution(code, started=time.monotonic())
     deadline = ex.started + timeout
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"no idle within {timeout} s for {code!r}:\n{ex.describe()}")
+            raise TimeoutError(f"no idle within {timeout} s:\n{ex.describe()}")
         try:
             msg = kc.get_iopub_msg(timeout=left)
         except queue.Empty:
@@ -87,18 +130,22 @@ def run(kc: BlockingKernelClient, code: str, timeout: float = 60,
         if msg["parent_header"].get("msg_id") != msg_id:
             continue
         m = Message(time.monotonic(), msg["msg_type"], msg["content"])
-        if m.msg_type == "status":
-            if m.content["execution_state"] == "idle":
-                break
-            continue
         ex.messages.append(m)
         if on_message is not None:
             on_message(m)
+        if m.msg_type == "status" and m.content["execution_state"] == "idle":
+            break
+    ex.reply = shell_reply(kc, msg_id, deadline)["content"]
+    ex.reply_at = time.monotonic()
+    return ex
+
+
+def shell_reply(kc: BlockingKernelClient, msg_id: str, deadline: float) -> dict[str, Any]:
+    """The shell reply to ``msg_id`` (others are skipped), waiting until ``deadline`` (+1 s)."""
     while True:
         reply = kc.get_shell_msg(timeout=max(deadline - time.monotonic(), 1))
         if reply["parent_header"].get("msg_id") == msg_id:
-            ex.reply, ex.reply_at = reply["content"], time.monotonic()
-            return ex
+            return reply  # type: ignore[no-any-return]
 
 
 def ok(kc: BlockingKernelClient, code: str, timeout: float = 60) -> Execution:
@@ -108,13 +155,13 @@ def ok(kc: BlockingKernelClient, code: str, timeout: float = 60) -> Execution:
     return ex
 
 
-def value(kc: BlockingKernelClient, expr: str) -> Any:
-    """Evaluate ``expr`` in the local kernel; its repr must be a Python literal."""
+def value(kc: BlockingKernelClient, expr: str, timeout: float = 60) -> Any:
+    """Evaluate ``expr`` in the kernel's namespace; its repr must be a Python literal.
+
+    A silent request with a user expression: nothing runs as a cell, nothing is printed.
+    """
     msg_id = kc.execute("", silent=True, user_expressions={"v": f"repr({expr})"})
-    while True:
-        reply = kc.get_shell_msg(timeout=30)
-        if reply["parent_header"].get("msg_id") == msg_id:
-            break
+    reply = shell_reply(kc, msg_id, time.monotonic() + timeout)
     result = reply["content"]["user_expressions"]["v"]
     assert result["status"] == "ok", result
     return ast.literal_eval(ast.literal_eval(result["data"]["text/plain"]))

@@ -1,72 +1,39 @@
-"""The host: a real `cloudgpu host` process, driven over HTTP and websockets."""
+"""The host: a real `cloudgpu host` process, driven over HTTP and websockets.
+
+Most tests share the `host` fixture (conftest.py): simulated H100:2,A100-80GB:1, logging at DEBUG.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import secrets
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from servers import HostFactory, HostProcess
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from cloudgpu.errors import AuthenticationError, HardwareUnavailableError, UnknownHardwareError
 from cloudgpu.host_client import HostClient
-from cloudgpu.remote_host.inventory import Inventory
 from cloudgpu.provider import Grant
+from cloudgpu.remote_host.host.inventory import Inventory
 from cloudgpu.session import RemoteSession
 
 pytestmark = pytest.mark.timeout(90)
-
-
-class Host:
-    def __init__(self, url: str, token: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.url, self.token, self.proc, self.log = url, token, proc, log
-
-    def get(self, path: str, token: str | None = None) -> httpx.Response:
-        headers = {"Authorization": f"token {token}".strip()} if token is not None else {}
-        return httpx.get(self.url + path, headers=headers, timeout=30)
-
-
-@pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
-    tmp = tmp_path_factory.mktemp("host")
-    token = secrets.token_hex(24)
-    info, log = tmp / "info.json", tmp / "host.log"
-    env = dict(os.environ, CLOUDGPU_HOST_TOKEN=token)
-    env.pop("CLOUDGPU_SIMULATE", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cloudgpu", "host", "--port=0", f"--info-file={info}",
-             "--simulate=H100:2,A100-80GB:1", "--log-level=DEBUG"],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 60
-    while not info.exists():
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "host did not start"
-        time.sleep(0.05)
-    yield Host(json.loads(info.read_text())["url"].rstrip("/"), token, proc, log)
-    proc.terminate()
-    proc.wait(20)
-    assert not info.exists(), "the info file outlived the host"
 
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def test_inventory_is_simulated_and_says_so(host: Host) -> None:
-    body = host.get("/api/cloudgpu/host", host.token).json()
+def test_inventory_is_simulated_and_says_so(host: HostProcess) -> None:
+    body = host.get("/api/cloudgpu/host").json()
     inv = body["inventory"]
     assert inv["simulated"] is True
     assert [g["type"] for g in inv["gpus"]] == ["H100", "H100", "A100-80GB"]
@@ -76,23 +43,23 @@ def test_inventory_is_simulated_and_says_so(host: Host) -> None:
 
 
 @pytest.mark.parametrize("token", [None, "", "wrong-token"])
-def test_http_without_the_right_token_is_403_with_a_clear_message(host: Host,
+def test_http_without_the_right_token_is_403_with_a_clear_message(host: HostProcess,
                                                                  token: str | None) -> None:
     for path in ("/api/cloudgpu/host", "/api/kernels", "/api/kernelspecs", "/"):
-        response = host.get(path, token)
+        response = host.get_as(token, path)
         assert response.status_code == 403, path
-    message = host.get("/api/kernels", token).json()["message"]
+    message = host.get_as(token, "/api/kernels").json()["message"]
     assert "requires its token" in message
     assert ("missing" if not token else "wrong") in message
 
 
-def test_token_in_query_also_works_but_prefix_does_not(host: Host) -> None:
+def test_token_in_query_also_works_but_prefix_does_not(host: HostProcess) -> None:
     assert httpx.get(f"{host.url}/api/kernels?token={host.token}").status_code == 200
-    assert host.get("/api/kernels", host.token[:-1]).status_code == 403
-    assert host.get("/api/kernels", host.token + "x").status_code == 403
+    assert host.get_as(host.token[:-1], "/api/kernels").status_code == 403
+    assert host.get_as(host.token + "x", "/api/kernels").status_code == 403
 
 
-def test_websocket_with_a_wrong_token_is_refused(host: Host) -> None:
+def test_websocket_with_a_wrong_token_is_refused(host: HostProcess) -> None:
     async def go() -> None:
         async with HostClient(host.url, host.token) as client:
             kernel = await client.request("POST", "/api/kernels", {})
@@ -110,7 +77,7 @@ def test_websocket_with_a_wrong_token_is_refused(host: Host) -> None:
     run(go())
 
 
-def test_client_reports_a_wrong_token_clearly(host: Host) -> None:
+def test_client_reports_a_wrong_token_clearly(host: HostProcess) -> None:
     async def go() -> None:
         async with HostClient(host.url, "not-the-token") as client:
             with pytest.raises(AuthenticationError, match="refused our token"):
@@ -119,7 +86,7 @@ def test_client_reports_a_wrong_token_clearly(host: Host) -> None:
     run(go())
 
 
-def test_any_jupyter_client_can_drive_a_host_kernel(host: Host) -> None:
+def test_any_jupyter_client_can_drive_a_host_kernel(host: HostProcess) -> None:
     """The standard kernel API with the default (JSON) websocket protocol, no cloudgpu client."""
 
     async def go() -> str:
@@ -150,7 +117,7 @@ def test_any_jupyter_client_can_drive_a_host_kernel(host: Host) -> None:
     assert run(go()).strip() == "gpus=[]"
 
 
-def test_gpu_kernels_get_their_own_devices_and_free_them(host: Host) -> None:
+def test_gpu_kernels_get_their_own_devices_and_free_them(host: HostProcess) -> None:
     async def go() -> None:
         async with HostClient(host.url, host.token) as client:
             two = await client.start_kernel("H100:2")
@@ -181,7 +148,7 @@ def test_gpu_kernels_get_their_own_devices_and_free_them(host: Host) -> None:
     run(go())
 
 
-def test_unknown_hardware_is_400_naming_it(host: Host) -> None:
+def test_unknown_hardware_is_400_naming_it(host: HostProcess) -> None:
     async def go() -> None:
         async with HostClient(host.url, host.token) as client:
             with pytest.raises(UnknownHardwareError, match="H1000"):
@@ -190,7 +157,7 @@ def test_unknown_hardware_is_400_naming_it(host: Host) -> None:
     run(go())
 
 
-def test_host_listens_on_loopback_only_and_never_logs_the_token(host: Host) -> None:
+def test_host_listens_on_loopback_only_and_never_logs_the_token(host: HostProcess) -> None:
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
     mine = [line for line in out.splitlines() if f"pid={host.proc.pid}," in line]
     assert mine, out
@@ -233,7 +200,7 @@ def test_real_gpus_come_from_nvml() -> None:
     assert inv.driver and inv.cuda
 
 
-def test_a_scoped_token_opens_its_kernel_and_nothing_else(host: Host) -> None:
+def test_a_scoped_token_opens_its_kernel_and_nothing_else(host: HostProcess) -> None:
     scoped = secrets.token_urlsafe(32)
 
     async def go() -> None:
@@ -262,35 +229,25 @@ def test_a_scoped_token_opens_its_kernel_and_nothing_else(host: Host) -> None:
     run(go())
 
 
-def test_kernels_start_under_a_deep_runtime_dir(tmp_path: Path) -> None:
+def test_kernels_start_under_a_deep_runtime_dir(tmp_path: Path,
+                                                host_factory: HostFactory) -> None:
     """IPC socket paths are limited to 107 bytes; a deep Jupyter runtime dir must not matter."""
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
-    token, info = secrets.token_hex(24), tmp_path / "info.json"
-    env = dict(os.environ, CLOUDGPU_HOST_TOKEN=token, JUPYTER_RUNTIME_DIR=str(deep))
-    proc = subprocess.Popen([sys.executable, "-m", "cloudgpu", "host", "--port=0",
-                             f"--info-file={info}"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    host = host_factory.start(name="deep-runtime-dir", env={"JUPYTER_RUNTIME_DIR": str(deep)})
     try:
-        deadline = time.monotonic() + 60
-        while not info.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        url = json.loads(info.read_text())["url"]
-
         async def go() -> None:
-            async with HostClient(url, token) as client:
+            async with HostClient(host.url, host.token) as client:
                 kernel = await client.start_kernel("cpu")
                 assert (await client.kernel(kernel["id"]))["execution_state"] != "dead"
                 await client.shutdown(kernel["id"])
 
         run(go())
     finally:
-        proc.terminate()
-        proc.wait(20)
+        host.stop()
 
 
-def test_big_messages_keep_the_standard_v1_framing(host: Host) -> None:
+def test_big_messages_keep_the_standard_v1_framing(host: HostProcess) -> None:
     """Messages of 1 MiB+ take the host's copy-free path; Jupyter's own decoder must read them."""
     from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import shutil
 import signal
@@ -24,7 +23,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,11 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 from jupyter_core.paths import jupyter_runtime_dir
+from kernel_driver import ok, run, shell_reply, start_kernel, stop_kernel, value
 from nbclient import NotebookClient
+from servers import wait_until
+
+from cloudgpu import _process
 
 SIMULATE = "H100:1,A100-80GB:1"
 
@@ -64,84 +66,7 @@ def installed_kernelspecs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 os.environ[key] = old
 
 
-# --- driving a kernel ----------------------------------------------------------
-
-
-@dataclass
-class Execution:
-    """Everything one execute request produced, as a frontend sees it."""
-
-    code: str
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    reply: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def status(self) -> str:
-        return str(self.reply.get("status"))
-
-    def of(self, *types: str) -> list[dict[str, Any]]:
-        return [m for m in self.messages if m["msg_type"] in types]
-
-    def stream(self, name: str = "stdout") -> str:
-        return "".join(m["content"]["text"] for m in self.of("stream")
-                       if m["content"]["name"] == name)
-
-    def error_text(self) -> str:
-        return "\n".join("\n".join(m["content"]["traceback"]) for m in self.of("error"))
-
-    def states(self) -> list[str]:
-        return [m["content"]["execution_state"] for m in self.of("status")]
-
-    def describe(self) -> str:
-        lines = [f"code: {self.code!r}", f"reply: {self.reply}"]
-        lines += [f"  {m['msg_type']}: {m['content']}" for m in self.messages]
-        return "\n".join(lines)
-
-
-def run(kc: BlockingKernelClient, code: str, timeout: float = 60, **kw: Any) -> Execution:
-    """Execute ``code``; collect its iopub messages until idle and its execute_reply."""
-    started = time.monotonic()
-    msg_id = kc.execute(code, **kw)
-    ex = Execution(code)
-    deadline = started + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"no idle within {timeout} s:\n{ex.describe()}")
-        try:
-            msg = kc.get_iopub_msg(timeout=left)
-        except queue.Empty:
-            continue
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        ex.messages.append(msg)
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            break
-    ex.reply = shell_reply(kc, msg_id, deadline)["content"]
-    ex.seconds = time.monotonic() - started
-    return ex
-
-
-def shell_reply(kc: BlockingKernelClient, msg_id: str, deadline: float) -> dict[str, Any]:
-    while True:
-        reply = kc.get_shell_msg(timeout=max(deadline - time.monotonic(), 1))
-        if reply["parent_header"].get("msg_id") == msg_id:
-            return reply
-
-
-def ok(kc: BlockingKernelClient, code: str, timeout: float = 60) -> Execution:
-    ex = run(kc, code, timeout)
-    assert ex.status == "ok", ex.describe()
-    return ex
-
-
-def value(kc: BlockingKernelClient, expr: str) -> Any:
-    """Evaluate ``expr`` remotely and return it (its repr must be a Python literal)."""
-    import ast
-
-    ex = ok(kc, f"print(repr({expr}))")
-    return ast.literal_eval(ex.stream().strip())
+# --- driving a kernel (tests/kernel_driver.py does most of it) ------------------
 
 
 def status(kc: BlockingKernelClient) -> dict[str, str]:
@@ -150,46 +75,15 @@ def status(kc: BlockingKernelClient) -> dict[str, str]:
     return dict(re.findall(r"^(\w+):\s+(.*)$", text, re.MULTILINE))
 
 
-def gone(pid: int, within: float = 20) -> bool:
-    """True once ``pid`` no longer runs (a zombie counts as gone), waiting up to ``within``."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            return True
-        if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def start(kernel_name: str = "cloudgpu-cpu", **env: str) -> tuple[KernelManager,
-                                                                  BlockingKernelClient]:
-    km = KernelManager(kernel_name=kernel_name)
-    km.start_kernel(env={**os.environ, **env})
-    kc = km.client()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=60)
-    return km, kc
-
-
-def stop(km: KernelManager, kc: BlockingKernelClient) -> None:
-    kc.stop_channels()
-    if km.is_alive():
-        km.shutdown_kernel(now=False)
-    km.cleanup_resources()
-
-
 @pytest.fixture(scope="module")
 def kernel() -> Iterator[tuple[KernelManager, BlockingKernelClient]]:
     """One Cloud GPU (CPU) kernel shared by the module's tests, remote kernel started."""
-    km, kc = start()
+    km, kc = start_kernel("cloudgpu-cpu")
     try:
         ok(kc, "pass", timeout=90)
         yield km, kc
     finally:
-        stop(km, kc)
+        stop_kernel(km, kc)
 
 
 @pytest.fixture
@@ -288,11 +182,11 @@ def test_notebook_runs_end_to_end_on_simulated_h100_kernel() -> None:
 @pytest.mark.timeout(120)
 def test_a_cell_waiting_for_a_busy_simulated_h100_shows_the_queue_and_can_be_interrupted(
         ) -> None:
-    first = start("cloudgpu-h100")
+    first = start_kernel("cloudgpu-h100")
     second = None
     try:
         ok(first[1], "pass", timeout=90)  # holds the pool's only (simulated) H100
-        second = start("cloudgpu-h100")
+        second = start_kernel("cloudgpu-h100")
         km, kc = second
         msg_id = kc.execute("print('my turn')")
         seen: list[dict[str, Any]] = []
@@ -306,13 +200,13 @@ def test_a_cell_waiting_for_a_busy_simulated_h100_shows_the_queue_and_can_be_int
         assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
         assert "the cell did not run" in reply["evalue"]
 
-        stop(*first)  # frees the H100: the waiting kernel gets it
+        stop_kernel(*first)  # frees the H100: the waiting kernel gets it
         assert ok(kc, "print('my turn')", timeout=90).stream() == "my turn\n"
         assert status(kc)["hardware"] == "1x H100 (simulated)"
     finally:
-        stop(*first)
+        stop_kernel(*first)
         if second is not None:
-            stop(*second)
+            stop_kernel(*second)
 
 
 @pytest.mark.timeout(120)
@@ -326,13 +220,11 @@ def test_jupyter_server_runs_the_kernel_as_jupyterlab_would(tmp_path: Path) -> N
     from cloudgpu.host_client import HostClient
 
     token = secrets.token_hex(16)
-    with (tmp_path / "server.log").open("wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", "--ServerApp.port=0",
-             "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
-             "--ServerApp.open_browser=False", "--ServerApp.allow_root=True",
-             f"--ServerApp.root_dir={tmp_path}"],
-            stdout=subprocess.DEVNULL, stderr=log, env=os.environ)
+    log = tmp_path / "server.log"
+    server = _process.start([sys.executable, "-m", "jupyter_server", "--ServerApp.port=0",
+                             "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
+                             "--ServerApp.open_browser=False", "--ServerApp.allow_root=True",
+                             f"--ServerApp.root_dir={tmp_path}"], log_path=log)
 
     async def drive(url: str) -> tuple[list[str], dict[str, Any]]:
         host = HostClient(url, token)
@@ -369,22 +261,16 @@ def test_jupyter_server_runs_the_kernel_as_jupyterlab_would(tmp_path: Path) -> N
         return mine, {**reply, "texts": texts}
 
     try:
-        deadline = time.monotonic() + 60
-        url = ""
-        while not url:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "Jupyter Server did not start"
-            found = re.search(r"(http://127\.0\.0\.1:\d+)/",
-                              (tmp_path / "server.log").read_text())
-            url = found.group(1) if found else ""
-            time.sleep(0.1)
-        types, reply = asyncio.run(drive(url))
+        # Jupyter Server's own info file, jpserver-<pid>.json in the runtime dir, once it listens.
+        info = _process.wait_for_info(
+            server, Path(jupyter_runtime_dir()) / f"jpserver-{server.pid}.json", log_path=log,
+            what="Jupyter Server")
+        types, reply = asyncio.run(drive(str(info["url"]).rstrip("/")))
         assert reply["status"] == "ok"
         assert "42\n" in reply["texts"]
         assert types[0] == "status" and types[-1] == "status" and "execute_input" in types
     finally:
-        server.terminate()
-        server.wait(20)
+        _process.stop(server, grace=20)
 
 
 # --- the protocol, relayed ------------------------------------------------------------
@@ -393,12 +279,12 @@ def test_jupyter_server_runs_the_kernel_as_jupyterlab_would(tmp_path: Path) -> N
 @pytest.mark.timeout(60)
 def test_widget_created_remotely_syncs_both_ways(kc: BlockingKernelClient) -> None:
     ex = ok(kc, "import ipywidgets\nslider = ipywidgets.IntSlider(value=3)\nslider")
-    opens = [m for m in ex.of("comm_open") if m["content"]["target_name"] == "jupyter.widget"]
-    slider = next(m for m in opens if m["content"]["data"]["state"].get("_model_name") ==
+    opens = [m for m in ex.of("comm_open") if m.content["target_name"] == "jupyter.widget"]
+    slider = next(m for m in opens if m.content["data"]["state"].get("_model_name") ==
                   "IntSliderModel")
-    comm_id = slider["content"]["comm_id"]
-    assert slider["content"]["data"]["state"]["value"] == 3
-    view = ex.of("execute_result")[0]["content"]["data"]
+    comm_id = slider.content["comm_id"]
+    assert slider.content["data"]["state"]["value"] == 3
+    view = ex.of("execute_result")[0].content["data"]
     assert view["application/vnd.jupyter.widget-view+json"]["model_id"] == comm_id
 
     # The frontend moves the slider: the remote widget follows.
@@ -408,8 +294,8 @@ def test_widget_created_remotely_syncs_both_ways(kc: BlockingKernelClient) -> No
     assert ok(kc, "print(slider.value)").stream() == "7\n"
     # The remote side changes it: the frontend hears.
     ex = ok(kc, "slider.value = 9")
-    updates = [m["content"]["data"] for m in ex.of("comm_msg")
-               if m["content"]["comm_id"] == comm_id]
+    updates = [m.content["data"] for m in ex.of("comm_msg")
+               if m.content["comm_id"] == comm_id]
     assert {"method": "update", "state": {"value": 9}, "buffer_paths": []} in updates
 
 
@@ -467,13 +353,13 @@ def test_cloudgpu_mistakes_are_clear_errors_that_never_reach_the_remote(
     ex = run(kc, "%cloudgpu switch gpu=H1000")
     assert ex.status == "error"
     assert "Unknown GPU `H1000`" in ex.reply["evalue"] and "A100-80GB" in ex.reply["evalue"]
-    assert "Unknown GPU `H1000`" in ex.error_text()
+    assert "Unknown GPU `H1000`" in ex.tracebacks()
     ex = run(kc, "%cloudgpu frobnicate")
     assert ex.status == "error"
-    assert "Unknown `%cloudgpu frobnicate`" in ex.error_text()
-    assert "%cloudgpu switch gpu=A100-80GB" in ex.error_text()
+    assert "Unknown `%cloudgpu frobnicate`" in ex.tracebacks()
+    assert "%cloudgpu switch gpu=A100-80GB" in ex.tracebacks()
     ex = run(kc, "%cloudgpu switch")
-    assert "Say which hardware" in ex.error_text()
+    assert "Say which hardware" in ex.tracebacks()
     # Nothing reached the remote kernel: it never heard of a %cloudgpu magic.
     assert ok(kc, "print(sum('cloudgpu' in c for c in In[:-1]))").stream() == "0\n"
 
@@ -504,8 +390,8 @@ def test_switch_carries_variables_to_simulated_a100_and_names_what_stays(
     # Hardware the pool cannot give: a clear error, and the session stays as it was.
     ex = run(kc, "%cloudgpu switch gpu=H200", timeout=60)
     assert ex.status == "error"
-    assert "Could not switch to 1x H200" in ex.error_text()
-    assert "Nothing changed: still on CPU" in ex.error_text()
+    assert "Could not switch to 1x H200" in ex.tracebacks()
+    assert "Nothing changed: still on CPU" in ex.tracebacks()
     assert value(kc, "p.norm()") == 5.0
 
     before = ok(kc, "'numbered'").reply["execution_count"]
@@ -530,7 +416,8 @@ def test_switch_carries_variables_to_simulated_a100_and_names_what_stays(
     now = status(kc)
     assert now["hardware"] == "1x A100-80GB (simulated)"
     assert re.fullmatch(r"\$[\d.]+ so far, at \$2\.50/hour", now["cost"]), now  # catalog price
-    assert gone(old_pid), "the old remote kernel still runs: its hardware is still held"
+    assert _process.wait_gone(old_pid, 20), \
+        "the old remote kernel still runs: its hardware is still held"
 
 
 # --- failures, restart, shutdown ----------------------------------------------------------
@@ -538,17 +425,17 @@ def test_switch_carries_variables_to_simulated_a100_and_names_what_stays(
 
 @pytest.mark.timeout(120)
 def test_remote_death_is_an_error_in_the_cell_and_a_restart_recovers() -> None:
-    km, kc = start()
+    km, kc = start_kernel("cloudgpu-cpu")
     try:
         pid = value(kc, "__import__('os').getpid()")
         ex = run(kc, "import os\nos._exit(1)", timeout=60)
         assert ex.status == "error" and ex.reply["ename"] == "RemoteKernelDiedError"
-        assert "died" in ex.error_text() and "Restart the kernel" in ex.error_text()
+        assert "died" in ex.tracebacks() and "Restart the kernel" in ex.tracebacks()
         assert ex.states() == ["busy", "idle"]
-        assert gone(pid), "the dead remote kernel's hardware was not released"
+        assert _process.wait_gone(pid, 20), "the dead remote kernel's hardware was not released"
 
         again = run(kc, "print('anyone there?')")
-        assert again.status == "error" and "Restart the kernel" in again.error_text()
+        assert again.status == "error" and "Restart the kernel" in again.tracebacks()
         assert "no remote kernel" in ok(kc, "%cloudgpu status").stream()
 
         km.restart_kernel()
@@ -562,15 +449,14 @@ def test_remote_death_is_an_error_in_the_cell_and_a_restart_recovers() -> None:
         sessions = httpx.get(f"{pool['url']}/api/sessions", headers=auth, timeout=10).json()
         session = next(s for s in sessions["sessions"] if s["kernel_id"] == kernel_id)
         httpx.delete(f"{pool['url']}/api/sessions/{session['id']}", headers=auth, timeout=30)
-        # The host closes the kernel's websocket as it stops it: wait until the proxy knows.
-        deadline = time.monotonic() + 30
-        while "no remote kernel" not in ok(kc, "%cloudgpu status").stream():
-            assert time.monotonic() < deadline, "the proxy never noticed its kernel was stopped"
+        # The host closes the kernel's websocket as it stops it; the proxy then asks the pool why.
+        wait_until(lambda: "The pool says" in ok(kc, "%cloudgpu status").stream(), within=20,
+                   what="the proxy learning from the pool that its session was stopped")
         ex = run(kc, "print('still there?')")
-        assert ex.status == "error" and "was stopped" in ex.error_text()
-        assert "The pool says: stopped by its owner" in ex.error_text()
+        assert ex.status == "error" and "was stopped" in ex.tracebacks()
+        assert "The pool says: stopped by its owner" in ex.tracebacks()
     finally:
-        stop(km, kc)
+        stop_kernel(km, kc)
 
 
 @pytest.mark.timeout(120)
@@ -578,7 +464,7 @@ def test_host_going_away_fails_the_running_cell_clearly() -> None:
     # A private local pool, so that killing its host leaves the other tests' pool alone.
     # A short folder: the host's kernels bind IPC sockets there (108-byte path limit).
     runtime = Path(tempfile.mkdtemp(prefix="cg-"))
-    km, kc = start(JUPYTER_RUNTIME_DIR=str(runtime))
+    km, kc = start_kernel("cloudgpu-cpu", JUPYTER_RUNTIME_DIR=str(runtime))
     try:
         ok(kc, "pass", timeout=90)
         host = json.loads((runtime / "cloudgpu-local-host" / "host-state.json").read_text())
@@ -593,10 +479,10 @@ def test_host_going_away_fails_the_running_cell_clearly() -> None:
         # The proxy itself is fine: it answers, and says there is no remote kernel.
         assert "no remote kernel: The connection" in ok(kc, "%cloudgpu status").stream()
     finally:
-        stop(km, kc)
+        stop_kernel(km, kc)
         pool = runtime / "cloudgpu-pool.json"
-        if pool.exists():
-            os.kill(json.loads(pool.read_text())["pid"], signal.SIGTERM)
+        if pool.exists():  # stopped before its folder goes
+            _process.stop(_process.read_json(pool)["pid"], grace=20)
         shutil.rmtree(runtime, ignore_errors=True)
 
 
@@ -614,17 +500,17 @@ def test_restart_gives_a_fresh_remote_kernel_and_frees_the_old_one(
     after = status(kc)
     assert after["hardware"] == "CPU"  # the kernelspec's hardware, not the switched-to one
     assert after["kernel"].split()[0] != before["kernel"].split()[0]
-    assert gone(pid), "the remote kernel before the restart still runs"
+    assert _process.wait_gone(pid, 20), "the remote kernel before the restart still runs"
 
 
 @pytest.mark.timeout(60)
 def test_shutdown_releases_the_remote_kernel_at_once() -> None:
-    km, kc = start()
+    km, kc = start_kernel("cloudgpu-cpu")
     pid = value(kc, "__import__('os').getpid()", )
     started = time.monotonic()
-    stop(km, kc)
+    stop_kernel(km, kc)
     assert time.monotonic() - started < 10
-    assert gone(pid, within=10)
+    assert _process.wait_gone(pid, 10)
 
 
 # --- the standard kernel conformance suite ------------------------------------------------

@@ -17,34 +17,24 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
-from jupyter_client.manager import KernelManager, start_new_kernel
-from kernel_driver import CLIENT, MAGIC, Message, ok, run, value
+from jupyter_client.manager import KernelManager
+from kernel_driver import CLIENT, MAGIC, Message, ok, run, start_kernel, stop_kernel, value
 
-def start_local_kernel() -> tuple[KernelManager, BlockingKernelClient]:
-    km, kc = start_new_kernel(kernel_name="python3", env=dict(os.environ), startup_timeout=60)
-    return km, kc
-
-
-def stop_local_kernel(km: KernelManager, kc: BlockingKernelClient) -> None:
-    kc.stop_channels()
-    if km.is_alive():
-        km.shutdown_kernel(now=False)
-    km.cleanup_resources()
+from cloudgpu._process import running, wait_gone
 
 
 @pytest.fixture(scope="module")
 def local() -> Iterator[tuple[KernelManager, BlockingKernelClient]]:
     """One local kernel with ``%load_ext cloudgpu`` done, shared by the module."""
-    km, client = start_local_kernel()
+    km, client = start_kernel()
     try:
         ok(client, "%load_ext cloudgpu")
         yield km, client
     finally:
-        stop_local_kernel(km, client)
+        stop_kernel(km, client)
 
 
 @pytest.fixture
@@ -58,24 +48,11 @@ def remote_pid(kc: BlockingKernelClient, spec: str = "cpu") -> int:
     return pid
 
 
-def gone(pid: int) -> bool:
-    """True once ``pid`` no longer runs (a zombie nobody reaped counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
-def wait_gone(pids: dict[str, int], within: float = 15) -> dict[str, int]:
-    """The processes of ``pids`` still running after ``within`` seconds."""
+def still_running(pids: dict[str, int], within: float = 15) -> dict[str, int]:
+    """The processes of ``pids`` still running after up to ``within`` seconds of waiting."""
     deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        alive = {name: pid for name, pid in pids.items() if not gone(pid)}
-        if not alive:
-            return {}
-        time.sleep(0.1)
-    return {name: pid for name, pid in pids.items() if not gone(pid)}
+    return {name: pid for name, pid in pids.items()
+            if not wait_gone(pid, max(deadline - time.monotonic(), 0))}
 
 
 # --- the quickstart and sessions ---------------------------------------------
@@ -333,19 +310,19 @@ def test_remote_kernel_goes_away_with_the_local_kernel(how: str) -> None:
     the session once no client is connected (``disconnected_timeout``, 3 s in tests).
     The pool and its host are shared by every notebook, so they stay.
     """
-    km, kc = start_local_kernel()
+    km, kc = start_kernel()
     try:
         ok(kc, "%load_ext cloudgpu")
         ok(kc, "%%remote gpu=cpu\nx = 1\n", timeout=60)
         pids = {"remote kernel": remote_pid(kc),
                 "local kernel": value(kc, "__import__('os').getpid()")}
-        assert not any(gone(pid) for pid in pids.values())
+        assert all(running(pid) for pid in pids.values())
         if how == "shutdown":
             kc.stop_channels()
             km.shutdown_kernel()
         else:
             os.kill(pids["local kernel"], signal.SIGKILL)
-        left = wait_gone(pids)
+        left = still_running(pids)
         for pid in left.values():  # don't leave them running when the test fails
             os.kill(pid, signal.SIGKILL)
         assert left == {}

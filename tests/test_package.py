@@ -11,13 +11,32 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = {
+#: The top-level folders and the import names they map to (pyproject's package-dir).
+FOLDERS = {
     "cloudgpu": "cloudgpu",
     "cloudgpu.magics": "magics",
     "cloudgpu.kernel": "kernel",
     "cloudgpu.remote_host": "remote_host",
     "cloudgpu.labextension": "labextension",
 }
+
+
+def _subpackages() -> dict[str, Path]:
+    """Every package in the source tree (a folder with ``__init__.py``), by import name."""
+    found = {}
+    for package, folder in FOLDERS.items():
+        for init in sorted((ROOT / folder).rglob("__init__.py")):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            found[".".join((package, *parts))] = init.parent
+    return found
+
+
+SUBPACKAGES = _subpackages()
+
+
+def test_the_remote_side_is_split_into_host_and_pool() -> None:
+    assert {"cloudgpu.remote_host.host", "cloudgpu.remote_host.pool",
+            "cloudgpu.remote_host.pool.backends"} <= set(SUBPACKAGES)
 
 
 @pytest.mark.timeout(180)
@@ -30,13 +49,17 @@ def test_wheel_ships_every_subpackage_and_the_catalog(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("cloudgpu-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for package, folder in SUBPACKAGES.items():
-        for source in (ROOT / folder).glob("*.py"):
+        for source in folder.glob("*.py"):
             shipped = f"{package.replace('.', '/')}/{source.name}"
             assert shipped in names, f"{source.relative_to(ROOT)} is missing from the wheel"
     assert "cloudgpu/data/catalog.json" in names
     assert "cloudgpu/py.typed" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "cloudgpu = cloudgpu.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    declared = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "cloudgpu = cloudgpu.cli:main" in declared
+    for backend in ("local = cloudgpu.remote_host.pool.backends.local:LocalBackend",
+                    "static = cloudgpu.remote_host.pool.backends.static:StaticBackend"):
+        assert backend in declared
 
 
 def test_editable_install_maps_folders_into_the_namespace() -> None:
@@ -44,7 +67,7 @@ def test_editable_install_maps_folders_into_the_namespace() -> None:
 
     for package, folder in SUBPACKAGES.items():
         module = importlib.import_module(package)
-        assert Path(module.__file__).resolve() == (ROOT / folder / "__init__.py").resolve()
+        assert Path(module.__file__).resolve() == (folder / "__init__.py").resolve()
 
 
 EXPORTS = {
@@ -57,7 +80,16 @@ EXPORTS = {
     "cloudgpu.magics": {"RemoteMagics", "load_ipython_extension"},
     "cloudgpu.kernel": {"InstalledKernel", "ProxyKernel", "install_kernelspecs", "kernelspec_name",
                         "list_kernelspecs", "main", "remove_kernelspecs"},
-    "cloudgpu.remote_host": {"Device", "HostApp", "Inventory", "NoCapacityError"},
+    "cloudgpu.remote_host": {"Device", "HostApp", "Inventory", "PoolApp"},
+    "cloudgpu.remote_host.host": {
+        "HOST_HANDLERS", "Agent", "AgentKernelSpecManager", "Device", "GPUKernelManager",
+        "HostApp", "HostIdentityProvider", "Inventory", "LowLatencyWebsocketConnection",
+    },
+    "cloudgpu.remote_host.pool": {
+        "POOL_HANDLERS", "Backend", "Decision", "HostsBackend", "Ledger", "Placement", "Pool",
+        "PoolApp", "Scheduler", "SessionRecord", "Slot", "WarmKernels", "load_backend",
+    },
+    "cloudgpu.remote_host.pool.backends": {"LocalBackend", "StaticBackend"},
 }
 
 
@@ -74,15 +106,25 @@ def test_exported_members(module: str, expected: set[str]) -> None:
         "public = sorted(n for n, v in vars(mod).items() if not n.startswith('_')\n"
         "                and not isinstance(v, (types.ModuleType, __future__._Feature)))\n"
         "print(json.dumps({'all': list(mod.__all__), 'public': public,\n"
-        "                  'missing': [n for n in mod.__all__ if getattr(mod, n, None) is None]}))"
+        "                  'missing': [n for n in mod.__all__ if getattr(mod, n, None) is None],\n"
+        "                  'strict': not hasattr(mod, 'NotExported')}))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          timeout=60, check=True)
     found = json.loads(out.stdout)
-    assert found["all"] == sorted(found["all"]), "keep __all__ sorted"
     assert set(found["all"]) - {"__version__"} == expected
     assert set(found["public"]) - set(found["all"]) == set(), "public, but not in __all__"
     assert found["missing"] == [], "in __all__, but not there (lazy names included)"
+    assert found["strict"], "a lazy module answers for names it does not export"
+
+
+def test_the_agent_does_not_import_jupyter_server() -> None:
+    """It runs inside every remote kernel; the host's web stack has no business there."""
+    code = ("import sys, cloudgpu.remote_host.host.agent\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'jupyter_server'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_every_error_says_when_it_is_raised() -> None:

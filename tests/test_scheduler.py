@@ -6,7 +6,7 @@ import pytest
 
 from cloudgpu.errors import HardwareUnavailableError
 from cloudgpu.hardware import Catalog, parse_spec
-from cloudgpu.remote_host.scheduler import Scheduler, Slot
+from cloudgpu.remote_host.pool.scheduler import Scheduler, Slot
 
 
 def scheduler(*slots: Slot) -> Scheduler:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import socket
 import threading
@@ -107,6 +108,19 @@ def test_websocket_framing_round_trip() -> None:
     assert back["header"] == msg["header"] and back["content"] == msg["content"]
     assert [bytes(b) for b in back["buffers"]] == [b"abc", b"", b"x" * 10]
     assert back["msg_type"] == "comm_msg"
+
+
+def test_websocket_framing_is_jupyters_own_byte_for_byte() -> None:
+    """Our encoder and the host's copy-free path share ``v1_header``; Jupyter's agrees."""
+    from jupyter_server.services.kernels.connection.base import serialize_msg_to_ws_v1
+
+    msg = _wire.new_message("comm_msg", {"data": {"k": 1}}, "sess",
+                            buffers=[b"abc", b"", b"x" * 10])
+    parts = [json.dumps(msg[k], separators=(",", ":")).encode()
+             for k in ("header", "parent_header", "metadata", "content")] + msg["buffers"]
+    assert _wire.encode("iopub", msg) == serialize_msg_to_ws_v1(parts, "iopub")
+    assert _wire.v1_header(b"iopub", parts) + b"iopub" + b"".join(parts) == \
+        serialize_msg_to_ws_v1(parts, "iopub")
 
 
 def test_version_skew_names_both_versions() -> None:

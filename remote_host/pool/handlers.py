@@ -20,7 +20,7 @@ from cloudgpu.errors import (
     http_status,
 )
 
-from .pool import Pool
+from .service import Pool
 
 __all__ = ["POOL_HANDLERS"]
 

@@ -8,8 +8,8 @@ from traitlets import List, Unicode
 
 from cloudgpu.errors import CloudGPUError
 
-from .backend import HostsBackend
-from .scheduler import Slot
+from ..backend import HostsBackend
+from ..scheduler import Slot
 
 __all__ = ["StaticBackend"]
 

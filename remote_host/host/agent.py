@@ -1,6 +1,6 @@
 """The cloudgpu agent inside each remote kernel: receives and sends variables over a comm.
 
-Loaded by the host's kernels with ``--ext=cloudgpu.remote_host.agent``. The comm target
+Loaded by the host's kernels with ``--ext=cloudgpu.remote_host.host.agent``. The comm target
 ``cloudgpu.agent`` understands three operations, each a comm message whose binary
 buffers carry the frames (see ``cloudgpu._transfer``):
 
@@ -35,6 +35,8 @@ from cloudgpu.serialize import (
     loads,
     versions,
 )
+
+__all__ = ["TARGET", "Agent", "load_ipython_extension"]
 
 TARGET = "cloudgpu.agent"
 

@@ -13,7 +13,7 @@ from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebso
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 from traitlets import Float, Instance, Unicode
 
-from cloudgpu._wire import SUBPROTOCOL
+from cloudgpu._wire import SUBPROTOCOL, v1_header
 from cloudgpu.hardware import Catalog, HardwareSpec
 
 from .inventory import Device, Inventory
@@ -41,7 +41,7 @@ class AgentKernelSpecManager(KernelSpecManager):
     def _spec(self) -> KernelSpec:
         argv = [
             sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
-            "--ext=cloudgpu.remote_host.agent",
+            "--ext=cloudgpu.remote_host.host.agent",
         ]
         return KernelSpec(
             argv=argv,
@@ -172,12 +172,8 @@ class LowLatencyWebsocketConnection(ZMQChannelsWebsocketConnection):
             super()._on_zmq_reply(stream, msg_list)
             return
         channel = getattr(stream, "channel", "").encode()
-        parts = [channel, *msg_list]
-        offsets = [8 * (len(parts) + 2)]
-        for part in parts:
-            offsets.append(offsets[-1] + len(part))
-        v1_head = b"".join(x.to_bytes(8, "little") for x in (len(offsets), *offsets))
-        length = len(v1_head) + size + len(channel)
+        v1_head = v1_header(channel, msg_list)
+        length = len(v1_head) + len(channel) + size
         frame_head = struct.pack("!BBQ", 0x80 | 0x2, 127, length)  # FIN, binary, 64-bit length
         ws.stream.write(frame_head + v1_head + channel)
         for part in msg_list:

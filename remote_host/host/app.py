@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import sys
@@ -17,6 +16,7 @@ from traitlets import Integer, Unicode, default
 from traitlets.config import Config
 
 from cloudgpu import __version__
+from cloudgpu._process import write_private_json
 from cloudgpu.hardware import Catalog
 
 from .auth import HostIdentityProvider
@@ -159,12 +159,10 @@ class HostApp(ServerApp):
         """Write the --info-file (not Jupyter's server list: a host is not a notebook server)."""
         if not self.info_file:
             return
-        info = {"url": self.connection_url, "port": self.port, "pid": os.getpid(),
-                "simulated": cast(GPUKernelManager, self.kernel_manager).inventory.simulated}
-        tmp = f"{self.info_file}.tmp"
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump(info, f)
-        os.replace(tmp, self.info_file)
+        write_private_json(self.info_file, {
+            "url": self.connection_url, "port": self.port, "pid": os.getpid(),
+            "simulated": cast(GPUKernelManager, self.kernel_manager).inventory.simulated,
+        })
 
     def remove_server_info_file(self) -> None:
         """Remove the --info-file on the way out."""

@@ -11,9 +11,9 @@ from traitlets import Unicode, default
 from cloudgpu.errors import CloudGPUError, HostConnectionError
 from cloudgpu.hardware import Choice
 
-from .backend import HostsBackend, Placement
-from .local_host import LocalHostProcess
-from .scheduler import Slot
+from ..backend import HostsBackend, Placement
+from ..scheduler import Slot
+from ._local_host import LocalHostProcess
 
 __all__ = ["LocalBackend"]
 

@@ -298,6 +298,9 @@ class Pool:
     async def wait(self, session_id: str, version: int, timeout: float) -> None:
         """Return when the session changed past ``version``, or after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
+        if self.version(session_id) == version:
+            self.log.debug("Session %s: waiting up to %.0f s for a change past version %d",
+                           session_id, timeout, version)
         while self.version(session_id) == version:
             left = deadline - time.monotonic()
             if left <= 0:

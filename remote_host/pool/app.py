@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import json
 import os
 import secrets
 import signal
@@ -19,14 +18,15 @@ from traitlets import Dict, Float, Integer, Unicode, default
 from traitlets.config import Application, Config
 
 from cloudgpu import __version__
+from cloudgpu._process import write_private_json
 from cloudgpu.hardware import Catalog
 
 from .backend import Backend, load_backend
-from .backend_local import LocalBackend
-from .backend_static import StaticBackend
+from .backends.local import LocalBackend
+from .backends.static import StaticBackend
+from .handlers import POOL_HANDLERS
 from .ledger import Ledger
-from .pool import Pool
-from .pool_handlers import POOL_HANDLERS
+from .service import Pool
 
 __all__ = ["PoolApp"]
 
@@ -161,9 +161,10 @@ class PoolApp(Application):
         self.log.info("cloudgpu pool %s on %s (backend %s, ledger %s)", __version__, url,
                       self.backend, self.db)
         if self.info_file:
-            _write_private(self.info_file, {"url": url, "token": token, "pid": os.getpid(),
-                                            "simulated": any(s.simulated for s in
-                                                             pool.scheduler.slots.values())})
+            write_private_json(self.info_file, {
+                "url": url, "token": token, "pid": os.getpid(),
+                "simulated": any(s.simulated for s in pool.scheduler.slots.values()),
+            })
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -176,13 +177,6 @@ class PoolApp(Application):
             pool.ledger.close()
             if self.info_file and os.path.exists(self.info_file):
                 os.unlink(self.info_file)
-
-
-def _write_private(path: str, data: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp"
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
 
 
 def _quiet_log(app: PoolApp) -> Any:

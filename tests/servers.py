@@ -1,0 +1,207 @@
+"""Real ``cloudgpu host`` and ``cloudgpu pool`` processes for tests, started as users start them.
+
+Built on ``cloudgpu._process``: each server writes its info file once it listens, its output
+goes to a log that a failed start quotes, and it is stopped with grace. Hosts and pools
+listen on their default address, 127.0.0.1 (test_host.py checks that default). The only
+fake is the GPU: hosts get a simulated inventory (``--simulate``).
+
+The fixtures that hand these out are in conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cloudgpu import _process
+
+
+def wait_until(done: Callable[[], object], within: float = 20, what: str = "the condition",
+               ) -> None:
+    """Look at ``done()`` until it is true; fail after ``within`` seconds naming ``what``."""
+    deadline = time.monotonic() + within
+    while not done():
+        assert time.monotonic() < deadline, f"{what} did not happen within {within} s"
+        time.sleep(0.05)
+
+
+def _server_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, **extra)
+    env.pop("CLOUDGPU_SIMULATE", None)  # each server is told its inventory explicitly
+    return env
+
+
+@dataclass
+class HostProcess:
+    """A running ``cloudgpu host``, and what a test asks of it over HTTP with its token."""
+
+    name: str
+    url: str
+    token: str
+    proc: subprocess.Popen[bytes]
+    info: Path
+    log: Path
+
+    def get_as(self, token: str | None, path: str) -> httpx.Response:
+        """``GET path`` with ``token`` (None: no Authorization header at all)."""
+        headers = {"Authorization": f"token {token}".strip()} if token is not None else {}
+        return httpx.get(self.url + path, headers=headers, timeout=30)
+
+    def get(self, path: str) -> httpx.Response:
+        """``GET path`` with the host token."""
+        return self.get_as(self.token, path)
+
+    def kernels(self) -> list[dict[str, Any]]:
+        """``GET /api/kernels``: every kernel the host runs."""
+        response = self.get("/api/kernels")
+        assert response.status_code == 200, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    def gpus(self) -> list[dict[str, Any]]:
+        """The host's own view: each GPU with the kernel holding it (or None)."""
+        response = self.get("/api/cloudgpu/host")
+        assert response.status_code == 200, response.text
+        return response.json()["inventory"]["gpus"]  # type: ignore[no-any-return]
+
+    def kernel_alive(self, kernel_id: str) -> bool:
+        """Whether the host still has that kernel."""
+        response = self.get(f"/api/kernels/{kernel_id}")
+        assert response.status_code in (200, 404), response.text
+        return response.status_code == 200
+
+    def delete_kernel(self, kernel_id: str) -> None:
+        """Shut one kernel down, as its host's operator would."""
+        response = httpx.delete(f"{self.url}/api/kernels/{kernel_id}", timeout=30,
+                                headers={"Authorization": f"token {self.token}"})
+        assert response.status_code == 204, response.text
+
+    def reset(self) -> None:
+        """Shut every kernel down (a safety net after a test that killed its pool)."""
+        for kernel in self.kernels():
+            httpx.delete(f"{self.url}/api/kernels/{kernel['id']}", timeout=30,
+                         headers={"Authorization": f"token {self.token}"})
+
+    def stop(self) -> None:
+        """SIGTERM, as an operator stops a host; SIGKILL if it hangs."""
+        _process.stop(self.proc, grace=20)
+
+
+class HostFactory:
+    """Starts hosts with simulated inventories in one folder; :meth:`close` stops them all."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: dict[str, HostProcess] = {}
+
+    def start(self, simulate: str | None = None, *, name: str = "host",
+              log_level: str | None = None, env: Mapping[str, str] | None = None,
+              ) -> HostProcess:
+        """One host, ready to use.
+
+        Args:
+            simulate: its simulated GPUs (``H100:2``); None for what NVML finds (here: none).
+            name: names its info file and log in the folder; one host per name.
+            log_level: ``DEBUG`` to log every request.
+            env: more environment variables for it.
+        """
+        return self.start_many({name: simulate}, log_level=log_level, env=env)[name]
+
+    def start_many(self, inventories: Mapping[str, str | None], *,
+                   log_level: str | None = None, env: Mapping[str, str] | None = None,
+                   ) -> dict[str, HostProcess]:
+        """Hosts by name, with their inventories, started side by side (it is faster)."""
+        launched = {}
+        for name, simulate in inventories.items():
+            assert name not in self.started and name not in launched, f"a second host {name!r}"
+            token = secrets.token_hex(24)
+            info, log = self.workdir / f"{name}.json", self.workdir / f"{name}.log"
+            cmd = [sys.executable, "-m", "cloudgpu", "host", "--port=0", f"--info-file={info}"]
+            if simulate:
+                cmd.append(f"--simulate={simulate}")
+            if log_level:
+                cmd.append(f"--log-level={log_level}")
+            proc = _process.start(cmd, log_path=log,
+                                  env=_server_env(CLOUDGPU_HOST_TOKEN=token, **(env or {})))
+            launched[name] = (proc, token, info, log)
+        for name, (proc, token, info, log) in launched.items():
+            # Known before waiting, so that close() stops it even if another fails to start.
+            self.started[name] = HostProcess(name, "", token, proc, info, log)
+        for name, (proc, token, info, log) in launched.items():
+            found = _process.wait_for_info(proc, info, log_path=log, what=f"Host {name}")
+            self.started[name].url = str(found["url"]).rstrip("/")
+        return {name: self.started[name] for name in launched}
+
+    def close(self) -> None:
+        """Stop every host this factory started."""
+        for host in self.started.values():
+            host.proc.terminate()
+        for host in self.started.values():
+            host.stop()
+
+
+class PoolProcess:
+    """A ``cloudgpu pool --backend static`` over some hosts; it can be started again on the
+    same ledger, as after a crash.
+
+    Args:
+        workdir: where its info file, log and (by default) ledger go.
+        hosts: the hosts it hands out.
+        config: its config file (``--config``).
+        name: names its files in ``workdir``.
+        db: its SQLite ledger.
+    """
+
+    def __init__(self, workdir: Path, hosts: Iterable[HostProcess], config: Path, *,
+                 name: str = "pool", db: Path | None = None) -> None:
+        self.hosts = list(hosts)
+        self.config = config
+        self.db = db or workdir / f"{name}.sqlite"
+        self.info = workdir / f"{name}.json"
+        self.log = workdir / f"{name}.log"
+        self.token = secrets.token_hex(24)  # this machine's user (CLOUDGPU_POOL_TOKEN)
+        self.url = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> PoolProcess:
+        """Start it and wait until it listens."""
+        entries = ",".join(f"{h.url}?token={h.token}" for h in self.hosts)
+        self.proc, info = _process.spawn(
+            [sys.executable, "-m", "cloudgpu", "pool", "--backend=static", f"--hosts={entries}",
+             "--port=0", f"--db={self.db}", f"--config={self.config}",
+             f"--info-file={self.info}", "--log-level=DEBUG"],
+            env=_server_env(CLOUDGPU_POOL_TOKEN=self.token), info_path=self.info,
+            log_path=self.log, what="The test pool",
+        )
+        self.url = str(info["url"])
+        return self
+
+    def request(self, method: str, path: str, *, token: str | None = None,
+                **kw: Any) -> httpx.Response:
+        """A REST request, as this machine's user unless ``token`` says otherwise."""
+        return httpx.request(method, self.url + path, timeout=90,
+                             headers={"Authorization": f"token {token or self.token}"}, **kw)
+
+    def wait_for_log(self, text: str, within: float = 20) -> None:
+        """Until the pool's log (at DEBUG) has a line with ``text``."""
+        wait_until(lambda: text in self.log.read_text(errors="replace"), within,
+                   f"the pool logging {text!r}")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: nothing is cleaned up."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(20)
+
+    def stop(self) -> None:
+        """SIGTERM (the pool stops its sessions); SIGKILL if it hangs."""
+        if self.proc is not None:
+            _process.stop(self.proc, grace=30)
