@@ -276,3 +276,23 @@ def test_big_messages_keep_the_standard_v1_framing(host: HostProcess) -> None:
 
     content = run(go())
     assert content["text"] == "x" * 3_000_000 + "\n"
+
+
+
+def test_a_kernel_still_starting_is_listed_as_starting() -> None:
+    """Jupyter keeps a starting kernel in its map a moment before it has a last_activity;
+    its own model of it raised then, and every `GET /api/kernels` at that moment was a 500.
+
+    The moment is one event-loop turn wide, so the test makes it: a real kernel manager
+    that has not started yet, in the host's kernel map.
+    """
+    from jupyter_client.ioloop import AsyncIOLoopKernelManager
+
+    from cloudgpu.hardware import Catalog
+    from cloudgpu.remote_host.host.kernels import GPUKernelManager
+
+    manager = GPUKernelManager(inventory=Inventory([]), catalog=Catalog.default())
+    manager._kernels["k-1"] = AsyncIOLoopKernelManager(kernel_name="cloudgpu-python")
+    (model,) = manager.list_kernels()
+    assert model["id"] == "k-1" and model["execution_state"] == "starting"
+    assert model["cloudgpu"] == {"gpus": []}

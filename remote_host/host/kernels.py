@@ -135,8 +135,18 @@ class GPUKernelManager(AsyncMappingKernelManager):
         return super().remove_kernel(kernel_id)
 
     def kernel_model(self, kernel_id: str) -> dict[str, Any]:
-        """The standard kernel model plus the GPUs it holds."""
-        model: dict[str, Any] = super().kernel_model(kernel_id)
+        """The standard kernel model plus the GPUs it holds.
+
+        A kernel still starting has no ``last_activity`` yet, and Jupyter's own model of it
+        fails (a 500 for everyone listing kernels at that moment): it is shown as starting.
+        """
+        kernel = self._kernels.get(kernel_id)
+        if kernel is not None and not kernel.trait_has_value("last_activity"):
+            model: dict[str, Any] = {"id": kernel_id, "name": kernel.kernel_name,
+                                     "last_activity": None, "execution_state": "starting",
+                                     "connections": 0}
+        else:
+            model = super().kernel_model(kernel_id)
         model["cloudgpu"] = {"gpus": [d.__dict__ for d in self.inventory.held_by(kernel_id)]}
         return model
 
