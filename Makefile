@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cloudgpu-installed
 
-.PHONY: demo test bench bench-quick venv clean
+.PHONY: demo test lint bench bench-quick venv clean
 
 venv: $(STAMP)
 
@@ -19,9 +19,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/cloudgpu run examples/quickstart.ipynb
 
-## Run the whole test suite.
-test: $(STAMP)
+## Lint and type-check, then run the whole test suite.
+test: lint
 	$(PY) -m pytest
+
+## ruff on the tree; mypy on the package as installed (where every subpackage sits under
+## cloudgpu/, so calls between them are checked), built fresh into build/typed.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	rm -rf build/lib build/typed && mkdir -p build
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation --target build/typed . \
+		>build/typed.log 2>&1 || (cat build/typed.log; exit 1)
+	cd build/typed && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p cloudgpu
 
 BENCHES := cell_overhead transfer unchanged start streaming pool_bench
 

@@ -166,7 +166,8 @@ class DelayRelay:
             task.cancel()
 
 
-_ECHO = ("import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,1)\n"
+_ECHO = ("import socket\ns=socket.socket()\n"
+         "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR,1)\n"
         "s.bind(('{ip}', 7)); s.listen(1)\nc,_=s.accept()\n"
         "c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n"
         "while (d := c.recv(64)): c.sendall(d)\n")

@@ -9,9 +9,8 @@ one round trip + 10 ms; on loopback, 1.5x the floor.
 
 from __future__ import annotations
 
-
-from _util import QUICK, Kernel, Table, host, machine, median_ms, pool, repeat
 import _wan
+from _util import QUICK, Kernel, Table, host, machine, median_ms, pool, repeat
 
 N = 30 if QUICK else 200
 N_WAN = 8 if QUICK else 30

@@ -106,7 +106,10 @@ def decisions(n_hosts: int, cycles: int, backlog: int = 0
 def bench_decisions() -> None:
     table = Table(f"Pool decisions, in-process Scheduler (request cycles, mixed specs "
                   f"{', '.join(SPECS)})")
-    us = lambda ms: ms * 1000
+
+    def us(ms: float) -> float:
+        return ms * 1000
+
     for label, backlog, cycles in (("partly busy pool", 0, CYCLES),
                                    ("full pool, ~100 queued", 100, CYCLES // 2)):
         big, made_big, wall_big, q_big = decisions(1000, cycles, backlog)
@@ -185,7 +188,8 @@ async def pool_sessions(pool_url: str, token: str, n: int, hosts: list[tuple[str
     outcomes = [Outcome() for _ in range(n)]
     go = asyncio.Event()
     try:
-        tasks = [asyncio.create_task(one_session(c, go, o)) for c, o in zip(clients, outcomes)]
+        pairs = list(zip(clients, outcomes, strict=True))
+        tasks = [asyncio.create_task(one_session(c, go, o)) for c, o in pairs]
         await asyncio.sleep(0.1)  # every client is waiting on `go`
         start = time.perf_counter()
         go.set()
@@ -197,7 +201,7 @@ async def pool_sessions(pool_url: str, token: str, n: int, hosts: list[tuple[str
                                      headers={"Authorization": f"token {host_token}"})
             states.update(k["execution_state"] for k in r.json())
         states["(kernel processes alive)"] = sum(len(descendants(pid)) for _, _, pid in hosts)
-        deletes = [c.delete(f"/api/sessions/{o.id}") for c, o in zip(clients, outcomes) if o.id]
+        deletes = [c.delete(f"/api/sessions/{o.id}") for c, o in pairs if o.id]
         for r in await asyncio.gather(*deletes, return_exceptions=True):
             if isinstance(r, BaseException) or r.status_code != 200:
                 print(f"delete failed: {r!r}", flush=True)

@@ -168,7 +168,10 @@ def main() -> None:
             cold, _ = remote_runs(url, token, pid, pool_url, pool_token, False, RUNS)
         with pool([(url, token)], config=WARM) as (pool_url, pool_token):
             warm, hits = remote_runs(url, token, pid, pool_url, pool_token, True, RUNS)
-    spread = lambda s: f"{min(s) * 1000:.0f}-{max(s) * 1000:.0f} ms over {len(s)} runs"
+
+    def spread(s: list[float]) -> str:
+        return f"{min(s) * 1000:.0f}-{max(s) * 1000:.0f} ms over {len(s)} runs"
+
     table.add("local ipykernel cold start to first output (baseline)", base_ms, None,
               note=spread(base))
     cold_ms = median_ms(cold)

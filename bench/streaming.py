@@ -92,7 +92,7 @@ def flood(kernel: Kernel, prefix: str) -> tuple[list[float], int, str]:
 
 def describe_mismatch(lines: list[str], expected: list[str]) -> str:
     """Say how the lines received differ from those printed."""
-    first = next((i for i, (a, b) in enumerate(zip(lines, expected)) if a != b),
+    first = next((i for i, (a, b) in enumerate(zip(lines, expected, strict=False)) if a != b),
                  min(len(lines), len(expected)))
     seen = set(lines)
     missing = sum(1 for e in expected if e not in seen)

@@ -12,8 +12,9 @@ Baselines, measured in the same run on the same path: raw websocket throughput (
 pull the server sends), raw TCP (``sendall`` to a sink; for pull the server sends), and
 ipyparallel ``view.push({'x': a}, block=True)`` / ``view.pull('x', block=True)`` with one
 local engine, called from this process. The raw baselines only count the bytes they
-receive; ours and ipyparallel's also rebuild the array. Memory: the peak RSS of the local kernel, the remote kernel (and the host
-server between them) during the timed cell, as (peak - RSS before) / size; the side that
+receive; ours and ipyparallel's also rebuild the array. Memory: the peak RSS of the local
+kernel, the remote kernel (and the host server between them) during the timed cell, as
+(peak - RSS before) / size; the side that
 receives the value must hold it once, so its "extra copies" are that minus one.
 
 On the emulated WAN link (see _wan.py: 1 Gbit/s, 50 ms round trip; host inside the
@@ -38,11 +39,21 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 import _wan
-from _util import QUICK, Kernel, Table, host, machine, median_ms, peak_rss, pool, repeat, \
-    reset_peak_rss, rss
+import numpy as np
+from _util import (
+    QUICK,
+    Kernel,
+    Table,
+    host,
+    machine,
+    median_ms,
+    peak_rss,
+    pool,
+    repeat,
+    reset_peak_rss,
+    rss,
+)
 
 MB = 1_000_000
 SIZES_MB = (8, 80) if QUICK else (8, 80, 800)
@@ -237,7 +248,7 @@ def ipyparallel_rates(sizes: Sequence[int]) -> dict[int, tuple[float | str, floa
     cluster = ipp.Cluster(n=1, controller_ip="127.0.0.1", log_level=40)
     try:
         rc = cluster.start_and_connect_sync()
-    except Exception as e:  # noqa: BLE001 - a baseline that cannot start is reported, not fatal
+    except Exception as e:
         with contextlib.suppress(Exception):
             cluster.stop_cluster_sync()
         return f"ipyparallel did not start: {type(e).__name__}: {e}"

@@ -17,7 +17,7 @@ if typing.TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
+from .errors import (
     AuthenticationError,
     BudgetExceededError,
     CloudGPUError,
@@ -30,7 +30,7 @@ from .errors import (  # noqa: E402
     UnknownHardwareError,
     VersionSkewWarning,
 )
-from .hardware import Catalog, HardwareSpec, parse_spec  # noqa: E402
+from .hardware import Catalog, HardwareSpec, parse_spec
 
 __all__ = [
     "AuthenticationError",

@@ -66,7 +66,7 @@ class Assembler:
             self.headers = data["vars"]
             self._frames = [[None] * len(h["sizes"]) for h in self.headers]
             self.total = sum(sum(h["sizes"]) for h in self.headers)
-        for (vi, fi, offset), buf in zip(data["pieces"], buffers):
+        for (vi, fi, offset), buf in zip(data["pieces"], buffers, strict=True):
             view = memoryview(buf).cast("B")
             size = self.headers[vi]["sizes"][fi]
             if offset == 0 and view.nbytes == size:
@@ -81,4 +81,4 @@ class Assembler:
     def values(self) -> dict[str, Serialized]:
         """The reassembled values, by name."""
         return {h["name"]: Serialized(h["codec"], [memoryview(f) for f in frames], h.get("digest"))
-                for h, frames in zip(self.headers, self._frames)}
+                for h, frames in zip(self.headers, self._frames, strict=True)}

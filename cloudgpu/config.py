@@ -16,8 +16,12 @@ import os
 from jupyter_core.paths import jupyter_config_path
 from traitlets import Unicode
 from traitlets.config import Configurable
-from traitlets.config.loader import Config, ConfigFileNotFound, JSONFileConfigLoader, \
-    PyFileConfigLoader
+from traitlets.config.loader import (
+    Config,
+    ConfigFileNotFound,
+    JSONFileConfigLoader,
+    PyFileConfigLoader,
+)
 
 __all__ = ["ClientConfig", "load_client_config"]
 

@@ -106,7 +106,7 @@ class RemoteExecutionError(CloudGPUError):
 
 
 class VersionSkewWarning(UserWarning):
-    """Warned when the local and remote Python or cloudpickle versions differ in a way that can break unpickling."""
+    """Warned when the two sides' Python or cloudpickle differ enough to break unpickling."""
 
 
 # --- the wire convention -------------------------------------------------------------------

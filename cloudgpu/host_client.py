@@ -167,7 +167,8 @@ class KernelConnection:
         if ws.subprotocol != _wire.SUBPROTOCOL:
             await ws.close()
             raise HostConnectionError(
-                f"The host at {host.url} does not speak {_wire.SUBPROTOCOL}; upgrade jupyter_server "
+                f"The host at {host.url} does not speak {_wire.SUBPROTOCOL}; upgrade "
+                f"jupyter_server "
                 f"there (>= 2.10)."
             )
         return cls(ws, kernel_id, on_message)

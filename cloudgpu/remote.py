@@ -23,7 +23,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _wire
 from ._transfer import Assembler, pack
@@ -33,6 +33,8 @@ from .provider import Grant
 from .serialize import Serialized, versions
 
 __all__ = ["AGENT_TARGET", "AgentBatch", "Forward", "RemoteKernel", "version_skew"]
+
+T = TypeVar("T")
 
 AGENT_TARGET = "cloudgpu.agent"
 DEATH_STATES = frozenset({"restarting", "autorestarting", "dead"})
@@ -195,17 +197,17 @@ class RemoteKernel:
         finally:
             self.unroute(msg_id)
 
-    async def wait(self, future: asyncio.Future[Any], timeout: float | None, what: str) -> Any:
+    async def wait(self, future: asyncio.Future[T], timeout: float | None, what: str) -> T:
         """``future``'s result; the loss error if the kernel is lost first.
 
         Raises:
             HostConnectionError: nothing within ``timeout`` seconds (``what`` says what).
         """
-        done, _ = await asyncio.wait([future, self.lost], timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if future in done:
+        waiting: list[asyncio.Future[Any]] = [future, self.lost]
+        await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if future.done():
             return future.result()
-        if self.lost in done:
+        if self.lost.done():
             raise self.lost.result()
         raise HostConnectionError(
             f"The remote kernel {self.kernel_id} on {self.grant.host_url} did not {what} "

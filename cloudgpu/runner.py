@@ -52,7 +52,6 @@ def run_notebook(path: str, *, timeout: int = 600, output: str | None = None,
     """
     import nbformat
     from nbclient import NotebookClient
-
     from traitlets.config import Config
 
     nb = nbformat.read(path, as_version=4)

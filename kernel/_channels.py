@@ -55,7 +55,8 @@ class LocalChannels:
         self.sockets["iopub"] = self._bind(zmq.PUB, info, "iopub")
         self.sockets["hb"] = self._bind(zmq.ROUTER, info, "hb")
         self._senders: dict[str, zmq.Socket[bytes]] = {
-            channel: zmq.Socket.shadow(socket.underlying) for channel, socket in self.sockets.items()
+            channel: zmq.Socket.shadow(socket.underlying)
+            for channel, socket in self.sockets.items()
         }
         self._tasks: list[asyncio.Task[None]] = []
 

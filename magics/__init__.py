@@ -14,10 +14,10 @@ __all__ = ["RemoteMagics", "load_ipython_extension"]
 
 def load_ipython_extension(ipython: InteractiveShell) -> None:
     """Register the magics and the renderer for remote tracebacks."""
-    from .remote import install_error_display  # noqa: PLC0415
+    from cloudgpu._http import prewarm
+    from cloudgpu.client import get_client
 
-    from cloudgpu._http import prewarm  # noqa: PLC0415
-    from cloudgpu.client import get_client  # noqa: PLC0415
+    from .remote import install_error_display
 
     # The first %%remote cell should not wait for TLS setup or for finding the pool.
     prewarm()

@@ -1,4 +1,4 @@
-"""Which names a cell reads from outside and which it assigns: the inputs and outputs of ``%%remote``."""
+"""Which names a cell reads from outside and which it assigns: ``%%remote``'s inputs and outputs."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ class _Visitor(ast.NodeVisitor):
         for stmt in [*node.body, *node.orelse]:
             self.visit(stmt)
 
-    visit_AsyncFor = visit_For  # type: ignore[assignment]
+    visit_AsyncFor = visit_For
 
     def visit_Import(self, node: ast.Import | ast.ImportFrom) -> None:
         for alias in node.names:
@@ -92,7 +92,7 @@ class _Visitor(ast.NodeVisitor):
                 if not self.local_stack:
                     self.names.imports.add(name)
 
-    visit_ImportFrom = visit_Import  # type: ignore[assignment]
+    visit_ImportFrom = visit_Import
 
     def visit_Global(self, node: ast.Global) -> None:
         for name in node.names:
@@ -122,7 +122,7 @@ class _Visitor(ast.NodeVisitor):
         self._write(node.name)
         self._scope(node, params, list(node.body))
 
-    visit_AsyncFunctionDef = visit_FunctionDef  # type: ignore[assignment]
+    visit_AsyncFunctionDef = visit_FunctionDef
 
     def visit_Lambda(self, node: ast.Lambda) -> None:
         args = node.args

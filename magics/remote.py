@@ -168,7 +168,8 @@ class RemoteMagics(Magics):
         for name in dict.fromkeys(reads + extra):
             if name not in ns or (name in hidden and ns[name] is hidden[name]):
                 continue
-            values[name] = dumps(ns[name], name)  # an unpicklable input fails here, before anything runs
+            # An unpicklable input fails here, before anything runs.
+            values[name] = dumps(ns[name], name)
         return values
 
     def _session(self, spec: HardwareSpec, new: bool, options: dict[str, Any]) -> RemoteSession:
@@ -277,7 +278,8 @@ class RemoteMagics(Magics):
     @magic_arguments()
     @argument("action", choices=["status", "hardware", "cost", "shutdown"], help="What to do.")
     @argument("--all", action="store_true", help="With shutdown: stop every session.")
-    @argument("--gpu", "-g", default=None, help="With shutdown: the hardware whose session to stop.")
+    @argument("--gpu", "-g", default=None,
+              help="With shutdown: the hardware whose session to stop.")
     @line_magic("remote")  # type: ignore[arg-type]
     def remote_line(self, line: str) -> None:
         """Manage remote sessions.

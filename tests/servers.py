@@ -135,7 +135,7 @@ class HostFactory:
         for name, (proc, token, info, log) in launched.items():
             # Known before waiting, so that close() stops it even if another fails to start.
             self.started[name] = HostProcess(name, "", token, proc, info, log)
-        for name, (proc, token, info, log) in launched.items():
+        for name, (proc, _token, info, log) in launched.items():
             found = _process.wait_for_info(proc, info, log_path=log, what=f"Host {name}")
             self.started[name].url = str(found["url"]).rstrip("/")
         return {name: self.started[name] for name in launched}

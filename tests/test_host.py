@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cloudgpu.remote_host.host.inventory import Inventory
 from servers import HostFactory, HostProcess
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -22,7 +23,6 @@ from websockets.exceptions import InvalidStatus
 from cloudgpu.errors import AuthenticationError, HardwareUnavailableError, UnknownHardwareError
 from cloudgpu.host_client import HostClient
 from cloudgpu.provider import Grant
-from cloudgpu.remote_host.host.inventory import Inventory
 from cloudgpu.session import RemoteSession
 
 pytestmark = pytest.mark.timeout(90)
@@ -286,10 +286,10 @@ def test_a_kernel_still_starting_is_listed_as_starting() -> None:
     The moment is one event-loop turn wide, so the test makes it: a real kernel manager
     that has not started yet, in the host's kernel map.
     """
+    from cloudgpu.remote_host.host.kernels import GPUKernelManager
     from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
     from cloudgpu.hardware import Catalog
-    from cloudgpu.remote_host.host.kernels import GPUKernelManager
 
     manager = GPUKernelManager(inventory=Inventory([]), catalog=Catalog.default())
     manager._kernels["k-1"] = AsyncIOLoopKernelManager(kernel_name="cloudgpu-python")

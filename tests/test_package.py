@@ -1,4 +1,4 @@
-"""Packaging: the wheel carries every subpackage, editable installs stay live, public names are fixed."""
+"""Packaging: every subpackage in the wheel, live editable installs, a fixed public face."""
 
 from __future__ import annotations
 
@@ -168,7 +168,8 @@ def test_pool_stop_stops_the_local_pool_and_a_cell_would_start_a_new_one(tmp_pat
     assert "No local pool is running" in subprocess.run(
         cli, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
     started = subprocess.run(
-        [sys.executable, "-c", "from cloudgpu._localpool import local_pool; print(local_pool()[0])"],
+        [sys.executable, "-c",
+         "from cloudgpu._localpool import local_pool; print(local_pool()[0])"],
         env=env, capture_output=True, text=True, timeout=90, check=True)
     assert started.stdout.startswith("http://127.0.0.1:")
     out = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=60, check=True)

@@ -31,6 +31,8 @@ from typing import Any
 
 import httpx
 import pytest
+from cloudgpu.remote_host.pool.backend import Backend, load_backend
+from cloudgpu.remote_host.pool.backends import LocalBackend, StaticBackend
 from jupyter_client.blocking.client import BlockingKernelClient
 from kernel_driver import CLIENT, Message, ok, run, start_kernel, stop_kernel, value
 from servers import HostFactory, HostProcess, PoolProcess, wait_until
@@ -39,8 +41,6 @@ from cloudgpu.errors import AuthenticationError, CloudGPUError
 from cloudgpu.host_client import HostClient
 from cloudgpu.pool_client import PoolClient, describe_wait
 from cloudgpu.provider import Grant
-from cloudgpu.remote_host.pool.backend import Backend, load_backend
-from cloudgpu.remote_host.pool.backends import LocalBackend, StaticBackend
 from cloudgpu.session import RemoteSession
 
 HOST_INVENTORIES = {"a": "H100:2", "b": "H100:1,A100-80GB:1", "c": "A100-80GB:2"}

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from cloudgpu.remote_host.pool.scheduler import Scheduler, Slot
 
 from cloudgpu.errors import HardwareUnavailableError
 from cloudgpu.hardware import Catalog, parse_spec
-from cloudgpu.remote_host.pool.scheduler import Scheduler, Slot
 
 
 def scheduler(*slots: Slot) -> Scheduler:
@@ -57,6 +57,6 @@ def test_any_takes_the_cheapest_free_gpu() -> None:
 
 def test_a_spec_no_host_can_ever_fit_is_refused_at_once() -> None:
     s = scheduler(Slot("a", {"H100": 2}), Slot("b", {"H100": 2}))
-    with pytest.raises(HardwareUnavailableError, match="H100:3.*H100 x4 .at most 2 per host"):
+    with pytest.raises(HardwareUnavailableError, match=r"H100:3.*H100 x4 .at most 2 per host"):
         s.check_feasible(parse_spec("H100:3"))
     s.check_feasible(parse_spec("H100:3|H100:2"))  # a fallback that fits is enough

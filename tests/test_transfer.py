@@ -9,15 +9,15 @@ import threading
 
 import numpy as np
 import pytest
+from cloudgpu.magics._names import analyze
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloudgpu import _wire
 from cloudgpu._transfer import Assembler, pack
 from cloudgpu.errors import SerializationError
-from cloudgpu.serialize import Serialized, dumps, loads
 from cloudgpu.remote import version_skew as _version_skew
-from cloudgpu.magics._names import analyze
+from cloudgpu.serialize import Serialized, dumps, loads
 
 
 def test_numpy_goes_out_of_band_without_a_copy() -> None:
@@ -40,7 +40,7 @@ def test_unpicklable_value_names_the_variable_and_its_type() -> None:
     with pytest.raises(SerializationError) as info:
         dumps((i for i in range(3)), "gen")
     assert "`gen` (generator)" in str(info.value)
-    with socket.socket() as sock, pytest.raises(SerializationError, match="`s` .socket.socket."):
+    with socket.socket() as sock, pytest.raises(SerializationError, match=r"`s` .socket.socket."):
         dumps(sock, "s")
 
 
@@ -60,7 +60,7 @@ def test_dill_codec_round_trips() -> None:
 
 
 def test_load_failure_explains_itself() -> None:
-    with pytest.raises(SerializationError, match="Cannot load `thing`.*Install the package"):
+    with pytest.raises(SerializationError, match=r"Cannot load `thing`.*Install the package"):
         loads("cloudpickle", [memoryview(b"\x80\x05cnot_a_module_xyz\nThing\n.")], "thing")
 
 

@@ -1,4 +1,4 @@
-"""``cloudgpu host``: a Jupyter Server that runs kernels on this machine's GPUs for remote clients."""
+"""``cloudgpu host``: a Jupyter Server running kernels on this machine's GPUs for remote clients."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class HostApp(ServerApp):
         "cloudgpu host --port 8899 --token \"$(openssl rand -hex 24)\"\n"
         "cloudgpu host --simulate H100:2,A100-80GB:4   # no GPUs here: pretend, clearly labelled"
     )
-    config_file_name = Unicode("cloudgpu_host_config", config=True)  # type: ignore[assignment]
+    config_file_name = Unicode("cloudgpu_host_config", config=True)
 
     aliases = {
         "ip": "ServerApp.ip",

@@ -50,7 +50,7 @@ class HostIdentityProvider(IdentityProvider):
         for key in [k for k, v in self._scoped.items() if v == kernel_id]:
             del self._scoped[key]
 
-    def get_user(self, handler: web.RequestHandler) -> User:  # type: ignore[override]
+    def get_user(self, handler: web.RequestHandler) -> User:
         """Return who the token belongs to, or raise 403 saying what was wrong."""
         given = self.get_token(handler)
         if not given:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
-from typing import Any, cast
+from typing import cast
 
 from jupyter_server.base.handlers import APIHandler
 from tornado import web

@@ -48,7 +48,8 @@ class AgentKernelSpecManager(KernelSpecManager):
             # ipykernel's OutStream is not configurable from the command line: the agent
             # applies this when it loads.
             env={"CLOUDGPU_FLUSH_INTERVAL": str(self.stdout_flush_interval)},
-            display_name=f"Python {sys.version_info.major}.{sys.version_info.minor} (cloudgpu host)",
+            display_name=f"Python {sys.version_info.major}.{sys.version_info.minor} "
+                         f"(cloudgpu host)",
             language="python",
             interrupt_mode="signal",
             resource_dir=str(Path(__file__).parent),
@@ -118,7 +119,7 @@ class GPUKernelManager(AsyncMappingKernelManager):
         env = kwargs.setdefault("env", dict(os.environ))
         env.setdefault("CUDA_VISIBLE_DEVICES", "")
         kwargs["kernel_name"] = kwargs.get("kernel_name") or AGENT_KERNEL_NAME
-        return await super().start_kernel(**kwargs)  # type: ignore[no-any-return]
+        return await super().start_kernel(**kwargs)
 
     def remove_kernel(self, kernel_id: str) -> Any:
         """Forget a kernel (shut down or dead), free its GPUs and revoke its scoped tokens.

@@ -112,7 +112,7 @@ class PoolApp(Application):
         return os.environ.pop("CLOUDGPU_POOL_TOKEN", "")
 
     def initialize(self, argv: list[str] | None = None) -> None:
-        """Parse the command line and load ``cloudgpu_pool_config.py`` from Jupyter's config path."""
+        """Parse the command line, then load ``cloudgpu_pool_config.py`` from Jupyter's path."""
         super().initialize(argv)
         cli = self.config
         self.load_config_file("cloudgpu_pool_config", path=jupyter_config_path())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import hmac
-import math
 import json
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 

@@ -126,7 +126,7 @@ class Ledger:
         )
         out = []
         for row in cursor.fetchall():
-            data = dict(zip(_COLUMNS, row))
+            data = dict(zip(_COLUMNS, row, strict=True))
             for c in _JSON:
                 data[c] = json.loads(data[c]) if data[c] else []
             data["simulated"] = bool(data["simulated"])

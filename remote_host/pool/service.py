@@ -146,7 +146,8 @@ class Pool:
     # -- sessions ----------------------------------------------------------------------------
 
     async def create(self, user: str, hardware: str, *, max_cost: float | None = None,
-                     idle_timeout: float | None = None, notebook: str | None = None) -> SessionRecord:
+                     idle_timeout: float | None = None,
+                     notebook: str | None = None) -> SessionRecord:
         """Ask for a session; it is queued and granted as soon as the hardware is free.
 
         Raises:
@@ -165,7 +166,8 @@ class Pool:
                 f"PoolApp.daily_limit."
             )
         if max_cost is not None and not (math.isfinite(max_cost) and max_cost > 0):
-            raise InvalidRequestError(f"max_cost must be a positive number of dollars, not {max_cost}.")
+            raise InvalidRequestError(
+                f"max_cost must be a positive number of dollars, not {max_cost}.")
         if idle_timeout is not None and not (math.isfinite(idle_timeout) and idle_timeout >= 0):
             raise InvalidRequestError(
                 f"idle_timeout must be a number of seconds, 0 or more (0: never), not "
@@ -207,7 +209,8 @@ class Pool:
     def _starting(self, rec: SessionRecord, slot_id: str, choice: Choice) -> None:
         """Granted: record what and where before anyone asks (a POST answers `starting`)."""
         price = self.catalog.get(choice.type).price_per_hour
-        rec.state, rec.gpu_type, rec.count, rec.host_id = "starting", choice.type, choice.count, slot_id
+        rec.state, rec.gpu_type, rec.count = "starting", choice.type, choice.count
+        rec.host_id = slot_id
         rec.rate_per_hour = price * choice.count
         rec.token = secrets.token_urlsafe(32)
         self.ledger.save(rec)
