@@ -13,20 +13,29 @@ import threading
 
 import httpx
 
-__all__ = ["async_client", "prewarm"]
+__all__ = ["async_client", "prewarm", "tls_context"]
 
 
 @functools.lru_cache(maxsize=1)
-def _tls() -> ssl.SSLContext:
-    return ssl.create_default_context()
+def tls_context() -> ssl.SSLContext:
+    """The client's TLS context: certificates are checked, against the system's CAs and,
+    when ``ClientConfig.ca_file`` (``CLOUDGPU_CA_FILE``) names one, that file too (a
+    private CA, a self-signed host)."""
+    from .config import load_client_config
+
+    context = ssl.create_default_context()
+    ca_file = load_client_config().ca_file
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
 
 
 def prewarm() -> None:
     """Build the shared TLS context in a background thread."""
-    threading.Thread(target=_tls, name="cloudgpu-tls", daemon=True).start()
+    threading.Thread(target=tls_context, name="cloudgpu-tls", daemon=True).start()
 
 
 def async_client(base_url: str, token: str, timeout: httpx.Timeout) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` for ``base_url`` sending ``Authorization: token ...``."""
     return httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"token {token}"},
-                             timeout=timeout, verify=_tls())
+                             timeout=timeout, verify=tls_context())

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 from jupyter_core.paths import jupyter_runtime_dir
 
-from ._http import _tls
+from ._http import tls_context
 from ._process import read_json, running, spawn, stop
 from .errors import HostStartError
 
@@ -24,7 +24,7 @@ def _alive(info: dict[str, object]) -> bool:
     try:
         if not running(int(info["pid"])):  # type: ignore[call-overload]
             return False
-        response = httpx.get(f"{info['url']}/api/pool", timeout=5, verify=_tls(),
+        response = httpx.get(f"{info['url']}/api/pool", timeout=5, verify=tls_context(),
                              headers={"Authorization": f"token {info['token']}"})
     except (OSError, KeyError, ValueError, httpx.HTTPError):
         return False

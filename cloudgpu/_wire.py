@@ -10,6 +10,14 @@ from typing import Any
 
 SUBPROTOCOL = "v1.kernel.websocket.jupyter.org"
 PROTOCOL_VERSION = "5.3"
+#: The pseudo-channel of a host's notices to a replaying client (see remote_host/host/replay.py).
+NOTICE_CHANNEL = "cloudgpu"
+
+# Websocket close codes a host ends a kernel's connection with.
+KERNEL_STOPPED = 1001  # the kernel was shut down (by its owner, the pool, the host going down)
+KERNEL_DIED = 4001  # it died by itself; a notice just before says how
+REPLACED = 4000  # a newer connection of the same session took over
+CONFUSED = 4002  # the client's count of frames cannot be right
 
 Message = dict[str, Any]
 

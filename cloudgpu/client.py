@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._loop import get_loop, run_sync
 from ._move import MoveReport
@@ -25,6 +25,9 @@ from .hardware import Catalog, HardwareSpec
 from .provider import SessionProvider, StatusCallback
 from .remote import Forward
 from .serialize import versions
+
+if TYPE_CHECKING:
+    from .config import ClientConfig
 from .session import RemoteSession
 
 __all__ = ["Client", "default_provider", "get_client"]
@@ -33,12 +36,17 @@ WARNINGS_EVERY = 5.0
 """Seconds between asking the provider for a session's warnings (budget nearly spent)."""
 
 
+def _settings() -> ClientConfig:
+    from .config import load_client_config
+
+    return load_client_config()
+
+
 def default_provider() -> SessionProvider:
     """The configured pool, or this user's local pool (found or started)."""
-    from .config import load_client_config
     from .pool_client import PoolProvider
 
-    settings = load_client_config()
+    settings = _settings()
     if settings.pool_url:
         return PoolProvider(settings.pool_url, settings.token)
     from ._localpool import local_pool
@@ -55,8 +63,12 @@ class Client:
             looked up on first use.
     """
 
-    def __init__(self, provider: SessionProvider | None = None) -> None:
+    def __init__(self, provider: SessionProvider | None = None,
+                 reconnect_timeout: float | None = None) -> None:
         self._provider = provider
+        #: Seconds a dropped connection is tried again before the cell fails.
+        self.reconnect_timeout = reconnect_timeout if reconnect_timeout is not None \
+            else _settings().reconnect_timeout
         self._provider_lock = threading.Lock()
         #: The live (or last) session per key.
         self.sessions: dict[str, RemoteSession] = {}
@@ -130,8 +142,13 @@ class Client:
         """Acquire and connect; what was acquired is released when connecting fails."""
         provider = await self.get_provider()
         grant = await provider.acquire(spec, on_status=on_status, options=options)
+
+        async def ended() -> str | None:
+            return await provider.ended_reason(grant)
+
         try:
-            return await RemoteSession.open(grant, wait=False, forward=forward)
+            return await RemoteSession.open(grant, wait=False, forward=forward, check=ended,
+                                            reconnect_timeout=self.reconnect_timeout)
         except BaseException:
             await asyncio.shield(provider.release(grant))
             raise

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from jupyter_core.paths import jupyter_config_path
-from traitlets import Unicode
+from traitlets import Float, Unicode
 from traitlets.config import Configurable
 from traitlets.config.loader import (
     Config,
@@ -34,6 +34,14 @@ class ClientConfig(Configurable):
         "started on first use."
     ).tag(config=True)
     token = Unicode("", help="Your token for that pool (env CLOUDGPU_TOKEN).").tag(config=True)
+    reconnect_timeout = Float(
+        120.0, help="Seconds to keep reconnecting to a host after the connection dropped, "
+        "before the running cell fails (the host replays what was missed)."
+    ).tag(config=True)
+    ca_file = Unicode(
+        "", help="A CA certificate (PEM) to trust beside the system's, for hosts and pools "
+        "with a private or self-signed certificate (env CLOUDGPU_CA_FILE)."
+    ).tag(config=True)
 
 
 def load_client_config() -> ClientConfig:
@@ -49,4 +57,5 @@ def load_client_config() -> ClientConfig:
     settings = ClientConfig(config=config)
     settings.pool_url = os.environ.get("CLOUDGPU_POOL", settings.pool_url)
     settings.token = os.environ.get("CLOUDGPU_TOKEN", settings.token)
+    settings.ca_file = os.environ.get("CLOUDGPU_CA_FILE", settings.ca_file)
     return settings

@@ -29,6 +29,7 @@ __all__ = [
     "RemoteKernelDiedError",
     "SerializationError",
     "SessionNotFoundError",
+    "TooManyAttemptsError",
     "UnknownHardwareError",
     "VersionSkewWarning",
     "error_body",
@@ -85,6 +86,10 @@ class AuthenticationError(CloudGPUError):
     """Raised when a host or pool refuses our token."""
 
 
+class TooManyAttemptsError(AuthenticationError):
+    """Raised when a host or pool refuses wrong tokens from this address for a while."""
+
+
 class RemoteKernelDiedError(CloudGPUError):
     """Raised when the remote kernel dies or is stopped while a cell runs on it."""
 
@@ -116,6 +121,7 @@ _STATUS: tuple[tuple[type[CloudGPUError], int], ...] = (
     (UnknownHardwareError, 400),
     (InvalidRequestError, 400),
     (BudgetExceededError, 402),
+    (TooManyAttemptsError, 429),
     (AuthenticationError, 403),
     (SessionNotFoundError, 404),
     (HardwareUnavailableError, 409),
@@ -129,6 +135,7 @@ _BY_STATUS: dict[int, type[CloudGPUError]] = {
     402: BudgetExceededError,
     403: AuthenticationError,
     409: HardwareUnavailableError,
+    429: TooManyAttemptsError,
 }
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -13,8 +15,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from . import _wire
-from ._http import async_client
-from .errors import AuthenticationError, CloudGPUError, HostConnectionError, error_from_wire
+from ._http import async_client, tls_context
+from .errors import (
+    AuthenticationError,
+    CloudGPUError,
+    HostConnectionError,
+    RemoteKernelDiedError,
+    error_from_wire,
+)
 
 __all__ = ["HostClient", "KernelConnection", "error_from_response"]
 
@@ -86,6 +94,13 @@ class HostClient:
             "GET", f"/api/kernels/{kernel_id}", missing_ok=True
         )
 
+    async def kernel_state(self, kernel_id: str) -> dict[str, Any] | None:
+        """The kernel's model, or how and when it ended (``cloudgpu.state``); None when the
+        host knows nothing of it."""
+        return await self.request(  # type: ignore[no-any-return]
+            "GET", f"/api/cloudgpu/kernels/{kernel_id}", missing_ok=True
+        )
+
     async def interrupt(self, kernel_id: str) -> None:
         """Interrupt whatever the kernel is running."""
         await self.request("POST", f"/api/kernels/{kernel_id}/interrupt")
@@ -95,9 +110,17 @@ class HostClient:
         with contextlib.suppress(CloudGPUError):
             await self.request("DELETE", f"/api/kernels/{kernel_id}")
 
-    async def connect(self, kernel_id: str, on_message: Handler) -> KernelConnection:
-        """Open the kernel's websocket; every message received goes to ``on_message``."""
-        return await KernelConnection.open(self, kernel_id, on_message)
+    async def connect(self, kernel_id: str, on_message: Handler, *,
+                      session_id: str | None = None, since: int | None = None,
+                      ) -> KernelConnection:
+        """Open the kernel's websocket; every message received goes to ``on_message``.
+
+        With ``since`` (and the ``session_id`` of the messages we send), the host keeps
+        the session's channels across connections and sends first a notice, then what
+        the session missed after frame number ``since`` (see remote_host/host/replay.py).
+        """
+        return await KernelConnection.open(self, kernel_id, on_message,
+                                           session_id=session_id, since=since)
 
     async def aclose(self) -> None:
         """Close the HTTP connection pool."""
@@ -108,6 +131,14 @@ class HostClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _json(body: bytes | bytearray | None) -> dict[str, Any]:
+    try:
+        data = json.loads(body or b"")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def error_from_response(response: httpx.Response) -> CloudGPUError:
@@ -140,25 +171,41 @@ class KernelConnection:
             asyncio.get_running_loop().create_future()
 
     @classmethod
-    async def open(cls, host: HostClient, kernel_id: str, on_message: Handler) -> KernelConnection:
-        """Connect to ``/api/kernels/{id}/channels`` with the v1 framing."""
+    async def open(cls, host: HostClient, kernel_id: str, on_message: Handler, *,
+                   session_id: str | None = None, since: int | None = None,
+                   ) -> KernelConnection:
+        """Connect to ``/api/kernels/{id}/channels`` with the v1 framing.
+
+        Raises:
+            AuthenticationError: the host refused the token.
+            RemoteKernelDiedError: the host has no such kernel (any more).
+            HostConnectionError: the host cannot be reached, or answered otherwise.
+        """
+        query = urllib.parse.urlencode({k: v for k, v in (("session_id", session_id),
+                                                          ("cloudgpu_since", since))
+                                        if v is not None})
         ws_url = host.url.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels"
         try:
             ws = await connect(
-                ws_url,
+                f"{ws_url}?{query}" if query else ws_url,
                 subprotocols=[_wire.SUBPROTOCOL],  # type: ignore[list-item]
                 additional_headers={"Authorization": f"token {host.token}"},
-                max_size=None, compression=None, ping_interval=20, ping_timeout=120,
-                open_timeout=20,
+                max_size=None, compression=None, ping_interval=10, ping_timeout=20,
+                open_timeout=20, ssl=tls_context() if ws_url.startswith("wss:") else None,
             )
         except InvalidStatus as e:
-            if e.response.status_code == 403:
+            status, body = e.response.status_code, _json(e.response.body)
+            message = str(body.get("message") or e.response.reason_phrase)
+            if status in (401, 403, 429):
                 raise AuthenticationError(
-                    f"The host at {host.url} refused our token for kernel {kernel_id} (403)."
-                ) from e
+                    f"The host at {host.url} refused our token for kernel {kernel_id} "
+                    f"({status}): {message}") from e
+            if status == 404:
+                raise RemoteKernelDiedError(
+                    f"The host at {host.url} has no kernel {kernel_id} any more.") from e
             raise HostConnectionError(
                 f"The host at {host.url} refused the websocket for kernel {kernel_id}: "
-                f"HTTP {e.response.status_code}."
+                f"HTTP {status}: {message}"
             ) from e
         except (OSError, WebSocketException, TimeoutError) as e:
             raise HostConnectionError(
@@ -168,8 +215,7 @@ class KernelConnection:
             await ws.close()
             raise HostConnectionError(
                 f"The host at {host.url} does not speak {_wire.SUBPROTOCOL}; upgrade "
-                f"jupyter_server "
-                f"there (>= 2.10)."
+                f"jupyter_server there (>= 2.10)."
             )
         return cls(ws, kernel_id, on_message)
 
@@ -179,8 +225,16 @@ class KernelConnection:
         Raises:
             HostConnectionError: when the connection has dropped.
         """
+        await self.send_frame(_wire.encode(channel, msg))
+
+    async def send_frame(self, frame: bytes) -> None:
+        """Send one framed message (``_wire.encode``).
+
+        Raises:
+            HostConnectionError: when the connection has dropped.
+        """
         try:
-            await self.ws.send(_wire.encode(channel, msg))
+            await self.ws.send(frame)
         except ConnectionClosed as e:
             raise HostConnectionError(
                 f"The connection to kernel {self.kernel_id} dropped: {e}"

@@ -11,24 +11,29 @@ conversation on it:
 - **The agent comm** (``cloudgpu.agent``): opened with our versions as soon as the socket
   is up; the agent's ``hello`` answers with its own (the version handshake), and
   ``push``, ``pull`` and ``snapshot`` exchanges are matched by batch id.
-- **Death**, one mechanism: the kernel's iopub status turning ``dead`` or ``restarting``,
-  or the websocket closing under us. Either resolves :attr:`RemoteKernel.lost` with the
-  error that says what happened, fails everything still waiting, and calls the
-  ``on_lost`` callbacks once. Closing the connection ourselves is not a loss.
+- **Death**, one mechanism: the link (``cloudgpu._link.KernelLink``) giving up (the host
+  says the kernel was stopped or died, refuses our token, or cannot be reached again), or
+  the kernel's iopub status turning ``dead`` or ``restarting``. Either resolves
+  :attr:`RemoteKernel.lost` with the error that says what happened, fails everything
+  still waiting, and calls the ``on_lost`` callbacks once. Closing the connection
+  ourselves is not a loss. A connection that merely dropped is made again by the link,
+  with nothing lost; front-ends hear of it through ``on_notice``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from . import _wire
+from ._link import RECONNECT_TIMEOUT, KernelLink, Notice
 from ._transfer import Assembler, pack
 from .errors import CloudGPUError, HostConnectionError, RemoteKernelDiedError
-from .host_client import HostClient, KernelConnection
+from .host_client import HostClient
 from .provider import Grant
 from .serialize import Serialized, versions
 
@@ -36,11 +41,11 @@ __all__ = ["AGENT_TARGET", "AgentBatch", "Forward", "RemoteKernel", "version_ske
 
 T = TypeVar("T")
 
+log = logging.getLogger("cloudgpu.client")
+
 AGENT_TARGET = "cloudgpu.agent"
 DEATH_STATES = frozenset({"restarting", "autorestarting", "dead"})
 PROGRESS_MIN_BYTES = 32 * 2**20
-#: The websocket close code a host sends when it stops the kernel (going away, RFC 6455).
-KERNEL_STOPPED = 1001
 
 #: Receives each message that is not this connection's own business: (channel, message).
 Forward = Callable[[str, _wire.Message], None]
@@ -96,15 +101,22 @@ class RemoteKernel:
     Args:
         grant: what the provider handed out.
         forward: receives every message that is not ours (relayed frontends' traffic).
+        check: asks the provider whether the session ended, and why (see ``KernelLink``).
+        reconnect_timeout: seconds to keep reconnecting after the connection dropped.
     """
 
-    def __init__(self, grant: Grant, forward: Forward | None = None) -> None:
+    def __init__(self, grant: Grant, forward: Forward | None = None, *,
+                 check: Callable[[], Awaitable[str | None]] | None = None,
+                 reconnect_timeout: float = RECONNECT_TIMEOUT) -> None:
         self.grant = grant
         self.forward = forward
         self.host = HostClient(grant.host_url, grant.token)
-        self.conn: KernelConnection | None = None
         #: The Jupyter session id of the messages we send for ourselves.
         self.session = uuid.uuid4().hex
+        self.link = KernelLink(self.host, grant.kernel_id, self.session,
+                               on_message=self._on_message, on_notice=self._notice,
+                               on_gone=self._lose, check=check,
+                               reconnect_timeout=reconnect_timeout)
         self.comm_id = uuid.uuid4().hex
         #: When this connection was opened (``time.monotonic()``), for uptime.
         self.opened = time.monotonic()
@@ -119,20 +131,22 @@ class RemoteKernel:
         self._routes: dict[str, Route] = {}
         self._batches: dict[str, AgentBatch] = {}
         self._lost_callbacks: list[Callable[[CloudGPUError], None]] = []
+        self._notice_callbacks: list[Notice] = []
         self._closing = False
 
     @classmethod
-    async def open(cls, grant: Grant, forward: Forward | None = None) -> RemoteKernel:
+    async def open(cls, grant: Grant, forward: Forward | None = None, *,
+                   check: Callable[[], Awaitable[str | None]] | None = None,
+                   reconnect_timeout: float = RECONNECT_TIMEOUT) -> RemoteKernel:
         """Connect to the granted kernel and greet its agent (without waiting for the answer).
 
         Raises:
             HostConnectionError: the host cannot be reached.
             AuthenticationError: the host refused the grant's token.
         """
-        kernel = cls(grant, forward)
+        kernel = cls(grant, forward, check=check, reconnect_timeout=reconnect_timeout)
         try:
-            kernel.conn = await kernel.host.connect(grant.kernel_id, kernel._on_message)
-            kernel.conn.closed.add_done_callback(kernel._on_closed)
+            await kernel.link.open()
             await kernel.agent_send({"versions": versions()}, open_comm=True)
         except BaseException:
             await kernel.close()
@@ -163,8 +177,12 @@ class RemoteKernel:
         """
         if self.lost.done():
             raise self.lost.result()
-        assert self.conn is not None
-        await self.conn.send(channel, msg)
+        try:
+            await self.link.send(_wire.encode(channel, msg))
+        except CloudGPUError:
+            if self.lost.done():  # the link gave up meanwhile: say why
+                raise self.lost.result() from None
+            raise
 
     def route(self, msg_id: str, handler: Route) -> None:
         """Deliver what the kernel sends parented to our request ``msg_id`` to ``handler``."""
@@ -313,16 +331,6 @@ class RemoteKernel:
         if self.forward is not None:
             self.forward(channel, msg)
 
-    def _on_closed(self, closed: asyncio.Future[tuple[int, str] | None]) -> None:
-        frame = closed.result()
-        if frame is not None and frame[0] == KERNEL_STOPPED:
-            self._lose(RemoteKernelDiedError(
-                f"The remote kernel {self.kernel_id} on {self.grant.display} was stopped."))
-        else:
-            self._lose(HostConnectionError(
-                f"The connection to the cloudgpu host at {self.grant.host_url} was lost "
-                f"(remote kernel {self.kernel_id} on {self.grant.display})."))
-
     def _on_agent(self, data: dict[str, Any], buffers: list[Any]) -> None:
         if data.get("op") == "hello":
             if not self._hello.done():
@@ -333,6 +341,18 @@ class RemoteKernel:
             batch.feed(data, buffers)
 
     # --- the end ---------------------------------------------------------------------------
+
+    def on_notice(self, callback: Notice) -> Callable[[], None]:
+        """Tell ``callback`` what happens to the connection (dropped, back, what was lost);
+        returns the function that stops telling it."""
+        self._notice_callbacks.append(callback)
+        return lambda: self._notice_callbacks.remove(callback) \
+            if callback in self._notice_callbacks else None
+
+    def _notice(self, text: str) -> None:
+        log.warning("Kernel %s on %s: %s", self.kernel_id, self.grant.host_url, text)
+        for callback in list(self._notice_callbacks):
+            callback(text)
 
     def on_lost(self, callback: Callable[[CloudGPUError], None]) -> None:
         """Call ``callback(error)`` once if the kernel is lost (at once if it already is).
@@ -362,8 +382,7 @@ class RemoteKernel:
     async def close(self, shutdown: bool = False) -> None:
         """Disconnect; with ``shutdown`` also stop the remote kernel (a provider usually does)."""
         self._closing = True
-        if self.conn is not None:
-            await self.conn.close()
+        await self.link.close()
         self._lose(RemoteKernelDiedError(f"The connection to the remote kernel "
                                          f"{self.kernel_id} was closed."))
         if shutdown:

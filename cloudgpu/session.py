@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._link import RECONNECT_TIMEOUT
 from ._move import MoveReport, carry_over
 from .errors import RemoteExecutionError, RemoteKernelDiedError
 from .provider import Grant
@@ -27,7 +28,8 @@ OUTPUT_TYPES = frozenset(
     {"stream", "display_data", "update_display_data", "clear_output", "execute_result"}
 )
 
-#: Called from the background loop with ("output", iopub message) or ("progress", info).
+#: Called from the background loop with ("output", iopub message), ("progress", info) or
+#: ("notice", {"text": ...}) (the connection dropped, came back).
 Sink = Callable[[str, dict[str, Any]], None]
 
 
@@ -111,15 +113,18 @@ class RemoteSession:
         self.fingerprints: dict[str, str] = {}
 
     @classmethod
-    async def open(cls, grant: Grant, *, wait: bool = True,
-                   forward: Forward | None = None) -> RemoteSession:
+    async def open(cls, grant: Grant, *, wait: bool = True, forward: Forward | None = None,
+                   check: Callable[[], Awaitable[str | None]] | None = None,
+                   reconnect_timeout: float = RECONNECT_TIMEOUT) -> RemoteSession:
         """Connect to the granted kernel and greet its agent with our versions.
 
         With ``wait=False`` the agent's answer is not awaited here: the first cell, sent
         right behind the greeting on the same channel, collects it, saving a round trip.
-        ``forward`` receives the traffic that is not the session's own (see ``RemoteKernel``).
+        ``forward`` receives the traffic that is not the session's own, ``check`` asks the
+        provider whether the session ended (see ``RemoteKernel``).
         """
-        kernel = await RemoteKernel.open(grant, forward)
+        kernel = await RemoteKernel.open(grant, forward, check=check,
+                                         reconnect_timeout=reconnect_timeout)
         try:
             if wait:
                 await kernel.ready()
@@ -210,6 +215,7 @@ class RemoteSession:
         })
         exec_id = execute["header"]["msg_id"]
         kernel.route(exec_id, run.on_message)
+        quiet = kernel.on_notice(lambda text: sink("notice", {"text": text}))
         try:
             if push:
                 await kernel.push(push, run.pushed, lambda info: sink("progress", info))
@@ -221,6 +227,7 @@ class RemoteSession:
                 waits.append(kernel.ready())
             reply, _, pushed, pulled, *_ = await asyncio.gather(*waits)
         finally:
+            quiet()
             kernel.unroute(exec_id)
             kernel.forget(run.pushed, run.pulled)
         result = CellResult(

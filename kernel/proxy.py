@@ -164,6 +164,16 @@ class ProxyKernel:
         """Relay to ``session`` from now on; its loss fails what waits on it."""
         self.remote, self.info, self._lost = session, info, None
         session.kernel.on_lost(lambda error: self._on_lost(session, str(error)))
+        session.kernel.on_notice(lambda text: self._on_notice(session, text))
+
+    def _on_notice(self, session: RemoteSession, text: str) -> None:
+        """Say under the running cell what happened to the connection (dropped, back)."""
+        if session is not self.remote:
+            return
+        for msg_id in list(self._running)[-1:]:
+            request = self._pending.get(msg_id)
+            if request is not None:
+                self._stream(request.msg["header"], "stderr", f"cloudgpu: {text}\n")
 
     async def _release(self, session: RemoteSession) -> None:
         try:
@@ -375,7 +385,8 @@ class ProxyKernel:
         with contextlib.suppress(CloudGPUError, OSError, asyncio.TimeoutError):
             # A pool knows when it stopped the session itself (budget, idleness).
             why = await asyncio.wait_for(self.client.ended_reason(remote), 5)
-        self._lost = (f"{what}{f' The pool says: {why}.' if why else ''} Its variables are "
+        said = f" The pool says: {why}." if why and why not in what else ""
+        self._lost = (f"{what}{said} Its variables are "
                       f"lost and its hardware was released. Restart the kernel to start a new "
                       f"one, or `%cloudgpu switch gpu=...`.")
         log.warning("%s", self._lost)

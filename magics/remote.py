@@ -238,6 +238,8 @@ class RemoteMagics(Magics):
         def on_event(kind: str, payload: Any) -> None:
             if kind == "progress":
                 progress.update(payload, time.perf_counter())
+            elif kind == "notice":
+                print(f"cloudgpu: {payload['text']}", file=sys.stderr, flush=True)
             else:
                 show(payload)
 

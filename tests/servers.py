@@ -104,7 +104,7 @@ class HostFactory:
 
     def start(self, simulate: str | None = None, *, name: str = "host",
               log_level: str | None = None, env: Mapping[str, str] | None = None,
-              ) -> HostProcess:
+              args: Iterable[str] = ()) -> HostProcess:
         """One host, ready to use.
 
         Args:
@@ -112,12 +112,14 @@ class HostFactory:
             name: names its info file and log in the folder; one host per name.
             log_level: ``DEBUG`` to log every request.
             env: more environment variables for it.
+            args: more command-line options (``--HostIdentityProvider.bad_tokens_allowed=3``).
         """
-        return self.start_many({name: simulate}, log_level=log_level, env=env)[name]
+        return self.start_many({name: simulate}, log_level=log_level, env=env,
+                               args=args)[name]
 
     def start_many(self, inventories: Mapping[str, str | None], *,
                    log_level: str | None = None, env: Mapping[str, str] | None = None,
-                   ) -> dict[str, HostProcess]:
+                   args: Iterable[str] = ()) -> dict[str, HostProcess]:
         """Hosts by name, with their inventories, started side by side (it is faster)."""
         launched = {}
         for name, simulate in inventories.items():
@@ -129,6 +131,7 @@ class HostFactory:
                 cmd.append(f"--simulate={simulate}")
             if log_level:
                 cmd.append(f"--log-level={log_level}")
+            cmd.extend(args)
             proc = _process.start(cmd, log_path=log,
                                   env=_server_env(CLOUDGPU_HOST_TOKEN=token, **(env or {})))
             launched[name] = (proc, token, info, log)

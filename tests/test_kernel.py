@@ -476,6 +476,7 @@ def test_host_going_away_fails_the_running_cell_clearly() -> None:
         assert reply["status"] == "error" and reply["ename"] == "RemoteKernelDiedError"
         assert "The connection to the cloudgpu host" in reply["evalue"]
         assert "was lost" in reply["evalue"] and "Restart the kernel" in reply["evalue"]
+        assert "its machine was lost" in reply["evalue"], reply["evalue"]
         # The proxy itself is fine: it answers, and says there is no remote kernel.
         assert "no remote kernel: The connection" in ok(kc, "%cloudgpu status").stream()
     finally:

@@ -83,7 +83,7 @@ EXPORTS = {
     "cloudgpu.remote_host": {"Device", "HostApp", "Inventory", "PoolApp"},
     "cloudgpu.remote_host.host": {
         "HOST_HANDLERS", "Agent", "AgentKernelSpecManager", "Device", "GPUKernelManager",
-        "HostApp", "HostIdentityProvider", "Inventory", "LowLatencyWebsocketConnection",
+        "HostApp", "HostIdentityProvider", "Inventory", "HostWebsocketConnection",
     },
     "cloudgpu.remote_host.pool": {
         "POOL_HANDLERS", "Backend", "Decision", "HostsBackend", "Ledger", "Placement", "Pool",

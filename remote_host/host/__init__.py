@@ -23,8 +23,8 @@ __all__ = [
     "GPUKernelManager",
     "HostApp",
     "HostIdentityProvider",
+    "HostWebsocketConnection",
     "Inventory",
-    "LowLatencyWebsocketConnection",
 ]
 
 __getattr__ = _lazy.lazy_attributes(__name__, {
@@ -36,5 +36,5 @@ __getattr__ = _lazy.lazy_attributes(__name__, {
     "HostApp": ".app",
     "HostIdentityProvider": ".auth",
     "Inventory": ".inventory",
-    "LowLatencyWebsocketConnection": ".kernels",
+    "HostWebsocketConnection": ".websocket",
 })

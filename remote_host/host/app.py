@@ -22,7 +22,8 @@ from cloudgpu.hardware import Catalog
 from .auth import HostIdentityProvider
 from .handlers import HOST_HANDLERS
 from .inventory import Inventory
-from .kernels import AgentKernelSpecManager, GPUKernelManager, LowLatencyWebsocketConnection
+from .kernels import AgentKernelSpecManager, GPUKernelManager
+from .websocket import HostWebsocketConnection
 
 __all__ = ["HostApp"]
 
@@ -33,6 +34,10 @@ _HOST_CONFIG_DEFAULTS = {
     "KernelManager": {"transport": "ipc"},
     # Live remote kernels should not be culled by Jupyter; the pool culls sessions.
     "ServerApp": {"open_browser": False},
+    # A kernel that dies is not restarted: its state is gone anyway, its GPUs must be
+    # freed and its session ended (see GPUKernelManager._handle_kernel_died). Noticed
+    # within a second.
+    "KernelRestarter": {"restart_limit": 0, "time_to_dead": 1.0},
 }
 
 
@@ -71,7 +76,8 @@ class HostApp(ServerApp):
     }
     flags: dict[str, Any] = {}
     subcommands: dict[str, Any] = {}
-    classes = [*ServerApp.classes, IdentityProvider, AgentKernelSpecManager, GPUKernelManager]
+    classes = [*ServerApp.classes, IdentityProvider, HostIdentityProvider, AgentKernelSpecManager,
+               GPUKernelManager]
 
     default_services = ("api", "kernels", "kernelspecs", "shutdown")  # type: ignore[assignment]
 
@@ -111,7 +117,7 @@ class HostApp(ServerApp):
 
     @default("kernel_websocket_connection_class")
     def _default_kernel_websocket_connection_class(self) -> type:
-        return LowLatencyWebsocketConnection
+        return HostWebsocketConnection
 
     @default("identity_provider_class")
     def _default_identity_provider_class(self) -> type:

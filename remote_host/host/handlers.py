@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
+import time
 from typing import cast
 
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
 from cloudgpu import __version__
-from cloudgpu.errors import CloudGPUError, InvalidRequestError, error_body, http_status
+from cloudgpu.errors import (
+    CloudGPUError,
+    InvalidRequestError,
+    SessionNotFoundError,
+    error_body,
+    http_status,
+)
 from cloudgpu.hardware import parse_spec
 
 from .auth import HostIdentityProvider
 from .kernels import GPUKernelManager
 
 __all__ = ["HOST_HANDLERS", "CloudGPUHandler"]
+
+_INSTANCE = f"{os.getpid()}-{time.time():.6f}"
 
 
 class CloudGPUHandler(APIHandler):
@@ -41,6 +51,8 @@ class HostInfoHandler(CloudGPUHandler):
             "hostname": platform.node(),
             "executable": sys.executable,
             "kernels": len(km.list_kernel_ids()),
+            # Changes when the host restarts: its kernels then are not the ones before.
+            "instance": _INSTANCE,
             "inventory": km.inventory.to_json(),
         }))
 
@@ -76,7 +88,31 @@ class GPUKernelsHandler(CloudGPUHandler):
         self.finish(json.dumps(km.kernel_model(kernel_id), default=str))
 
 
+class GPUKernelHandler(CloudGPUHandler):
+    """``GET /api/cloudgpu/kernels/{id}``: a kernel's model, or how and when it ended.
+
+    Unlike ``/api/kernels/{id}``, which is 404 once a kernel is gone, this says whether it
+    was shut down or died (with its exit code or signal), and when: the pool ends the
+    session's billing at that moment, even when it learns of it later.
+    """
+
+    @web.authenticated
+    def get(self, kernel_id: str) -> None:
+        km = cast(GPUKernelManager, self.kernel_manager)
+        if kernel_id in km:
+            model = km.kernel_model(kernel_id)
+            model["cloudgpu"]["state"] = "running"
+        elif kernel_id in km.ended:
+            model = {"id": kernel_id, "cloudgpu": dict(km.ended[kernel_id])}
+        else:
+            self.write_cloudgpu_error(SessionNotFoundError(
+                f"This host has no kernel `{kernel_id}` and does not remember one."))
+            return
+        self.finish(json.dumps(model, default=str))
+
+
 HOST_HANDLERS: list[tuple[str, type[CloudGPUHandler]]] = [
     (r"/api/cloudgpu/host", HostInfoHandler),
     (r"/api/cloudgpu/kernels", GPUKernelsHandler),
+    (r"/api/cloudgpu/kernels/([0-9a-fA-F-]+)", GPUKernelHandler),
 ]

@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
+import collections
 import os
-import struct
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
-from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
+from jupyter_core.utils import ensure_async
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
-from traitlets import Float, Instance, Unicode
+from traitlets import Float, Instance, Integer, Unicode
 
-from cloudgpu._wire import SUBPROTOCOL, v1_header
+from cloudgpu._wire import KERNEL_DIED, KERNEL_STOPPED
 from cloudgpu.hardware import Catalog, HardwareSpec
 
 from .inventory import Device, Inventory
+from .replay import ReplayLog, ReplaySession, notice_frame
 
 __all__ = [
     "AGENT_KERNEL_NAME",
     "AgentKernelSpecManager",
     "GPUKernelManager",
-    "LowLatencyWebsocketConnection",
 ]
 
 AGENT_KERNEL_NAME = "cloudgpu-python"
-_DIRECT_MIN = 1 << 20  # messages this big skip the copies (see _on_zmq_reply)
+ENDED_KEPT = 1000  # how many ended kernels the host remembers (for the pool's ledger)
 
 
 class AgentKernelSpecManager(KernelSpecManager):
@@ -88,11 +90,26 @@ class GPUKernelManager(AsyncMappingKernelManager):
     inventory = Instance(Inventory)
     catalog = Instance(Catalog)
     default_kernel_name = Unicode(AGENT_KERNEL_NAME)
+    replay_max_frames = Integer(
+        20_000, help="Frames kept per client session for replay after a dropped connection."
+    ).tag(config=True)
+    replay_max_bytes = Integer(
+        256 * 2**20, help="Bytes of frames kept per client session for replay (the newest "
+        "frame is always kept)."
+    ).tag(config=True)
+    replay_sessions_per_kernel = Integer(
+        4, help="Client sessions per kernel whose channels are kept while disconnected; "
+        "past this, the one disconnected longest is given up."
+    ).tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         #: Open websocket connections by kernel id, to close when a kernel goes away.
         self.websockets: dict[str, set[Any]] = {}
+        #: Client sessions that replay, by Jupyter Server's session key.
+        self.replay_sessions: dict[str, ReplaySession] = {}
+        #: Kernels that ended, newest last: when, and how (for the pool's ledger).
+        self.ended: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
 
     async def start_gpu_kernel(self, spec: HardwareSpec) -> tuple[str, list[Device]]:
         """Start a kernel holding the devices ``spec`` asks for.
@@ -121,14 +138,81 @@ class GPUKernelManager(AsyncMappingKernelManager):
         kwargs["kernel_name"] = kwargs.get("kernel_name") or AGENT_KERNEL_NAME
         return await super().start_kernel(**kwargs)
 
+    async def interrupt_kernel(self, kernel_id: str) -> None:  # type: ignore[override]
+        """Interrupt what the kernel runs; a kernel still starting runs nothing yet.
+
+        Python dies of a SIGINT that arrives before ipykernel has installed its handler,
+        and a dead kernel is not restarted here: so an early interrupt is not sent.
+        """
+        kernel = self._kernels.get(kernel_id)
+        if kernel is not None and getattr(kernel, "execution_state", None) == "starting":
+            self.log.info("Not interrupting kernel %s: it is still starting", kernel_id)
+            return
+        await ensure_async(super().interrupt_kernel(kernel_id))
+
+    def open_replay_session(self, kernel_id: str, key: str,
+                            channels: dict[str, Any]) -> ReplaySession:
+        """Keep ``channels`` for client session ``key`` across its connections."""
+        mine = [k for k in self.replay_sessions if k.startswith(f"{kernel_id}:")]
+        while len(mine) >= self.replay_sessions_per_kernel:
+            oldest = min(mine, key=lambda k: self.replay_sessions[k].detached_since
+                         or float("inf"))
+            self.log.info("Giving up the channels of client session %s", oldest)
+            self.replay_sessions.pop(oldest).close()
+            mine.remove(oldest)
+        replay = ReplaySession(key, channels, ReplayLog(self.replay_max_frames,
+                                                        self.replay_max_bytes))
+        self.replay_sessions[key] = replay
+        return replay
+
+    def _handle_kernel_died(self, kernel_id: str) -> None:
+        """A kernel died by itself: record how, tell its clients, free its GPUs at once.
+
+        The host does not restart it (``KernelRestarter.restart_limit = 0``): its state is
+        gone either way, and its session must end so billing stops.
+        """
+        how = self._death(kernel_id)
+        self.log.warning("Kernel %s died: %s", kernel_id, how["reason"])
+        self.ended[kernel_id] = how
+        notice = notice_frame({"kernel": how})
+        for conn in list(self.websockets.get(kernel_id, set())):
+            if conn.replay is not None:  # only cloudgpu's clients know the notice channel
+                conn.write_frame(notice)
+            conn.close_socket(KERNEL_DIED, "the kernel died")
+        super()._handle_kernel_died(kernel_id)
+
+    def _death(self, kernel_id: str) -> dict[str, Any]:
+        km = self._kernels.get(kernel_id)
+        process = getattr(getattr(km, "provisioner", None), "process", None)
+        code = process.poll() if process is not None else None
+        how: dict[str, Any] = {"state": "died", "ended": time.time(), "exit_code": code,
+                               "signal": None}
+        if code is not None and code < 0:
+            how["signal"] = signal.Signals(-code).name if -code in signal.valid_signals() \
+                else str(-code)
+            how["reason"] = f"killed by signal {-code} ({how['signal']})"
+            if -code == signal.SIGKILL:
+                how["reason"] += "; out of memory, perhaps (the kernel's own or the machine's)"
+        elif code is not None:
+            how["reason"] = f"it exited with code {code}"
+        else:
+            how["reason"] = "it stopped answering"
+        return how
+
     def remove_kernel(self, kernel_id: str) -> Any:
         """Forget a kernel (shut down or dead), free its GPUs and revoke its scoped tokens.
 
         Its websockets are closed too: Jupyter leaves them open, and a client would wait
-        for replies that never come.
+        for replies that never come. The host remembers when and how it ended.
         """
+        self.ended.setdefault(kernel_id, {"state": "stopped", "ended": time.time(),
+                                          "reason": "it was shut down"})
+        while len(self.ended) > ENDED_KEPT:
+            self.ended.popitem(last=False)
         for conn in self.websockets.pop(kernel_id, set()):
-            conn.websocket_handler.close(1001, "the kernel was shut down")
+            conn.close_socket(KERNEL_STOPPED, "the kernel was shut down")
+        for key in [k for k in self.replay_sessions if k.startswith(f"{kernel_id}:")]:
+            self.replay_sessions.pop(key).close()
         self.inventory.release(kernel_id)
         identity = getattr(self.parent, "identity_provider", None)
         if identity is not None and hasattr(identity, "forget_kernel"):
@@ -150,47 +234,3 @@ class GPUKernelManager(AsyncMappingKernelManager):
             model = super().kernel_model(kernel_id)
         model["cloudgpu"] = {"gpus": [d.__dict__ for d in self.inventory.held_by(kernel_id)]}
         return model
-
-
-class LowLatencyWebsocketConnection(ZMQChannelsWebsocketConnection):
-    """Jupyter's kernel websocket with Nagle's algorithm off.
-
-    Tornado leaves Nagle on, so a small message sent right after another waits for the
-    peer's delayed ACK: about 40 ms on every cell. Kernel messages are small and
-    latency-bound, so we send each at once.
-    """
-
-    def connect(self) -> Any:
-        """Connect to the kernel's ZMQ channels, then switch TCP_NODELAY on."""
-        self.websocket_handler.set_nodelay(True)
-        self.multi_kernel_manager.websockets.setdefault(self.kernel_id, set()).add(self)
-        return super().connect()
-
-    def _on_zmq_reply(self, stream: Any, msg_list: list[bytes]) -> None:
-        """Send a kernel message to the client; big ones without copying their buffers.
-
-        Jupyter joins a v1 message into one bytes object and tornado copies it once more
-        into a websocket frame: for a 4 MiB variable chunk that is most of the host's work
-        (35% of it in tornado's frame copy, by py-spy). Here the frame header, the v1 header
-        and each part are queued on the socket as they are. Anything unusual (compression,
-        masking, a closing socket, another protocol) takes Jupyter's own path.
-        """
-        ws = getattr(self.websocket_handler, "ws_connection", None)
-        size = sum(len(part) for part in msg_list)
-        if (size < _DIRECT_MIN or self.subprotocol != SUBPROTOCOL or ws is None
-                or ws.is_closing() or getattr(ws, "_compressor", None) is not None
-                or getattr(ws, "mask_outgoing", True) or stream.closed()):
-            super()._on_zmq_reply(stream, msg_list)
-            return
-        channel = getattr(stream, "channel", "").encode()
-        v1_head = v1_header(channel, msg_list)
-        length = len(v1_head) + len(channel) + size
-        frame_head = struct.pack("!BBQ", 0x80 | 0x2, 127, length)  # FIN, binary, 64-bit length
-        ws.stream.write(frame_head + v1_head + channel)
-        for part in msg_list:
-            ws.stream.write(part)
-
-    def disconnect(self) -> Any:
-        """Forget this connection, then let Jupyter tear it down."""
-        self.multi_kernel_manager.websockets.get(self.kernel_id, set()).discard(self)
-        return super().disconnect()

@@ -21,6 +21,7 @@ from cloudgpu import __version__
 from cloudgpu._process import write_private_json
 from cloudgpu.hardware import Catalog
 
+from ..throttle import BadTokenThrottle
 from .backend import Backend, load_backend
 from .backends.local import LocalBackend
 from .backends.static import StaticBackend
@@ -93,6 +94,17 @@ class PoolApp(Application):
     ).tag(config=True)
     meter_interval = Float(1.0, help="Seconds between cost and budget checks.").tag(config=True)
     cull_interval = Float(15.0, help="Seconds between idleness checks.").tag(config=True)
+    bad_tokens_allowed = Integer(
+        10, help="Wrong tokens one address may send per minute before its wrong tokens are "
+        "answered 429 (a right token is always accepted)."
+    ).tag(config=True)
+    heartbeat_interval = Float(
+        2.0, help="Seconds between asking every host whether it is there."
+    ).tag(config=True)
+    heartbeat_misses = Integer(
+        2, help="Heartbeats a host may miss in a row before its sessions are ended as lost "
+        "(billing stops at its last answer)."
+    ).tag(config=True)
     catalog_file = Unicode("", help="A catalog JSON file replacing the shipped one.").tag(
         config=True)
     catalog_overrides = Dict(
@@ -148,10 +160,13 @@ class PoolApp(Application):
                     user_limits=dict(self.user_limits), meter_interval=self.meter_interval,
                     cull_interval=self.cull_interval, log=self.log,
                     disconnected_timeout=self.disconnected_timeout,
+                    heartbeat_interval=self.heartbeat_interval,
+                    heartbeat_misses=self.heartbeat_misses,
                     warm=self.warm_kernels if self.warm_kernels is not None else
                     ({"cpu": 1} if self.backend == "local" else {}))
         await pool.start()
         app = web.Application(POOL_HANDLERS, pool=pool, users=users,
+                              throttle=BadTokenThrottle(self.bad_tokens_allowed),
                               log_function=_quiet_log(self))
         sockets = bind_sockets(self.port, self.ip)
         server = HTTPServer(app)

@@ -7,6 +7,7 @@ are found through the ``cloudgpu.backends`` entry point group, so a package can 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
@@ -22,6 +23,7 @@ from .scheduler import Slot
 __all__ = ["Backend", "HostsBackend", "Placement", "load_backend"]
 
 ENTRY_POINT_GROUP = "cloudgpu.backends"
+HEARTBEAT_TIMEOUT = 5.0
 
 
 @dataclass
@@ -59,8 +61,19 @@ class Backend(LoggingConfigurable):
         raise NotImplementedError
 
     async def probe(self, placement: Placement) -> dict[str, Any] | None:
-        """The kernel's Jupyter model (``execution_state``, ``last_activity``), None if gone."""
+        """The kernel's Jupyter model (``execution_state``, ``last_activity``); for a kernel
+        that ended, what its host remembers of the end (``cloudgpu.state`` ``died`` or
+        ``stopped``, ``ended``, ``reason``); None when its host knows nothing of it.
+
+        Raises:
+            CloudGPUError: its host could not be asked (the heartbeat judges hosts).
+        """
         raise NotImplementedError
+
+    async def heartbeat(self) -> dict[str, dict[str, Any] | None]:
+        """Each slot's liveness: its host's info (``instance`` changes when it restarts), or
+        None when it did not answer. Slots left out are not watched."""
+        return {}
 
     async def close(self) -> None:
         """Release what the backend holds."""
@@ -113,14 +126,23 @@ class HostsBackend(Backend):
             await host.shutdown(placement.kernel_id)
 
     async def probe(self, placement: Placement) -> dict[str, Any] | None:
-        """``GET /api/kernels/{id}``; None when the host no longer has it or is gone."""
+        """``GET /api/cloudgpu/kernels/{id}``; None when the host knows nothing of it."""
         host = self.hosts.get(placement.slot_id)
         if host is None:
             return None
-        try:
-            return await host.kernel(placement.kernel_id)
-        except CloudGPUError:
-            return None
+        return await host.kernel_state(placement.kernel_id)
+
+    async def heartbeat(self) -> dict[str, dict[str, Any] | None]:
+        """Ask every host for its info at once; ``HEARTBEAT_TIMEOUT`` s each."""
+        async def beat(host: HostClient) -> dict[str, Any] | None:
+            try:
+                return await asyncio.wait_for(host.info(), HEARTBEAT_TIMEOUT)
+            except (CloudGPUError, asyncio.TimeoutError):
+                return None
+
+        slots = list(self.hosts.items())
+        answers = await asyncio.gather(*(beat(host) for _, host in slots))
+        return {slot_id: answer for (slot_id, _), answer in zip(slots, answers, strict=True)}
 
     async def close(self) -> None:
         """Close the HTTP clients."""

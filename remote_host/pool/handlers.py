@@ -16,10 +16,12 @@ from cloudgpu.errors import (
     AuthenticationError,
     CloudGPUError,
     InvalidRequestError,
+    TooManyAttemptsError,
     error_body,
     http_status,
 )
 
+from ..throttle import BadTokenThrottle
 from .service import Pool
 
 __all__ = ["POOL_HANDLERS"]
@@ -48,7 +50,8 @@ class PoolHandler(web.RequestHandler):
         return self.settings["pool"]  # type: ignore[no-any-return]
 
     def prepare(self) -> None:
-        """Find the user the token belongs to, in constant time; 403 otherwise."""
+        """Find the user the token belongs to, in constant time; 403 otherwise, and 429 for
+        an address that keeps sending wrong tokens (see ``remote_host/throttle.py``)."""
         header = self.request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() not in ("token", "bearer"):
@@ -58,6 +61,12 @@ class PoolHandler(web.RequestHandler):
             if given and hmac.compare_digest(given.encode(), token.encode()):
                 user = name
         if user is None:
+            throttle: BadTokenThrottle = self.settings["throttle"]
+            address = self.request.remote_ip or "?"
+            refusal = throttle.refusal(address)
+            if refusal:
+                raise TooManyAttemptsError(refusal)
+            throttle.failed(address)
             raise AuthenticationError(
                 f"This cloudgpu pool needs a valid token (`Authorization: token T`); the one "
                 f"given is {'wrong' if given else 'missing'}. Set CLOUDGPU_TOKEN to the token "

@@ -19,10 +19,16 @@ from collections.abc import Callable
 from typing import Any
 
 from cloudgpu._format import duration
-from cloudgpu.errors import BudgetExceededError, InvalidRequestError, SessionNotFoundError
+from cloudgpu.errors import (
+    BudgetExceededError,
+    CloudGPUError,
+    InvalidRequestError,
+    SessionNotFoundError,
+)
 from cloudgpu.hardware import CPU, Catalog, Choice, parse_spec
 
 from .backend import Backend, Placement
+from .health import HostWatch, kernel_end
 from .ledger import Ledger, SessionRecord
 from .scheduler import Scheduler
 from .warm import WarmKernels
@@ -52,13 +58,16 @@ class Pool:
         disconnected_timeout: seconds a running session may have no client connected
             before it is stopped (its notebook went away without releasing it; 0: never).
         warm: pre-started kernels to keep per hardware type, ``{"cpu": 1}``.
+        heartbeat_interval: how often every host is asked whether it is there, seconds.
+        heartbeat_misses: missed beats in a row after which a host's sessions are lost.
     """
 
     def __init__(self, backend: Backend, ledger: Ledger, catalog: Catalog, *,
                  idle_timeout: float = 900.0, daily_limit: float = 0.0,
                  user_limits: dict[str, float] | None = None, meter_interval: float = 1.0,
                  cull_interval: float = 30.0, disconnected_timeout: float = 0.0,
-                 warm: dict[str, int] | None = None, log: logging.Logger | None = None) -> None:
+                 warm: dict[str, int] | None = None, log: logging.Logger | None = None,
+                 heartbeat_interval: float = 2.0, heartbeat_misses: int = 2) -> None:
         self.backend = backend
         self.ledger = ledger
         self.catalog = catalog
@@ -68,6 +77,11 @@ class Pool:
         self.meter_interval = meter_interval
         self.cull_interval = cull_interval
         self.disconnected_timeout = disconnected_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.health = HostWatch(heartbeat_misses)
+        # Heartbeats and culling take turns: a cull between a host's restart and the beat
+        # that notices it would blame its sessions' kernels instead of the lost machine.
+        self._watching = asyncio.Lock()
         self._disconnected_since: dict[str, float] = {}
         self._idle_since: dict[str, float] = {}
         self.log = log or logging.getLogger("cloudgpu.pool")
@@ -88,7 +102,9 @@ class Pool:
             self.scheduler.add_slot(slot)
         await self.reconcile()
         self._tasks = [asyncio.create_task(self._every(self.meter_interval, self.meter)),
-                       asyncio.create_task(self._every(self.cull_interval, self.cull))]
+                       asyncio.create_task(self._every(self.cull_interval, self.cull)),
+                       asyncio.create_task(self._every(self.heartbeat_interval,
+                                                       self.heartbeat))]
         self._dispatch()
         self.warm.refill()
 
@@ -109,12 +125,18 @@ class Pool:
         """Match the ledger's active sessions with what the hosts really run.
 
         Queued sessions queue again in their old order; a running session whose kernel is
-        still there keeps running (and its GPUs stay taken); one whose kernel is gone ends
-        at the last moment it was seen alive, so nothing is billed twice or lost.
+        still there keeps running (and its GPUs stay taken); one whose kernel ended while
+        the pool was down ends when its host says it did; one whose kernel nobody knows of
+        any more ends at the last moment it was seen alive. Nothing is billed twice or lost.
         """
         for rec in self.ledger.active():
             if rec.state == "running" and rec.kernel_id:
-                model = await self.backend.probe(self._placement(rec))
+                model = await self._probe(rec)
+                end = kernel_end(model)
+                if end is not None:
+                    rec.ended = end[0]
+                    self._finish(rec, "stopped", f"{end[1]} (while the pool was down)")
+                    continue
                 if model is not None:
                     self.sessions[rec.id] = rec
                     self.scheduler.allocate(rec.host_id or "", rec.gpu_type or CPU, rec.count or 0)
@@ -240,6 +262,14 @@ class Pool:
         self._arm_budget(rec)
         self._notify(rec.id)
 
+    async def _probe(self, rec: SessionRecord) -> dict[str, Any] | None:
+        """The host's answer for a session's kernel; None also when it cannot be asked."""
+        try:
+            return await self.backend.probe(self._placement(rec))
+        except CloudGPUError as e:
+            self.log.info("Could not ask about session %s's kernel: %s", rec.id, e)
+            return None
+
     def _placement(self, rec: SessionRecord) -> Placement:
         return Placement(rec.host_id or "", rec.host_url or "", rec.kernel_id or "", rec.gpus,
                          rec.simulated)
@@ -267,8 +297,13 @@ class Pool:
             launching = self._launching.get(rec.id)
             if launching is not None:
                 await asyncio.shield(launching)  # let the kernel exist, then stop it
+            if rec.kernel_id and state != "lost":
+                # Billing ends when the kernel did, if it ended before it was stopped.
+                end = kernel_end(await self._probe(rec))
+                if end is not None:
+                    rec.ended, reason = end[0], end[1]
             self._finish(rec, state, reason)
-            if rec.kernel_id:
+            if rec.kernel_id and state != "lost":
                 await self.backend.stop(self._placement(rec))
             self.scheduler.release(rec.host_id or "", rec.gpu_type or CPU, rec.count or 0)
         self._notify(rec.id)
@@ -335,8 +370,9 @@ class Pool:
         """
         now = time.time()
         running = [r for r in self.sessions.values() if r.state == "running"]
-        self.ledger.touch([r.id for r in running], now)
-        for rec in running:
+        alive = [r for r in running if self.health.healthy(r.host_id or "")]
+        self.ledger.touch([r.id for r in alive], now)
+        for rec in alive:
             rec.last_seen = now
         for user in {r.user for r in running}:
             limit = self.limit_for(user)
@@ -404,13 +440,28 @@ class Pool:
 
     async def cull(self) -> None:
         """Stop sessions whose kernel has been idle longer than their timeout, or is gone."""
+        async with self._watching:
+            await self._cull()
+
+    async def _cull(self) -> None:
         now = time.time()
         for rec in [r for r in self.sessions.values() if r.state == "running"]:
-            model = await self.backend.probe(self._placement(rec))
+            try:
+                model = await self.backend.probe(self._placement(rec))
+            except CloudGPUError:
+                continue  # its host cannot be asked now: the heartbeat decides about hosts
             if rec.id not in self.sessions:
                 continue  # stopped meanwhile
             if model is None:
-                await self.stop(rec.id, "its remote kernel is gone (it died, or its host did)")
+                # A live host remembers every kernel it ran: this one ran on its host before
+                # it restarted. It ended no later than it was last seen alive.
+                rec.ended = rec.last_seen or rec.started
+                await self.stop(rec.id, "its machine was lost: its host restarted and no "
+                                        "longer knows the kernel")
+                continue
+            if kernel_end(model) is not None:
+                # stop() reads the end (when, and how it died) from the host's answer.
+                await self.stop(rec.id, "its remote kernel is gone")
                 continue
             if self._abandoned(rec, model, now):
                 await self.stop(rec.id, f"no notebook was connected to it for "
@@ -428,6 +479,39 @@ class Pool:
             if now - last > timeout:
                 await self.stop(rec.id, f"idle: nothing ran for {duration(now - last)} "
                                         f"(idle_timeout {duration(timeout)})")
+
+    async def heartbeat(self) -> None:
+        """Ask every host whether it is there; end the sessions of one that is lost.
+
+        A host that misses ``heartbeat_misses`` beats has lost its sessions. They end at
+        the last beat it answered, their GPUs are freed, and their clients are told why
+        (``stop_reason``) when they ask.
+        """
+        async with self._watching:
+            await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
+        now = time.time()
+        for slot_id, info in (await self.backend.heartbeat()).items():
+            if info is None:
+                last = self.health.missed(slot_id, now)
+                if last is not None:
+                    await self._lose_slot(slot_id, last, f"its machine was lost: the host "
+                                          f"stopped answering {duration(now - last)} ago")
+                continue
+            self.health.answered(slot_id, now)
+
+    async def _lose_slot(self, slot_id: str, last_seen: float, reason: str) -> None:
+        lost = [r for r in self.sessions.values() if r.host_id == slot_id
+                and r.state == "running"]
+        if lost:
+            self.log.warning("Host %s is lost; ending %d session(s): %s", slot_id, len(lost),
+                             reason)
+        for rec in lost:
+            rec.ended = max(last_seen, rec.started or last_seen)
+            await self.stop(rec.id, reason, state="lost")
+        self.warm.forget_slot(slot_id)
+        self.warm.refill()
 
     def _abandoned(self, rec: SessionRecord, model: dict[str, Any], now: float) -> bool:
         if not self.disconnected_timeout or model.get("connections", 1) > 0:

@@ -52,6 +52,11 @@ class WarmKernels:
         ready = self.ready.get((slot_id, choice.type))
         return ready.pop(0) if ready else None
 
+    def forget_slot(self, slot_id: str) -> None:
+        """Drop the warm kernels of a slot whose host was lost (they died with it)."""
+        for key in [k for k in self.ready if k[0] == slot_id]:
+            del self.ready[key]
+
     async def make_room(self, slot_id: str, gpu_type: str) -> None:
         """Stop warm kernels on a slot whose GPUs a granted request now needs."""
         slot = self.scheduler.slots.get(slot_id)

@@ -82,6 +82,16 @@ class LocalBackend(HostsBackend):
                     await self._start_host()
             return await super().launch(slot_id, choice, scoped_token)
 
+    async def heartbeat(self) -> dict[str, dict[str, Any] | None]:
+        """The local host's liveness; a host that died is started again first (its kernels,
+        and so their sessions, are lost either way; new sessions need not wait)."""
+        async with self._restart_lock:
+            if self.process is not None and not self.process.running():
+                self.log.warning("The local host (pid %s) is gone; starting a new one.",
+                                 self.process.pid)
+                await self._start_host()
+        return await super().heartbeat()
+
     async def close(self) -> None:
         """Stop the local host with its kernels."""
         await super().close()

@@ -1,0 +1,281 @@
+"""The durable connection to one remote kernel: reconnected when it drops, nothing lost or doubled.
+
+One websocket at a time carries a session's messages. When it breaks (a laptop closed, a
+network changed, a proxy restarted), the link opens a new one with backoff and jitter,
+saying how many frames it received (``cloudgpu_since``). The host answers with a notice
+of how many of ours it received, replays what we missed, and the link sends again what
+the host missed from its own bounded log, all before anything new goes out. Frames are
+counted, not numbered: TCP keeps each connection's frames in order, so counts are enough
+(see ``remote_host/host/replay.py`` for the host's side).
+
+The link gives up, and says why, when the host says the kernel is gone (it was stopped,
+or it died), refuses our token (the pool ended the session), when the provider says the
+session ended (its machine was lost), or when no connection could be made for
+``reconnect_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import _wire
+from ._wire import CONFUSED, KERNEL_DIED, KERNEL_STOPPED, REPLACED
+from .errors import (
+    AuthenticationError,
+    CloudGPUError,
+    HostConnectionError,
+    RemoteKernelDiedError,
+)
+from .host_client import HostClient, KernelConnection
+
+__all__ = ["KernelLink"]
+
+log = logging.getLogger("cloudgpu.client")
+
+TOO_BIG = 1009  # RFC 6455: a message bigger than the host accepts
+
+RECONNECT_TIMEOUT = 120.0
+SEND_LOG_BYTES = 256 * 2**20
+FIRST_DELAY, MAX_DELAY = 0.1, 5.0
+NOTICE_TIMEOUT = 30.0
+
+#: Something the user should hear about the connection, as a sentence.
+Notice = Callable[[str], None]
+
+
+class _CannotResend(Exception):
+    """What the host is missing of ours is no longer in the send log."""
+
+
+class KernelLink:
+    """One session's connection to one kernel, across websockets.
+
+    Args:
+        host: the host's client (its token opens the kernel).
+        kernel_id: the kernel.
+        session: the Jupyter session id of the messages we send; the host keeps the
+            session's channels and replay log under it.
+        on_message: every message of a Jupyter channel, in order, exactly once.
+        on_notice: sentences for the user (the connection dropped, came back, lost N).
+        on_gone: called once with the error that says why the link gave up.
+        check: asks the provider whether the session ended and why (None: it did not);
+            asked while reconnecting, so that a lost machine is not waited for.
+        reconnect_timeout: seconds to keep trying to reconnect.
+    """
+
+    def __init__(self, host: HostClient, kernel_id: str, session: str, *,
+                 on_message: Callable[[str, _wire.Message], None],
+                 on_notice: Notice, on_gone: Callable[[CloudGPUError], None],
+                 check: Callable[[], Awaitable[str | None]] | None = None,
+                 reconnect_timeout: float = RECONNECT_TIMEOUT,
+                 send_log_bytes: int = SEND_LOG_BYTES) -> None:
+        self.host = host
+        self.kernel_id = kernel_id
+        self.session = session
+        self._on_message = on_message
+        self._on_notice = on_notice
+        self._on_gone = on_gone
+        self._check = check
+        self.reconnect_timeout = reconnect_timeout
+        self.send_log_bytes = send_log_bytes
+        self.conn: KernelConnection | None = None
+        #: Frames of the Jupyter channels received, over all connections.
+        self.received = 0
+        #: Frames sent (or queued to send), over all connections.
+        self.sent = 0
+        #: How many times the link reconnected.
+        self.reconnects = 0
+        self._log: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._log_bytes = 0
+        self._write = asyncio.Lock()
+        self._connected = False
+        self._gone = False
+        self._closing = False
+        self._death: dict[str, Any] | None = None
+        self._notice: asyncio.Future[dict[str, Any]] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        """Open the first websocket.
+
+        Raises:
+            HostConnectionError, AuthenticationError, RemoteKernelDiedError: as the host answers.
+        """
+        self.conn = await self._connect()
+        self._connected = True  # nothing can have been lost yet: no need to wait the notice
+
+    async def _connect(self) -> KernelConnection:
+        conn = await self.host.connect(self.kernel_id, self._receive, session_id=self.session,
+                                       since=self.received)
+        conn.closed.add_done_callback(lambda closed: self._on_closed(conn, closed.result()))
+        return conn
+
+    # --- sending ---------------------------------------------------------------------------
+
+    async def send(self, frame: bytes) -> None:
+        """Send one framed message; if the connection is down, it goes once it is back.
+
+        Raises:
+            CloudGPUError: the link gave up (why is in the error).
+        """
+        async with self._write:
+            if self._gone:
+                raise HostConnectionError(f"The connection to kernel {self.kernel_id} is gone.")
+            self.sent += 1
+            self._keep(self.sent, frame)
+            if self._connected and self.conn is not None:
+                try:
+                    await self.conn.send_frame(frame)
+                except HostConnectionError:
+                    pass  # kept in the log: sent again once reconnected, if the host lacks it
+
+    def _keep(self, number: int, frame: bytes) -> None:
+        self._log.append((number, frame))
+        self._log_bytes += len(frame)
+        while len(self._log) > 1 and self._log_bytes > self.send_log_bytes:
+            self._log_bytes -= len(self._log.popleft()[1])
+
+    # --- receiving -------------------------------------------------------------------------
+
+    def _receive(self, channel: str, msg: _wire.Message) -> None:
+        if channel == _wire.NOTICE_CHANNEL:
+            self._on_host_notice(msg["content"])
+            return
+        self.received += 1
+        self._on_message(channel, msg)
+
+    def _on_host_notice(self, content: dict[str, Any]) -> None:
+        if "replay" in content:
+            if self._notice is not None and not self._notice.done():
+                self._notice.set_result(content["replay"])
+        elif "kernel" in content:
+            self._death = dict(content["kernel"])
+
+    # --- losing and finding the connection ---------------------------------------------------
+
+    def _on_closed(self, conn: KernelConnection, frame: tuple[int, str] | None) -> None:
+        if conn is not self.conn or self._closing or self._gone:
+            return
+        self._connected = False
+        code = frame[0] if frame is not None else None
+        if code == KERNEL_STOPPED:
+            self._give_up(RemoteKernelDiedError(f"The remote kernel {self.kernel_id} was stopped."))
+        elif code == KERNEL_DIED:
+            self._give_up(RemoteKernelDiedError(self._death_text()))
+        elif code == TOO_BIG:
+            self._give_up(HostConnectionError(
+                f"The host closed the connection to kernel {self.kernel_id}: a message was "
+                f"bigger than it accepts ({frame[1] if frame else ''})."))
+        elif code in (REPLACED, CONFUSED):
+            self._give_up(HostConnectionError(
+                f"The host ended the connection to kernel {self.kernel_id}: "
+                f"{frame[1] if frame else ''}."))
+        elif self._reconnecting is not None and not self._reconnecting.done():
+            # The new connection broke during the handshake: let that attempt fail now.
+            if self._notice is not None and not self._notice.done():
+                self._notice.set_exception(HostConnectionError("closed during the handshake"))
+                self._notice.exception()  # retrieved: the attempt awaiting it raises it
+        else:
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    def _death_text(self) -> str:
+        how = self._death or {}
+        text = f"The remote kernel {self.kernel_id} died: {how.get('reason', 'it stopped')}"
+        memory = how.get("gpu_memory_used_mb")
+        if memory is not None:
+            text += f"; it held {memory:,.0f} MiB of GPU memory at the end"
+        return text + "."
+
+    async def _reconnect(self) -> None:
+        started = time.monotonic()
+        self._on_notice("the connection to the host dropped; reconnecting ...")
+        delay = FIRST_DELAY
+        while not self._gone and not self._closing:
+            try:
+                async with self._write:  # nothing new goes out before the host says what it has
+                    conn = await self._connect()
+                    self.conn, self._notice = conn, asyncio.get_running_loop().create_future()
+                    replay = await asyncio.wait_for(asyncio.shield(self._notice), NOTICE_TIMEOUT)
+                    await self._resend(conn, int(replay.get("received", 0)))
+                    self._connected = True
+            except (AuthenticationError, RemoteKernelDiedError) as e:
+                why = await self._ask()
+                self._give_up(RemoteKernelDiedError(
+                    f"The remote kernel {self.kernel_id} was stopped while the connection was "
+                    f"down{f': {why}' if why else f' ({e})'}."))
+                return
+            except _CannotResend as e:
+                self._give_up(HostConnectionError(str(e)))
+                return
+            except (HostConnectionError, asyncio.TimeoutError, OSError) as e:
+                log.info("Reconnecting to kernel %s failed: %s", self.kernel_id, e)
+                why = await self._ask()
+                if why:
+                    self._give_up(RemoteKernelDiedError(
+                        f"The connection to the cloudgpu host at {self.host.url} was lost "
+                        f"(remote kernel {self.kernel_id}), and the pool says: {why}."))
+                    return
+                waited = time.monotonic() - started
+                if waited > self.reconnect_timeout:
+                    self._give_up(HostConnectionError(
+                        f"The connection to the host of kernel {self.kernel_id} dropped and "
+                        f"could not be made again within {self.reconnect_timeout:.0f} s "
+                        f"(last: {e})."))
+                    return
+                await asyncio.sleep(random.uniform(delay / 2, delay))  # jitter
+                delay = min(delay * 2, MAX_DELAY)
+                continue
+            self.reconnects += 1
+            lost = int(replay.get("lost", 0))
+            self._on_notice(
+                f"reconnected after {time.monotonic() - started:.1f} s; "
+                + (f"{lost} message{'s' if lost != 1 else ''} from the kernel were lost (the "
+                   f"outage outlasted the host's replay buffer)" if lost else "nothing was lost"))
+            return
+
+    async def _resend(self, conn: KernelConnection, host_received: int) -> None:
+        """Send again what the host did not get, in order.
+
+        Raises:
+            _CannotResend: some of it is no longer in the log.
+            HostConnectionError: the new connection broke too.
+        """
+        missing = [(n, frame) for n, frame in self._log if n > host_received]
+        first = missing[0][0] if missing else self.sent + 1
+        if host_received < self.sent and first != host_received + 1:
+            raise _CannotResend(
+                f"The connection to kernel {self.kernel_id} dropped while "
+                f"{self.sent - host_received} message(s) to it were on their way, and some "
+                f"are too old to send again; the running cell may have lost inputs. Run it "
+                f"again.")
+        for _, frame in missing:
+            await conn.send_frame(frame)
+
+    async def _ask(self) -> str | None:
+        if self._check is None:
+            return None
+        try:
+            return await self._check()
+        except CloudGPUError:
+            return None  # the provider cannot say either: keep trying the host
+
+    def _give_up(self, error: CloudGPUError) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        self._connected = False
+        self._on_gone(error)
+
+    async def close(self) -> None:
+        """Close the connection for good (not a loss: ``on_gone`` is not called)."""
+        self._closing = True
+        if self._reconnecting is not None and not self._reconnecting.done():
+            self._reconnecting.cancel()
+        if self.conn is not None:
+            await self.conn.close()
