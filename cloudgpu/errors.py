@@ -27,6 +27,7 @@ __all__ = [
     "PoolConnectionError",
     "RemoteExecutionError",
     "RemoteKernelDiedError",
+    "RequestTooLargeError",
     "SerializationError",
     "SessionNotFoundError",
     "TooManyAttemptsError",
@@ -48,6 +49,10 @@ class UnknownHardwareError(CloudGPUError, ValueError):
 
 class InvalidRequestError(CloudGPUError, ValueError):
     """Raised when a host or pool refuses a request as malformed (bad JSON, a wrong field)."""
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """Raised when a request to a host or pool is bigger than it accepts."""
 
 
 class BudgetExceededError(CloudGPUError):
@@ -119,6 +124,7 @@ class VersionSkewWarning(UserWarning):
 #: HTTP status per error class; a subclass takes its nearest listed ancestor's.
 _STATUS: tuple[tuple[type[CloudGPUError], int], ...] = (
     (UnknownHardwareError, 400),
+    (RequestTooLargeError, 413),
     (InvalidRequestError, 400),
     (BudgetExceededError, 402),
     (TooManyAttemptsError, 429),
@@ -134,6 +140,7 @@ _BY_STATUS: dict[int, type[CloudGPUError]] = {
     401: AuthenticationError,
     402: BudgetExceededError,
     403: AuthenticationError,
+    413: RequestTooLargeError,
     409: HardwareUnavailableError,
     429: TooManyAttemptsError,
 }

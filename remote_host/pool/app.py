@@ -7,6 +7,7 @@ import getpass
 import os
 import secrets
 import signal
+import ssl
 import sys
 from typing import Any
 
@@ -60,10 +61,18 @@ class PoolApp(Application):
         "info-file": "PoolApp.info_file",
         "log-level": "Application.log_level",
         "config": "PoolApp.config_file",
+        "certfile": "PoolApp.certfile",
+        "keyfile": "PoolApp.keyfile",
     }
     classes = [LocalBackend, StaticBackend]
 
     ip = Unicode("127.0.0.1", help="Address to listen on.").tag(config=True)
+    certfile = Unicode("", help="TLS certificate (PEM): serve https. Clients check it "
+                       "(CLOUDGPU_CA_FILE for a private CA).").tag(config=True)
+    keyfile = Unicode("", help="TLS private key (PEM) for --certfile.").tag(config=True)
+    max_body_size = Integer(
+        1 << 20, help="The largest request body the pool accepts, in bytes (413 beyond)."
+    ).tag(config=True)
     port = Integer(0, help="Port to listen on (0: a free one).").tag(config=True)
     token = Unicode(
         "", help="The token of this machine's user (default $CLOUDGPU_POOL_TOKEN, else a new "
@@ -167,12 +176,20 @@ class PoolApp(Application):
         await pool.start()
         app = web.Application(POOL_HANDLERS, pool=pool, users=users,
                               throttle=BadTokenThrottle(self.bad_tokens_allowed),
+                              max_body_size=self.max_body_size,
                               log_function=_quiet_log(self))
         sockets = bind_sockets(self.port, self.ip)
-        server = HTTPServer(app)
+        tls = None
+        if self.certfile:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(self.certfile, self.keyfile or None)
+        # Tornado refuses bodies over its limit before our handlers see them; ours (with a
+        # message saying so) applies below that.
+        server = HTTPServer(app, ssl_options=tls, max_body_size=self.max_body_size * 2)
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
-        url = f"http://{self.ip if ':' not in self.ip else f'[{self.ip}]'}:{port}"
+        scheme = "https" if tls else "http"
+        url = f"{scheme}://{self.ip if ':' not in self.ip else f'[{self.ip}]'}:{port}"
         self.log.info("cloudgpu pool %s on %s (backend %s, ledger %s)", __version__, url,
                       self.backend, self.db)
         if self.info_file:

@@ -16,6 +16,7 @@ from cloudgpu.errors import (
     AuthenticationError,
     CloudGPUError,
     InvalidRequestError,
+    RequestTooLargeError,
     TooManyAttemptsError,
     error_body,
     http_status,
@@ -51,7 +52,15 @@ class PoolHandler(web.RequestHandler):
 
     def prepare(self) -> None:
         """Find the user the token belongs to, in constant time; 403 otherwise, and 429 for
-        an address that keeps sending wrong tokens (see ``remote_host/throttle.py``)."""
+        an address that keeps sending wrong tokens (see ``remote_host/throttle.py``).
+
+        A body over ``max_body_size`` is refused (413) before anything else.
+        """
+        limit = self.settings["max_body_size"]
+        if len(self.request.body or b"") > limit:
+            raise RequestTooLargeError(
+                f"The request body is {len(self.request.body):,} bytes; this pool accepts at "
+                f"most {limit:,} (PoolApp.max_body_size).")
         header = self.request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() not in ("token", "bearer"):

@@ -40,9 +40,11 @@ class HostWatch:
         self.misses = misses
         self.beats: dict[str, Beat] = {}
 
-    def answered(self, slot_id: str, now: float) -> None:
-        """A host answered."""
+    def answered(self, slot_id: str, now: float) -> bool:
+        """A host answered; returns True when it had been lost (it is back)."""
+        beat = self.beats.get(slot_id)
         self.beats[slot_id] = Beat(now)
+        return beat is not None and beat.lost
 
     def missed(self, slot_id: str, now: float) -> float | None:
         """A host did not answer; returns when it last did, once it counts as lost (once)."""

@@ -24,9 +24,13 @@ class Slot:
     total: dict[str, int]
     used: dict[str, int] = field(default_factory=dict)
     simulated: bool = False
+    #: True while its host does not answer: nothing is placed there.
+    down: bool = False
 
     def free(self, gpu_type: str) -> int:
-        """Unused GPUs of ``gpu_type`` here."""
+        """Unused GPUs of ``gpu_type`` here (none while the host is down)."""
+        if self.down:
+            return 0
         return self.total.get(gpu_type, 0) - self.used.get(gpu_type, 0)
 
 
@@ -142,7 +146,8 @@ class Scheduler:
 
     def _place(self, choice: Choice, gpu_type: str) -> Slot | None:
         if gpu_type == CPU:  # never scarce: the host with the fewest CPU sessions' cores
-            return min(self.slots.values(), key=lambda s: s.used.get(CPU, 0), default=None)
+            return min((s for s in self.slots.values() if not s.down),
+                       key=lambda s: s.used.get(CPU, 0), default=None)
         best: Slot | None = None
         for slot in self.slots.values():
             free = slot.free(gpu_type)

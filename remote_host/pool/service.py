@@ -499,7 +499,10 @@ class Pool:
                     await self._lose_slot(slot_id, last, f"its machine was lost: the host "
                                           f"stopped answering {duration(now - last)} ago")
                 continue
-            self.health.answered(slot_id, now)
+            if self.health.answered(slot_id, now) and slot_id in self.scheduler.slots:
+                self.log.warning("Host %s answers again; placing sessions there again", slot_id)
+                self.scheduler.slots[slot_id].down = False
+                self._dispatch()
 
     async def _lose_slot(self, slot_id: str, last_seen: float, reason: str) -> None:
         lost = [r for r in self.sessions.values() if r.host_id == slot_id
@@ -507,6 +510,8 @@ class Pool:
         if lost:
             self.log.warning("Host %s is lost; ending %d session(s): %s", slot_id, len(lost),
                              reason)
+        if slot_id in self.scheduler.slots:
+            self.scheduler.slots[slot_id].down = True
         for rec in lost:
             rec.ended = max(last_seen, rec.started or last_seen)
             await self.stop(rec.id, reason, state="lost")

@@ -73,7 +73,7 @@ class WarmKernels:
         for gpu_type, target in self.targets.items():
             if self.scheduler.queue_length(gpu_type):
                 continue
-            for slot in list(self.scheduler.slots.values()):
+            for slot in [s for s in self.scheduler.slots.values() if not s.down]:
                 if gpu_type != CPU and not slot.total.get(gpu_type):
                     continue
                 while self.count(slot.id, gpu_type) < target and (

@@ -1,0 +1,135 @@
+"""A TCP proxy on 127.0.0.1 that a test controls: it drops connections and refuses new ones.
+
+It stands where a network would: between a client and a host. ``drop()`` resets every
+connection through it at once (as a network that goes away does); ``block()`` also refuses
+new connections until ``unblock()`` (an outage). It runs on its own event loop in a thread,
+so a test can drive it from plain synchronous code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["TcpProxy", "port_of"]
+
+
+def port_of(url: str) -> int:
+    """The port of ``http://127.0.0.1:PORT``."""
+    return int(url.rstrip("/").rsplit(":", 1)[1])
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:``port`` to ``target``.
+
+    Args:
+        target: (host, port) to forward to.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self.connections = 0  # accepted, over the proxy's life
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tcp-proxy",
+                                        daemon=True)
+        self._server: asyncio.Server | None = None
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._blocked = False
+        self._thread.start()
+        self.port = self._call(self._start())
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(30)
+
+    async def _start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._blocked:
+            _reset(writer)
+            return
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            _reset(writer)
+            return
+        pair = (writer, up_writer)
+        self._pairs.add(pair)
+        try:
+            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        finally:
+            self._pairs.discard(pair)
+            for w in pair:
+                w.close()
+
+    async def _drop(self) -> int:
+        pairs = list(self._pairs)
+        for pair in pairs:
+            for writer in pair:
+                _reset(writer)
+        return len(pairs)
+
+    def drop(self) -> int:
+        """Reset every connection through the proxy now; returns how many there were."""
+        return int(self._call(self._drop()))
+
+    def block(self) -> int:
+        """An outage: drop every connection and refuse new ones until ``unblock()``."""
+        self._blocked = True
+        return self.drop()
+
+    def unblock(self) -> None:
+        """The network is back."""
+        self._blocked = False
+
+    @contextlib.contextmanager
+    def outage(self) -> Iterator[None]:
+        """``block()`` for the duration of the ``with``."""
+        self.block()
+        try:
+            yield
+        finally:
+            self.unblock()
+
+    def close(self) -> None:
+        """Stop the proxy and its thread."""
+        async def stop() -> None:
+            await self._drop()
+            if self._server is not None:
+                self._server.close()
+
+        self._call(stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+    with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+        writer.write_eof()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset, as a broken network looks to both ends."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()

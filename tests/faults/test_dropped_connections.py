@@ -1,0 +1,203 @@
+"""Dropped connections between a client and a real host: nothing lost, nothing doubled.
+
+A real ``cloudgpu host`` (simulated GPUs), reached through a TCP proxy the test controls
+(``tcp_proxy.py``): the proxy resets connections, as a network that goes away does, and
+refuses new ones during an outage. The client is cloudgpu's own session layer
+(``RemoteSession`` on ``RemoteKernel``), exactly what ``%%remote`` and the Cloud GPU kernel
+drive (their own tests through the proxy are in test_front_ends_reconnect.py). Every drop
+is triggered by an event the test sees (an output line, transfer progress), never by time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from servers import HostFactory, HostProcess
+from tcp_proxy import TcpProxy, port_of
+
+from cloudgpu.host_client import HostClient
+from cloudgpu.provider import Grant
+from cloudgpu.serialize import dumps, loads
+from cloudgpu.session import CellResult, RemoteSession
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Cell:
+    """What one remote cell sent back, as the session's sink saw it."""
+
+    def __init__(self, on_line: Callable[[str], None] | None = None) -> None:
+        self.lines: list[str] = []
+        self.notices: list[str] = []
+        self.progress: list[dict[str, Any]] = []
+        self._partial = ""
+        self._on_line = on_line
+        self.on_progress: Callable[[dict[str, Any]], None] | None = None
+
+    def sink(self, kind: str, payload: dict[str, Any]) -> None:
+        if kind == "notice":
+            self.notices.append(payload["text"])
+        elif kind == "progress":
+            self.progress.append(payload)
+            if self.on_progress is not None:
+                self.on_progress(payload)
+        elif payload["msg_type"] == "stream":
+            self._partial += payload["content"]["text"]
+            *done, self._partial = self._partial.split("\n")
+            for line in done:
+                self.lines.append(line)
+                if self._on_line is not None:
+                    self._on_line(line)
+
+
+async def open_through(proxy: TcpProxy, host: HostProcess, hardware: str = "cpu",
+                       reconnect_timeout: float = 60) -> tuple[RemoteSession, HostClient]:
+    admin = HostClient(host.url, host.token)
+    model = await admin.start_kernel(hardware)
+    grant = Grant(proxy.url, host.token, model["id"], hardware)
+    session = await RemoteSession.open(grant, reconnect_timeout=reconnect_timeout)
+    return session, admin
+
+
+async def close(session: RemoteSession, admin: HostClient) -> None:
+    await session.close(shutdown=False)
+    await admin.shutdown(session.kernel_id)
+    await admin.aclose()
+
+
+def in_thread(action: Callable[[], object]) -> None:
+    """Run ``action`` off the event loop (the proxy's own calls block until done)."""
+    threading.Thread(target=action, daemon=True).start()
+
+
+def test_output_survives_a_drop_mid_stream_complete_in_order_once(
+        proxy: TcpProxy, host: HostProcess) -> None:
+    dropped: list[int] = []
+
+    def on_line(line: str) -> None:
+        if line == "line 20" and not dropped:
+            dropped.append(1)
+            in_thread(proxy.drop)
+
+    async def go() -> tuple[CellResult, Cell, int]:
+        session, admin = await open_through(proxy, host)
+        try:
+            cell = Cell(on_line)
+            result = await session.run_cell(
+                "import time\nfor i in range(200):\n    print('line', i, flush=True)\n"
+                "    time.sleep(0.005)\nanswer = 42", {}, ["answer"], cell.sink)
+            return result, cell, session.kernel.link.reconnects
+        finally:
+            await close(session, admin)
+
+    result, cell, reconnects = asyncio.run(go())
+    assert dropped, "the drop never happened"
+    assert result.status == "ok", result.error
+    assert cell.lines == [f"line {i}" for i in range(200)]
+    assert loads(result.pulled["answer"].codec, result.pulled["answer"].frames) == 42
+    assert reconnects >= 1
+    assert any("dropped" in n for n in cell.notices), cell.notices
+    assert any("reconnected" in n and "nothing was lost" in n for n in cell.notices), cell.notices
+
+
+def test_inputs_and_outputs_survive_drops_during_a_64_mb_transfer(
+        proxy: TcpProxy, host: HostProcess) -> None:
+    """A drop while sending, and another while receiving: the value arrives whole."""
+    rng = np.random.default_rng(7)
+    big = rng.integers(0, 2**62, size=8 * 2**20, dtype=np.int64)  # 64 MiB
+    drops: dict[str, int] = {}
+
+    def on_progress(info: dict[str, Any]) -> None:
+        direction = info["direction"]
+        if direction not in drops and info["done"] >= info["total"] // 3:
+            drops[direction] = proxy.drop()
+
+    async def go() -> tuple[CellResult, Cell]:
+        session, admin = await open_through(proxy, host)
+        try:
+            cell = Cell()
+            cell.on_progress = on_progress
+            result = await session.run_cell("doubled = big * 2", {"big": dumps(big, "big")},
+                                            ["doubled"], cell.sink)
+            return result, cell
+        finally:
+            await close(session, admin)
+
+    result, cell = asyncio.run(go())
+    assert set(drops) == {"push", "pull"}, drops
+    assert result.status == "ok", (result.error, result.push_errors)
+    back = loads(result.pulled["doubled"].codec, result.pulled["doubled"].frames)
+    np.testing.assert_array_equal(back, big * 2)
+    assert sum("reconnected" in n for n in cell.notices) >= 2, cell.notices
+
+
+def test_an_outage_longer_than_the_replay_buffer_says_how_much_was_lost(
+        host_factory: HostFactory, tmp_path: Path) -> None:
+    """A host that keeps only 5 frames per session; 40 lines are printed during an outage."""
+    small = host_factory.start(None, name="small-buffer",
+                               args=["--GPUKernelManager.replay_max_frames=5"])
+    proxy = TcpProxy(("127.0.0.1", port_of(small.url)))
+    go_file, printed = tmp_path / "go", tmp_path / "printed"
+
+    def on_line(line: str) -> None:
+        if line == "waiting":
+            def outage() -> None:
+                proxy.block()
+                go_file.touch()  # the kernel prints its 40 lines into the outage
+                while not printed.exists():
+                    threading.Event().wait(0.02)
+                proxy.unblock()
+            in_thread(outage)
+
+    code = (f"import os, time\nprint('waiting', flush=True)\n"
+            f"while not os.path.exists({str(go_file)!r}): time.sleep(0.01)\n"
+            f"for i in range(40): print('lost?', i, flush=True)\n"
+            f"time.sleep(0.3)\nopen({str(printed)!r}, 'w').close()\nprint('after', flush=True)")
+
+    async def go() -> tuple[CellResult, Cell]:
+        session, admin = await open_through(proxy, small)
+        try:
+            cell = Cell(on_line)
+            return await session.run_cell(code, {}, [], cell.sink), cell
+        finally:
+            await close(session, admin)
+
+    try:
+        result, cell = asyncio.run(go())
+    finally:
+        proxy.close()
+        small.stop()
+    assert result.status == "ok", result.error
+    assert cell.lines[0] == "waiting" and cell.lines[-1] == "after", cell.lines
+    lost_notices = [n for n in cell.notices if "were lost" in n]
+    assert lost_notices, cell.notices
+    count = int(lost_notices[0].split(";")[1].split()[0])
+    assert count > 0
+    # What arrived is in order, and what did not is counted: none missing unexplained.
+    received = [int(line.split()[1]) for line in cell.lines if line.startswith("lost?")]
+    assert received == sorted(received)
+
+
+def test_the_cell_fails_clearly_when_the_host_stays_unreachable(
+        proxy: TcpProxy, host: HostProcess) -> None:
+    async def go() -> str:
+        session, admin = await open_through(proxy, host, reconnect_timeout=1.0)
+        try:
+            cell = Cell(lambda line: in_thread(proxy.block) if line == "go" else None)
+            with pytest.raises(Exception) as info:
+                await session.run_cell("print('go', flush=True)\nimport time\ntime.sleep(30)",
+                                       {}, [], cell.sink)
+            return f"{type(info.value).__name__}: {info.value}"
+        finally:
+            proxy.unblock()
+            await close(session, admin)
+
+    text = asyncio.run(go())
+    assert text.startswith("HostConnectionError"), text
+    assert "could not be made again within 1 s" in text, text

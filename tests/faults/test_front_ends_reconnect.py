@@ -1,0 +1,78 @@
+"""``%%remote`` and the Cloud GPU kernel through a network that drops: the cell's output is
+complete, in order, once, and the notebook says what happened.
+
+A real local ipykernel (``%load_ext cloudgpu``) and a real Cloud GPU kernel, each pointed
+at a real pool (``CLOUDGPU_POOL``) whose host is reached through the test's TCP proxy.
+The proxy drops every connection when a given output line reaches the notebook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+from kernel_driver import Message, ok, run, start_kernel, stop_kernel
+from servers import PoolProcess
+from tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.timeout(120)
+
+CELL_BODY = ("import time\nfor i in range(120):\n    print('line', i, flush=True)\n"
+             "    time.sleep(0.01)\n")
+EXPECTED = "".join(f"line {i}\n" for i in range(120))
+
+
+def dropper(proxy: TcpProxy, at: str = "line 15") -> tuple[list[int], object]:
+    dropped: list[int] = []
+
+    def on_message(m: Message) -> None:
+        if not dropped and m.msg_type == "stream" and at in m.content.get("text", ""):
+            dropped.append(proxy.drop())
+
+    return dropped, on_message
+
+
+@pytest.fixture(scope="module")
+def notebook(proxied_pool: PoolProcess) -> Iterator[BlockingKernelClient]:
+    km, kc = start_kernel(CLOUDGPU_POOL=proxied_pool.url, CLOUDGPU_TOKEN=proxied_pool.token)
+    try:
+        ok(kc, "%load_ext cloudgpu")
+        yield kc
+    finally:
+        stop_kernel(km, kc)
+
+
+def test_magic_cell_output_is_whole_after_a_drop(notebook: BlockingKernelClient,
+                                                  proxy: TcpProxy) -> None:
+    ok(notebook, "%%remote gpu=cpu\nwarm = 1", timeout=90)
+    dropped, on_message = dropper(proxy)
+    ex = run(notebook, "%%remote gpu=cpu\n" + CELL_BODY + "done = 'yes'", on_message=on_message)
+    assert dropped and dropped[0] >= 1, "the proxy had no connection to drop"
+    assert ex.status == "ok", ex.describe()
+    assert ex.stream() == EXPECTED
+    notes = ex.stream("stderr")
+    assert "the connection to the host dropped; reconnecting" in notes, notes
+    assert "nothing was lost" in notes, notes
+    # The session is the same one, and the value came back.
+    assert ok(notebook, "%%remote gpu=cpu\nprint(warm + 1)").stream() == "2\n"
+    assert ok(notebook, "print(done)").stream() == "yes\n"
+
+
+def test_cloud_gpu_kernel_cell_output_is_whole_after_a_drop(
+        proxied_pool: PoolProcess, proxy: TcpProxy, kernelspecs: Path) -> None:
+    km, kc = start_kernel("cloudgpu-cpu", CLOUDGPU_POOL=proxied_pool.url,
+                          CLOUDGPU_TOKEN=proxied_pool.token)
+    try:
+        ok(kc, "kept = 41", timeout=90)
+        dropped, on_message = dropper(proxy)
+        ex = run(kc, CELL_BODY, on_message=on_message)
+        assert dropped and dropped[0] >= 1, "the proxy had no connection to drop"
+        assert ex.status == "ok", ex.describe()
+        assert ex.stream() == EXPECTED
+        notes = ex.stream("stderr")
+        assert "reconnecting" in notes and "nothing was lost" in notes, notes
+        assert ok(kc, "print(kept + 1)").stream() == "42\n"  # same kernel, state kept
+    finally:
+        stop_kernel(km, kc)
