@@ -66,9 +66,9 @@ class HostClient:
             return None
         if response.status_code >= 400:
             error = error_from_response(response)
-            if isinstance(error, AuthenticationError):
-                raise AuthenticationError(f"The host at {self.url} refused our token "
-                                          f"({response.status_code}): {error}")
+            if isinstance(error, AuthenticationError):  # the subclass stays (too many tries)
+                raise type(error)(f"The host at {self.url} refused our token "
+                                  f"({response.status_code}): {error}")
             raise error
         return response.json() if response.content else None
 

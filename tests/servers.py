@@ -161,11 +161,13 @@ class PoolProcess:
         config: its config file (``--config``).
         name: names its files in ``workdir``.
         db: its SQLite ledger.
+        args: more command-line options (``--certfile=...``).
     """
 
     def __init__(self, workdir: Path, hosts: Iterable[HostProcess], config: Path, *,
-                 name: str = "pool", db: Path | None = None) -> None:
+                 name: str = "pool", db: Path | None = None, args: Iterable[str] = ()) -> None:
         self.hosts = list(hosts)
+        self.args = list(args)
         self.config = config
         self.db = db or workdir / f"{name}.sqlite"
         self.info = workdir / f"{name}.json"
@@ -180,7 +182,7 @@ class PoolProcess:
         self.proc, info = _process.spawn(
             [sys.executable, "-m", "cloudgpu", "pool", "--backend=static", f"--hosts={entries}",
              "--port=0", f"--db={self.db}", f"--config={self.config}",
-             f"--info-file={self.info}", "--log-level=DEBUG"],
+             f"--info-file={self.info}", "--log-level=DEBUG", *self.args],
             env=_server_env(CLOUDGPU_POOL_TOKEN=self.token), info_path=self.info,
             log_path=self.log, what="The test pool",
         )
