@@ -17,6 +17,7 @@ from cloudgpu._wire import SUBPROTOCOL, v1_header
 from cloudgpu.hardware import Catalog, HardwareSpec
 
 from .inventory import Device, Inventory
+from .metrics import KernelReadings, ProcessSampler, kernel_readings
 
 __all__ = [
     "AGENT_KERNEL_NAME",
@@ -93,6 +94,7 @@ class GPUKernelManager(AsyncMappingKernelManager):
         super().__init__(**kwargs)
         #: Open websocket connections by kernel id, to close when a kernel goes away.
         self.websockets: dict[str, set[Any]] = {}
+        self._sampler = ProcessSampler()
 
     async def start_gpu_kernel(self, spec: HardwareSpec) -> tuple[str, list[Device]]:
         """Start a kernel holding the devices ``spec`` asks for.
@@ -134,6 +136,12 @@ class GPUKernelManager(AsyncMappingKernelManager):
         if identity is not None and hasattr(identity, "forget_kernel"):
             identity.forget_kernel(kernel_id)
         return super().remove_kernel(kernel_id)
+
+    def readings(self, kernel_id: str) -> KernelReadings:
+        """Live GPU readings of a kernel (NVML, or its process for simulated GPUs)."""
+        provisioner = getattr(self.get_kernel(kernel_id), "provisioner", None)
+        pid = getattr(provisioner, "pid", None)
+        return kernel_readings(kernel_id, self.inventory.held_by(kernel_id), pid, self._sampler)
 
     def kernel_model(self, kernel_id: str) -> dict[str, Any]:
         """The standard kernel model plus the GPUs it holds.

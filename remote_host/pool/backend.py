@@ -62,6 +62,10 @@ class Backend(LoggingConfigurable):
         """The kernel's Jupyter model (``execution_state``, ``last_activity``), None if gone."""
         raise NotImplementedError
 
+    async def metrics(self, placements: list[Placement]) -> dict[str, dict[str, Any]]:
+        """Live readings per kernel id (utilization, memory); empty where none can be read."""
+        return {}
+
     async def close(self) -> None:
         """Release what the backend holds."""
 
@@ -121,6 +125,29 @@ class HostsBackend(Backend):
             return await host.kernel(placement.kernel_id)
         except CloudGPUError:
             return None
+
+    async def metrics(self, placements: list[Placement]) -> dict[str, dict[str, Any]]:
+        """``GET /api/cloudgpu/metrics`` once per host for its kernels among ``placements``.
+
+        A host that cannot answer gives its kernels an ``error`` reading instead.
+        """
+        by_slot: dict[str, list[str]] = {}
+        for placement in placements:
+            by_slot.setdefault(placement.slot_id, []).append(placement.kernel_id)
+        out: dict[str, dict[str, Any]] = {}
+        for slot_id, kernel_ids in by_slot.items():
+            host = self.hosts.get(slot_id)
+            if host is None:
+                continue
+            query = "&".join(f"kernel={k}" for k in kernel_ids)
+            try:
+                found = await host.request("GET", f"/api/cloudgpu/metrics?{query}")
+            except CloudGPUError as e:
+                self.log.warning("No readings from host %s: %s", host.url, e)
+                out.update({k: {"error": f"the host gave no readings: {e}"} for k in kernel_ids})
+                continue
+            out.update(found["kernels"])
+        return out
 
     async def close(self) -> None:
         """Close the HTTP clients."""
