@@ -53,6 +53,7 @@ export class CloudGPUModel {
 
   /** Ask now (after a stop, a switch) instead of at the next tick. */
   async refreshNow(): Promise<void> {
+    this._hardwareAt = 0; // free counts changed too
     await this._poll.refresh();
     await this._poll.tick;
   }

@@ -132,10 +132,14 @@ export class SessionsPanel extends Widget {
     card.node.classList.toggle('jp-mod-warn', s.warnings.length > 0);
     const value = utilizationOf(s);
     const r = s.readings;
-    const what = r?.gpus.length ? 'GPU' : 'CPU';
-    card.load.textContent = r?.error
-      ? 'no readings'
-      : `${what} ${percent(value)}` + (r?.gpus.length ? ` · ${memory(r.memory_used_gb, r.memory_total_gb)}` : '');
+    const what = r?.gpus.length && !r.simulated ? 'GPU' : 'CPU';
+    let load = `${what} ${percent(value)}`;
+    if (r?.simulated) {
+      load += ` · RSS ${memory(r.rss_gb, 0)} (simulated GPU)`;
+    } else if (r?.gpus.length) {
+      load += ` · ${memory(r.memory_used_gb, r.memory_total_gb)}`;
+    }
+    card.load.textContent = r?.error ? 'no readings' : load;
     const source = r?.error ?? r?.source ?? 'no readings yet';
     card.chart.querySelector('title')?.remove();
     const tip = document.createElementNS(SVG_NS, 'title');

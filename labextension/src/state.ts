@@ -91,6 +91,8 @@ export interface ISummary {
   cost: number;
   ratePerHour: number;
   utilization: number | null;
+  /** True when the load shown is a kernel process's CPU use (simulated GPUs, or CPU sessions). */
+  cpuLoad: boolean;
   sessions: number;
 }
 
@@ -107,6 +109,7 @@ export function summarize(sessions: ISession[]): ISummary | null {
     cost: sessions.reduce((sum, s) => sum + s.cost, 0),
     ratePerHour: sessions.reduce((sum, s) => sum + s.rate_per_hour, 0),
     utilization: busy.length ? Math.max(...busy) : null,
+    cpuLoad: sessions.every(s => !s.readings || s.readings.simulated || !s.readings.gpus.length),
     sessions: sessions.length
   };
 }

@@ -38,7 +38,8 @@ export class CostStatus extends Widget {
     if (this._model.error && !status) {
       text = 'cloudgpu: no pool';
     } else if (summary) {
-      text = `${summary.hardware} · ${liveMoney(summary.cost)} · GPU ${percent(summary.utilization)}`;
+      const load = summary.cpuLoad ? 'CPU' : 'GPU';
+      text = `${summary.hardware} · ${liveMoney(summary.cost)} · ${load} ${percent(summary.utilization)}`;
     } else if (status?.sessions.length) {
       text = `cloudgpu: ${status.sessions.length} session(s) · ${liveMoney(status.total_cost)}`;
     } else {
@@ -63,6 +64,9 @@ export class CostStatus extends Widget {
         lines.push(...s.warnings.map(w => `  ⚠ ${w}`));
       }
       lines.push(`Pool: ${status.pool}`);
+      if (summary?.cpuLoad) {
+        lines.push('Load: the kernel process\'s CPU use (simulated GPUs have nothing to read).');
+      }
     }
     if (this._model.error) {
       lines.push(`Last poll failed: ${this._model.error}`);

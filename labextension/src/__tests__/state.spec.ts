@@ -76,6 +76,9 @@ describe('a notebook and its sessions', () => {
     expect(summary.cost).toBeCloseTo(0.07);
     expect(summary.ratePerHour).toBeCloseTo(5.85);
     expect(summary.utilization).toBe(40);
+    expect(summary.cpuLoad).toBe(true); // simulated GPUs: the load is the kernel's CPU use
+    const real = session({ simulated: false, readings: { ...cloudKernel.readings!, simulated: false } });
+    expect(summarize([real])!.cpuLoad).toBe(false);
     expect(summarize([])).toBeNull();
   });
 
