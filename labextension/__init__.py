@@ -8,7 +8,7 @@ extension ``cloudgpu``.
 
 from __future__ import annotations
 
-from typing import Any
+import typing
 
 from .handlers import API_PREFIX, PoolLink, setup_handlers
 from .views import session_view, status_view
@@ -28,7 +28,7 @@ def _jupyter_server_extension_points() -> list[dict[str, str]]:
     return [{"module": "cloudgpu.labextension"}]
 
 
-def _load_jupyter_server_extension(serverapp: Any) -> None:
+def _load_jupyter_server_extension(serverapp: typing.Any) -> None:
     """Add the REST API and start looking for the pool, so the first poll finds it ready."""
     link = PoolLink()
     setup_handlers(serverapp.web_app, link)
@@ -36,7 +36,7 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     serverapp.log.info("cloudgpu: the JupyterLab API is at %s%s/", serverapp.base_url, API_PREFIX)
 
 
-async def _unload_jupyter_server_extension(serverapp: Any) -> None:
+async def _unload_jupyter_server_extension(serverapp: typing.Any) -> None:
     """Close the pool client (the server's sessions are the kernels', not ours)."""
     link = serverapp.web_app.settings.get(_LINK)
     if isinstance(link, PoolLink):

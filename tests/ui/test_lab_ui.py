@@ -160,3 +160,14 @@ def test_pick_h100_run_a_cell_watch_cost_and_stop_it_in_the_panel_simulated(
         page.screenshot(path=SCREENSHOTS / "failure.png")
         print("\n".join(page.console_lines))  # type: ignore[attr-defined]
         raise
+
+
+@pytest.mark.timeout(120)
+def test_the_settings_editor_offers_the_extensions_settings(lab: LabProcess) -> None:
+    assert BUILT.exists(), "the frontend is not built: run `make labext` (make test does)"
+    response = lab.request("GET", "/lab/api/settings/cloudgpu:plugin")
+    assert response.status_code == 200, response.text
+    properties = response.json()["schema"]["properties"]
+    assert {"pollInterval", "showPicker", "showStatusBar", "showPanel",
+            "budgetWarning"} <= set(properties)
+    assert properties["pollInterval"]["default"] == 2
