@@ -66,7 +66,7 @@ $(VENV)/.cloudgpu-labext: $(LABEXT) jupyter-config/jupyter_server_config.d/cloud
 ## JupyterLab with cloudgpu's extension and the embedded local pool, on 127.0.0.1. With no
 ## GPUs here, CLOUDGPU_SIMULATE=H100:2,A100-80GB:4 make lab gives the picker something to show.
 lab: labext
-	$(PY) -m cloudgpu kernel install --sys-prefix --hardware H100 --hardware A100-80GB >/dev/null
+	$(PY) -m cloudgpu kernel install --hardware H100 --hardware A100-80GB >/dev/null
 	$(VENV)/bin/jupyter lab --ip=127.0.0.1 $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
 ## ruff on the tree; mypy on the package as installed (where every subpackage sits under

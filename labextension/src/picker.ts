@@ -10,7 +10,7 @@ import { Widget } from '@lumino/widgets';
 
 import { rate } from './format';
 import { CloudGPUModel } from './model';
-import { mismatch, optionLabel, sessionsFor, summarize, switchCommand } from './state';
+import { mismatch, optionLabel, runningSpec, sessionsFor, summarize, switchCommand } from './state';
 
 /** The notebook metadata key cloudgpu owns. */
 export const METADATA_KEY = 'cloudgpu';
@@ -129,11 +129,13 @@ export class HardwarePicker extends Widget {
     const hardware = this._model.hardware?.hardware ?? [];
     const sessions = sessionsFor(this._model.status, this._panel.sessionContext.path);
     const requested = this.requested;
-    const key = JSON.stringify([hardware.map(optionLabel), requested]);
+    // With nothing recorded, the picker shows what the notebook's one session runs on.
+    const shown = requested ?? (sessions.length === 1 ? runningSpec(sessions[0]) : null);
+    const key = JSON.stringify([hardware.map(optionLabel), shown]);
     if (key !== this._optionsKey) {
       this._optionsKey = key;
       this._select.replaceChildren();
-      if (!requested) {
+      if (!shown) {
         this._select.append(new Option('Hardware…', '', true, true));
       }
       for (const hw of hardware) {
@@ -141,12 +143,12 @@ export class HardwarePicker extends Widget {
         option.disabled = !hw.available;
         this._select.append(option);
       }
-      if (requested && !hardware.some(h => h.type === requested)) {
-        this._select.append(new Option(requested, requested));
+      if (shown && !hardware.some(h => h.type === shown)) {
+        this._select.append(new Option(shown, shown));
       }
     }
-    if (requested && this._select.value !== requested) {
-      this._select.value = requested;
+    if (shown && this._select.value !== shown) {
+      this._select.value = shown;
     }
     this._select.disabled = this._switching !== null;
     const summary = summarize(sessions);
