@@ -246,6 +246,14 @@ class Client:
         """Today's spending at the provider."""
         return await (await self.get_provider()).cost()
 
+    async def metrics(self) -> dict[str, dict[str, Any]]:
+        """Live GPU readings of this user's running sessions, by session id."""
+        return await (await self.get_provider()).metrics()
+
+    async def stop_session(self, session_id: str) -> dict[str, Any]:
+        """Stop one of this user's sessions by id (one another process may hold)."""
+        return await (await self.get_provider()).stop(session_id)
+
     async def catalog(self) -> Catalog:
         """The hardware types the provider knows."""
         return await (await self.get_provider()).catalog()

@@ -78,6 +78,10 @@ class PoolClient:
         """``GET /api/cost``."""
         return await self.request("GET", "/api/cost")  # type: ignore[no-any-return]
 
+    async def metrics(self) -> dict[str, dict[str, Any]]:
+        """``GET /api/metrics``: live readings of your running sessions, by session id."""
+        return (await self.request("GET", "/api/metrics"))["metrics"]  # type: ignore[no-any-return]
+
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._http.aclose()
@@ -186,6 +190,14 @@ class PoolProvider(SessionProvider):
     async def cost(self) -> dict[str, Any]:
         """Today's spending at the pool (``GET /api/cost``)."""
         return await self.pool.cost()
+
+    async def metrics(self) -> dict[str, dict[str, Any]]:
+        """Live readings of your running sessions (``GET /api/metrics``)."""
+        return await self.pool.metrics()
+
+    async def stop(self, session_id: str) -> dict[str, Any]:
+        """Stop one of your sessions (``DELETE /api/sessions/{id}``)."""
+        return await self.pool.delete(session_id)
 
     async def aclose(self) -> None:
         """Close the HTTP client (sessions are released by the client first)."""

@@ -110,6 +110,20 @@ class SessionProvider(abc.ABC):
     async def cost(self) -> dict[str, Any]:
         """Today's spending: ``today``, ``daily_limit``, ``by_notebook``, ``sessions``."""
 
+    async def metrics(self) -> dict[str, dict[str, Any]]:
+        """Live readings of the user's running sessions, by session id: ``utilization``,
+        ``memory_used_gb``/``memory_total_gb``, per-device ``gpus``, ``simulated`` and the
+        ``source`` of the figures. A provider that cannot read them returns ``{}``."""
+        return {}
+
+    async def stop(self, session_id: str) -> dict[str, Any]:
+        """Stop one of the user's sessions by id, whoever holds it; returns it as it ended.
+
+        Raises:
+            SessionNotFoundError: no such session of this user.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot stop sessions by id.")
+
     async def catalog(self) -> Catalog:
         """The hardware types this provider knows (its operator may have added some)."""
         return Catalog(HardwareType(t["type"], aliases=tuple(t.get("aliases", ())),

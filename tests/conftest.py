@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servers import HostFactory, HostProcess
+from servers import HostFactory, HostProcess, LabProcess
 
 from cloudgpu._process import read_json, stop
 
@@ -84,3 +84,13 @@ def host(host_factory: HostFactory) -> Iterator[HostProcess]:
     yield started
     started.stop()
     assert not started.info.exists(), "the info file outlived the host"
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabProcess]:
+    """A real JupyterLab with cloudgpu's server extension, on the test session's local pool
+    (simulated GPUs), serving an empty temporary folder; shared by the lab tests."""
+    root = tmp_path_factory.mktemp("lab-root")
+    started = LabProcess(root, tmp_path_factory.mktemp("lab")).start()
+    yield started
+    started.stop()

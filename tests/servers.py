@@ -210,3 +210,51 @@ class PoolProcess:
         """SIGTERM (the pool stops its sessions); SIGKILL if it hangs."""
         if self.proc is not None:
             _process.stop(self.proc, grace=30)
+
+
+class LabProcess:
+    """``jupyter lab`` on 127.0.0.1 with a token, no browser, serving ``root``.
+
+    It finds its pool as the kernels do: the test session's private local pool (conftest's
+    Jupyter folders and ``CLOUDGPU_SIMULATE``). The server extension is enabled on the
+    command line, so its handlers are there whether or not ``make labext`` installed it.
+    """
+
+    def __init__(self, root: Path, workdir: Path) -> None:
+        self.root = root
+        self.log = workdir / "lab.log"
+        self.token = secrets.token_hex(24)
+        self.url = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> LabProcess:
+        """Start it and wait until it listens (its ``jpserver-PID.json`` is written)."""
+        cmd = [sys.executable, "-m", "jupyterlab", "--ip=127.0.0.1", "--port=0",
+               "--no-browser", "--allow-root", f"--ServerApp.root_dir={self.root}",
+               f"--IdentityProvider.token={self.token}",
+               '--ServerApp.jpserver_extensions={"cloudgpu.labextension": True}',
+               "--LabApp.news_url=", "--LabApp.check_for_updates_class="
+               "jupyterlab.NeverCheckForUpdate"]
+        env = dict(os.environ)
+        # No news prompt over the status bar: a test machine asks nobody.
+        settings = Path(env["JUPYTER_CONFIG_DIR"]) / "lab" / "user-settings" / "@jupyterlab" \
+            / "apputils-extension" / "notification.jupyterlab-settings"
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        settings.write_text('{"fetchNews": "false", "checkForUpdates": false}')
+        self.proc = _process.start(cmd, log_path=self.log, env=env)
+        runtime = Path(env["JUPYTER_RUNTIME_DIR"])
+        info = _process.wait_for_info(self.proc, runtime / f"jpserver-{self.proc.pid}.json",
+                                      log_path=self.log, what="JupyterLab", timeout=90)
+        self.url = str(info["url"]).rstrip("/")
+        return self
+
+    def request(self, method: str, path: str, *, token: str | None = "",
+                **kw: Any) -> httpx.Response:
+        """A request to the server; with its token unless ``token`` is None (none at all)."""
+        headers = {} if token is None else {"Authorization": f"token {token or self.token}"}
+        return httpx.request(method, self.url + path, headers=headers, timeout=90, **kw)
+
+    def stop(self) -> None:
+        """SIGTERM (Jupyter shuts its kernels down); SIGKILL if it hangs."""
+        if self.proc is not None:
+            _process.stop(self.proc, grace=30)

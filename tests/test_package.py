@@ -90,6 +90,8 @@ EXPORTS = {
         "PoolApp", "Scheduler", "SessionRecord", "Slot", "WarmKernels", "load_backend",
     },
     "cloudgpu.remote_host.pool.backends": {"LocalBackend", "StaticBackend"},
+    "cloudgpu.labextension": {"API_PREFIX", "PoolLink", "session_view", "setup_handlers",
+                              "status_view"},
 }
 
 

@@ -111,8 +111,31 @@ class GPUKernelHandler(CloudGPUHandler):
         self.finish(json.dumps(model, default=str))
 
 
+class MetricsHandler(CloudGPUHandler):
+    """``GET /api/cloudgpu/metrics[?kernel=ID...]``: live readings of every kernel (or those).
+
+    Each kernel's readings (see ``metrics.KernelReadings``) come with its Jupyter state:
+    ``execution_state`` and ``last_activity``.
+    """
+
+    @web.authenticated
+    def get(self) -> None:
+        km = cast(GPUKernelManager, self.kernel_manager)
+        wanted = self.get_query_arguments("kernel") or km.list_kernel_ids()
+        kernels = {}
+        for kernel_id in wanted:
+            if kernel_id not in km:
+                continue
+            model = km.kernel_model(kernel_id)
+            kernels[kernel_id] = {**km.readings(kernel_id).to_json(),
+                                  "execution_state": model.get("execution_state"),
+                                  "last_activity": model.get("last_activity")}
+        self.finish(json.dumps({"kernels": kernels}, default=str))
+
+
 HOST_HANDLERS: list[tuple[str, type[CloudGPUHandler]]] = [
     (r"/api/cloudgpu/host", HostInfoHandler),
     (r"/api/cloudgpu/kernels", GPUKernelsHandler),
     (r"/api/cloudgpu/kernels/([0-9a-fA-F-]+)", GPUKernelHandler),
+    (r"/api/cloudgpu/metrics", MetricsHandler),
 ]

@@ -19,6 +19,7 @@ from cloudgpu._wire import KERNEL_DIED, KERNEL_STOPPED
 from cloudgpu.hardware import Catalog, HardwareSpec
 
 from .inventory import Device, Inventory
+from .metrics import KernelReadings, ProcessSampler, kernel_readings, read_nvml
 from .replay import ReplayLog, ReplaySession, notice_frame
 
 __all__ = [
@@ -110,6 +111,7 @@ class GPUKernelManager(AsyncMappingKernelManager):
         self.replay_sessions: dict[str, ReplaySession] = {}
         #: Kernels that ended, newest last: when, and how (for the pool's ledger).
         self.ended: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self._sampler = ProcessSampler()
 
     async def start_gpu_kernel(self, spec: HardwareSpec) -> tuple[str, list[Device]]:
         """Start a kernel holding the devices ``spec`` asks for.
@@ -197,6 +199,16 @@ class GPUKernelManager(AsyncMappingKernelManager):
             how["reason"] = f"it exited with code {code}"
         else:
             how["reason"] = "it stopped answering"
+        # Where NVML can tell: the memory its devices still had in use as it was noticed.
+        devices = [d for d in self.inventory.held_by(kernel_id) if not d.simulated]
+        if devices:
+            try:
+                used = [r.memory_used_gb for r in read_nvml(devices)]
+            except RuntimeError as e:  # no reading: say nothing about memory, but why
+                self.log.info("No GPU memory reading for dead kernel %s: %s", kernel_id, e)
+                used = []
+            if used and all(u is not None for u in used):
+                how["gpu_memory_used_mb"] = sum(u or 0.0 for u in used) * 1024
         return how
 
     def remove_kernel(self, kernel_id: str) -> Any:
@@ -218,6 +230,12 @@ class GPUKernelManager(AsyncMappingKernelManager):
         if identity is not None and hasattr(identity, "forget_kernel"):
             identity.forget_kernel(kernel_id)
         return super().remove_kernel(kernel_id)
+
+    def readings(self, kernel_id: str) -> KernelReadings:
+        """Live GPU readings of a kernel (NVML, or its process for simulated GPUs)."""
+        provisioner = getattr(self.get_kernel(kernel_id), "provisioner", None)
+        pid = getattr(provisioner, "pid", None)
+        return kernel_readings(kernel_id, self.inventory.held_by(kernel_id), pid, self._sampler)
 
     def kernel_model(self, kernel_id: str) -> dict[str, Any]:
         """The standard kernel model plus the GPUs it holds.

@@ -75,6 +75,10 @@ class Backend(LoggingConfigurable):
         None when it did not answer. Slots left out are not watched."""
         return {}
 
+    async def metrics(self, placements: list[Placement]) -> dict[str, dict[str, Any]]:
+        """Live readings per kernel id (utilization, memory); empty where none can be read."""
+        return {}
+
     async def close(self) -> None:
         """Release what the backend holds."""
 
@@ -143,6 +147,29 @@ class HostsBackend(Backend):
         slots = list(self.hosts.items())
         answers = await asyncio.gather(*(beat(host) for _, host in slots))
         return {slot_id: answer for (slot_id, _), answer in zip(slots, answers, strict=True)}
+
+    async def metrics(self, placements: list[Placement]) -> dict[str, dict[str, Any]]:
+        """``GET /api/cloudgpu/metrics`` once per host for its kernels among ``placements``.
+
+        A host that cannot answer gives its kernels an ``error`` reading instead.
+        """
+        by_slot: dict[str, list[str]] = {}
+        for placement in placements:
+            by_slot.setdefault(placement.slot_id, []).append(placement.kernel_id)
+        out: dict[str, dict[str, Any]] = {}
+        for slot_id, kernel_ids in by_slot.items():
+            host = self.hosts.get(slot_id)
+            if host is None:
+                continue
+            query = "&".join(f"kernel={k}" for k in kernel_ids)
+            try:
+                found = await host.request("GET", f"/api/cloudgpu/metrics?{query}")
+            except CloudGPUError as e:
+                self.log.warning("No readings from host %s: %s", host.url, e)
+                out.update({k: {"error": f"the host gave no readings: {e}"} for k in kernel_ids})
+                continue
+            out.update(found["kernels"])
+        return out
 
     async def close(self) -> None:
         """Close the HTTP clients."""

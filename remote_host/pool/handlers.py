@@ -189,6 +189,14 @@ class CostHandler(PoolHandler):
         self.write_json(self.pool.cost_report(self.user))
 
 
+class MetricsHandler(PoolHandler):
+    """``GET /api/metrics``: live GPU readings of your running sessions, by session id."""
+
+    @api
+    async def get(self) -> None:
+        self.write_json({"metrics": await self.pool.metrics(self.user)})
+
+
 def _number(body: dict[str, Any], key: str) -> float | None:
     value = body.get(key)
     if value is None:
@@ -204,4 +212,5 @@ POOL_HANDLERS: list[tuple[str, type[PoolHandler]]] = [
     (r"/api/sessions", SessionsHandler),
     (r"/api/sessions/([0-9a-f]+)", SessionHandler),
     (r"/api/cost", CostHandler),
+    (r"/api/metrics", MetricsHandler),
 ]

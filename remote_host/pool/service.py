@@ -527,6 +527,13 @@ class Pool:
 
     # -- views ---------------------------------------------------------------------------------
 
+    async def metrics(self, user: str) -> dict[str, dict[str, Any]]:
+        """Live readings of the user's running sessions, by session id (from their hosts)."""
+        running = [r for r in self.sessions.values()
+                   if r.user == user and r.state == "running" and r.kernel_id]
+        by_kernel = await self.backend.metrics([self._placement(r) for r in running])
+        return {r.id: by_kernel[r.kernel_id] for r in running if r.kernel_id in by_kernel}
+
     def hardware(self) -> list[dict[str, Any]]:
         """Every catalog type with free/total counts, price and queue length."""
         out = []

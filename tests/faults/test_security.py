@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cloudgpu.remote_host.throttle import BadTokenThrottle
 from servers import HostFactory, HostProcess, PoolProcess, wait_until
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -23,7 +24,6 @@ from cloudgpu import _http, _wire
 from cloudgpu.errors import AuthenticationError, HostConnectionError, TooManyAttemptsError
 from cloudgpu.host_client import HostClient
 from cloudgpu.provider import Grant
-from cloudgpu.remote_host.throttle import BadTokenThrottle
 from cloudgpu.session import RemoteSession
 
 pytestmark = pytest.mark.timeout(120)

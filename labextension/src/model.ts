@@ -1,0 +1,100 @@
+/**
+ * The one poller behind the status bar, the picker and the panel: it asks the server
+ * extension for the status every `interval` and for the hardware list less often, and
+ * tells its views when either changed.
+ */
+import { Poll } from '@lumino/polling';
+import { ISignal, Signal } from '@lumino/signaling';
+
+import { fetchHardware, fetchStatus, stopSession } from './api';
+import { History, IHardwareList, IStatus } from './state';
+
+/** Hardware changes rarely (prices, free counts): asked at most this often, in ms. */
+const HARDWARE_EVERY = 10_000;
+
+export class CloudGPUModel {
+  constructor(intervalSeconds: number) {
+    this._poll = new Poll({
+      auto: true,
+      factory: () => this.refresh(),
+      frequency: { interval: intervalSeconds * 1000, backoff: true, max: 60_000 },
+      name: 'cloudgpu:status',
+      standby: 'when-hidden'
+    });
+  }
+
+  /** The last status, or null before the first answer. */
+  get status(): IStatus | null {
+    return this._status;
+  }
+
+  /** The last hardware list, or null before the first answer. */
+  get hardware(): IHardwareList | null {
+    return this._hardware;
+  }
+
+  /** Why the last poll failed (the server's message), or null. */
+  get error(): string | null {
+    return this._error;
+  }
+
+  /** Each session's recent utilization, for charts. */
+  readonly history = new History(60);
+
+  /** Emitted after every poll, answered or failed. */
+  get changed(): ISignal<this, void> {
+    return this._changed;
+  }
+
+  /** Poll every `seconds` from now on. */
+  setInterval(seconds: number): void {
+    this._poll.frequency = { ...this._poll.frequency, interval: seconds * 1000 };
+  }
+
+  /** Ask now (after a stop, a switch) instead of at the next tick. */
+  async refreshNow(): Promise<void> {
+    this._hardwareAt = 0; // free counts changed too
+    await this._poll.refresh();
+    await this._poll.tick;
+  }
+
+  /** One round: the status, and the hardware when it is due. Throws so the Poll backs off. */
+  async refresh(): Promise<void> {
+    try {
+      const due = Date.now() - this._hardwareAt > HARDWARE_EVERY;
+      const [status, hardware] = await Promise.all([
+        fetchStatus(),
+        due ? fetchHardware() : Promise.resolve(this._hardware)
+      ]);
+      if (due) {
+        this._hardwareAt = Date.now();
+      }
+      this._status = status;
+      this._hardware = hardware;
+      this._error = null;
+      this.history.record(status.sessions);
+    } catch (error) {
+      this._error = error instanceof Error ? error.message : String(error);
+      throw error;
+    } finally {
+      this._changed.emit();
+    }
+  }
+
+  /** Stop a session at the pool, then refresh. */
+  async stop(id: string): Promise<void> {
+    await stopSession(id);
+    await this.refreshNow();
+  }
+
+  dispose(): void {
+    this._poll.dispose();
+  }
+
+  private _poll: Poll;
+  private _status: IStatus | null = null;
+  private _hardware: IHardwareList | null = null;
+  private _hardwareAt = 0;
+  private _error: string | null = null;
+  private _changed = new Signal<this, void>(this);
+}
