@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from collections.abc import Sequence
@@ -71,12 +72,40 @@ def encode(channel: str, msg: Message) -> bytes:
     return b"".join([v1_header(name, parts), name, *parts])
 
 
-def decode(data: bytes) -> tuple[str, Message]:
-    """Unframe a websocket message; buffers stay zero-copy views into ``data``."""
+def v1_offsets(data: bytes | memoryview) -> list[int]:
+    """The offset table of a v1 websocket message, checked before anything trusts it.
+
+    Jupyter Server reads the count in the first 8 bytes and loops that many times: a
+    message claiming 2**60 offsets would hold its event loop, and every session on the
+    host, forever. A valid message has at least a channel and the four JSON parts, at most
+    one offset per 8 bytes, and offsets that grow within the message.
+
+    Raises:
+        ValueError: the message is not a well-formed v1 message.
+    """
     view = memoryview(data)
-    n = int.from_bytes(view[:8], "little")
-    offsets = [int.from_bytes(view[8 * (i + 1): 8 * (i + 2)], "little") for i in range(n)]
-    parts = [view[offsets[i]: offsets[i + 1]] for i in range(n - 1)]
+    size = view.nbytes
+    if size < 8:
+        raise ValueError(f"a v1 message has at least 8 bytes; this one has {size}")
+    count = int.from_bytes(view[:8], "little")
+    if not 6 <= count <= size // 8 - 1:
+        raise ValueError(f"a v1 message of {size} bytes cannot have {count} offsets")
+    offsets = [int.from_bytes(view[8 * (i + 1): 8 * (i + 2)], "little") for i in range(count)]
+    if offsets[0] != 8 * (count + 1) or offsets[-1] != size or any(
+            b < a for a, b in itertools.pairwise(offsets)):
+        raise ValueError("the v1 message's offsets do not describe its parts")
+    return offsets
+
+
+def decode(data: bytes) -> tuple[str, Message]:
+    """Unframe a websocket message; buffers stay zero-copy views into ``data``.
+
+    Raises:
+        ValueError: the message is malformed (its offsets, its JSON parts).
+    """
+    view = memoryview(data)
+    offsets = v1_offsets(view)
+    parts = [view[offsets[i]: offsets[i + 1]] for i in range(len(offsets) - 1)]
     channel = bytes(parts[0]).decode()
     header, parent, metadata, content = (json.loads(bytes(p)) for p in parts[1:5])
     return channel, {"header": header, "parent_header": parent, "metadata": metadata,

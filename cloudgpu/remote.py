@@ -352,7 +352,10 @@ class RemoteKernel:
     def _notice(self, text: str) -> None:
         log.warning("Kernel %s on %s: %s", self.kernel_id, self.grant.host_url, text)
         for callback in list(self._notice_callbacks):
-            callback(text)
+            try:
+                callback(text)
+            except Exception:  # a front-end's bug must not stop the reconnecting
+                log.exception("A notice callback failed")
 
     def on_lost(self, callback: Callable[[CloudGPUError], None]) -> None:
         """Call ``callback(error)`` once if the kernel is lost (at once if it already is).

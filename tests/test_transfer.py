@@ -152,3 +152,15 @@ def test_cell_names(code: str, reads: list[str], writes: list[str]) -> None:
 
 def test_imports_are_marked_so_they_are_not_pulled() -> None:
     assert analyze("import os, numpy.linalg\nfrom x import y as z").imports == {"os", "numpy", "z"}
+
+
+def test_a_v1_message_with_a_lying_offset_count_is_refused_at_once() -> None:
+    good = _wire.encode("shell", _wire.new_message("comm_msg", {}, "s"))
+    assert len(_wire.v1_offsets(good)) == 6
+    huge = (2**60).to_bytes(8, "little") + good[8:]
+    with pytest.raises(ValueError, match="cannot have 1152921504606846976 offsets"):
+        _wire.v1_offsets(huge)  # at once: not a loop of 2**60 steps
+    backwards = bytearray(good)
+    backwards[16:24] = (10**6).to_bytes(8, "little")
+    with pytest.raises(ValueError, match="offsets do not describe"):
+        _wire.decode(bytes(backwards))

@@ -10,6 +10,7 @@ from typing import Any, cast
 
 from jupyter_server.auth.identity import IdentityProvider
 from jupyter_server.serverapp import ServerApp
+from jupyter_server.services.kernels.handlers import MainKernelHandler
 from jupyter_server.utils import url_path_join
 from tornado.ioloop import PeriodicCallback
 from traitlets import Integer, Unicode, default
@@ -20,7 +21,7 @@ from cloudgpu._process import write_private_json
 from cloudgpu.hardware import Catalog
 
 from .auth import HostIdentityProvider
-from .handlers import HOST_HANDLERS
+from .handlers import HOST_HANDLERS, CheckedMainKernelHandler
 from .inventory import Inventory
 from .kernels import AgentKernelSpecManager, GPUKernelManager
 from .websocket import HostWebsocketConnection
@@ -156,6 +157,9 @@ class HostApp(ServerApp):
     def init_webapp(self) -> None:
         """Add our handlers beside Jupyter's kernel API."""
         super().init_webapp()
+        for rule in self.web_app.wildcard_router.rules:  # Jupyter's, with the body checked
+            if rule.target is MainKernelHandler:
+                rule.target = CheckedMainKernelHandler
         base = self.web_app.settings["base_url"]
         self.web_app.add_handlers(
             ".*$", [(url_path_join(base, path), handler) for path, handler in HOST_HANDLERS]

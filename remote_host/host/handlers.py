@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import sys
 import time
-from typing import cast
+from typing import Any, cast
 
 from jupyter_server.base.handlers import APIHandler
+from jupyter_server.services.kernels.handlers import MainKernelHandler
 from tornado import web
 
 from cloudgpu import __version__
@@ -25,7 +27,7 @@ from cloudgpu.hardware import parse_spec
 from .auth import HostIdentityProvider
 from .kernels import GPUKernelManager
 
-__all__ = ["HOST_HANDLERS", "CloudGPUHandler"]
+__all__ = ["HOST_HANDLERS", "CheckedMainKernelHandler", "CloudGPUHandler"]
 
 _INSTANCE = f"{os.getpid()}-{time.time():.6f}"
 
@@ -131,6 +133,40 @@ class MetricsHandler(CloudGPUHandler):
                                   "execution_state": model.get("execution_state"),
                                   "last_activity": model.get("last_activity")}
         self.finish(json.dumps({"kernels": kernels}, default=str))
+
+
+class CheckedMainKernelHandler(MainKernelHandler):
+    """Jupyter's ``POST /api/kernels``, refusing a malformed body with a 400 (Jupyter's own
+    answers a JSON list with a 500, and takes any string as the new kernel's id)."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        body = self.get_json_body()
+        problem = _kernel_body_problem(body)
+        if problem:
+            self.set_status(400)
+            self.finish(json.dumps(error_body(InvalidRequestError(problem))))
+            return
+        await super().post()
+
+
+def _kernel_body_problem(body: Any) -> str | None:
+    if body is None:
+        return None
+    if not isinstance(body, dict):
+        return 'The request body must be a JSON object, like {"name": "cloudgpu-python"}.'
+    for key in ("name", "path"):
+        if key in body and not isinstance(body[key], str):
+            return f"`{key}` must be a string, not {type(body[key]).__name__}."
+    kernel_id = body.get("kernel_id")
+    if kernel_id is not None and not (isinstance(kernel_id, str)
+                                      and _KERNEL_ID.fullmatch(kernel_id)):
+        return "`kernel_id` must be a UUID, or left out."
+    return None
+
+
+_KERNEL_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                        r"[0-9a-fA-F]{12}")
 
 
 HOST_HANDLERS: list[tuple[str, type[CloudGPUHandler]]] = [

@@ -14,7 +14,7 @@ from typing import Any
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
 from tornado.websocket import WebSocketClosedError
 
-from cloudgpu._wire import SUBPROTOCOL
+from cloudgpu._wire import SUBPROTOCOL, v1_offsets
 
 from .replay import Frame, ReplaySession, frame_size, v1_frame
 
@@ -132,6 +132,10 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
         if self.replay is not None:
             self.replay.log.received += 1
         try:
+            if self.subprotocol == SUBPROTOCOL:
+                if not isinstance(incoming_msg, bytes):
+                    raise TypeError("the v1 protocol carries binary messages only")
+                v1_offsets(incoming_msg)  # before Jupyter Server trusts its offset count
             super().handle_incoming_message(incoming_msg)
         except Exception as e:  # a bad message must not end the connection or the kernel
             self.log.warning("Dropped a malformed message for kernel %s: %s: %s",
