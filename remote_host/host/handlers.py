@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any, cast
 
+from jupyter_core.utils import ensure_async
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.services.kernels.handlers import MainKernelHandler
 from tornado import web
@@ -147,7 +148,7 @@ class CheckedMainKernelHandler(MainKernelHandler):
             self.set_status(400)
             self.finish(json.dumps(error_body(InvalidRequestError(problem))))
             return
-        await super().post()
+        await ensure_async(super().post())
 
 
 def _kernel_body_problem(body: Any) -> str | None:
