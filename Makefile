@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cloudgpu-installed
 
-.PHONY: demo test lint bench bench-quick venv clean labext lab
+.PHONY: demo test lint bench bench-quick soak venv clean labext lab
 
 venv: $(STAMP)
 
@@ -91,6 +91,12 @@ bench-quick: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	rm -f bench/last-run.md
 	cd bench && for b in $(BENCHES); do ../$(PY) $$b.py --quick || exit 1; done
+
+## N sessions x cells for SOAK_MINUTES (default 2) with dropped connections and killed
+## kernels; prints outputs expected vs received, ledger vs measured time, GPUs leaked.
+SOAK_MINUTES ?= 2
+soak: $(STAMP)
+	cd bench && SOAK_MINUTES=$(SOAK_MINUTES) ../$(PY) soak.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info lib labextension/static node_modules tsconfig.tsbuildinfo

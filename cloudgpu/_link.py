@@ -44,6 +44,7 @@ RECONNECT_TIMEOUT = 120.0
 SEND_LOG_BYTES = 256 * 2**20
 FIRST_DELAY, MAX_DELAY = 0.1, 5.0
 NOTICE_TIMEOUT = 30.0
+FIRST_CONNECT_TIMEOUT = 20.0
 
 #: Something the user should hear about the connection, as a sentence.
 Notice = Callable[[str], None]
@@ -102,12 +103,23 @@ class KernelLink:
         self._reconnecting: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
-        """Open the first websocket.
+        """Open the first websocket; a connection that breaks while opening is tried again
+        (with backoff, for up to ``FIRST_CONNECT_TIMEOUT`` seconds).
 
         Raises:
             HostConnectionError, AuthenticationError, RemoteKernelDiedError: as the host answers.
         """
-        self.conn = await self._connect()
+        started, delay = time.monotonic(), FIRST_DELAY
+        while True:
+            try:
+                self.conn = await self._connect()
+                break
+            except HostConnectionError as e:
+                if time.monotonic() - started > min(FIRST_CONNECT_TIMEOUT, self.reconnect_timeout):
+                    raise
+                log.info("Connecting to kernel %s failed (%s); trying again", self.kernel_id, e)
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, MAX_DELAY)
         self._connected = True  # nothing can have been lost yet: no need to wait the notice
 
     async def _connect(self) -> KernelConnection:
