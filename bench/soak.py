@@ -35,13 +35,13 @@ import httpx
 from _util import Table, host, machine, pool
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "faults"))
-from tcp_proxy import TcpProxy, port_of  # noqa: E402
+from tcp_proxy import TcpProxy, port_of
 
-from cloudgpu import _loop  # noqa: E402
-from cloudgpu.client import Client  # noqa: E402
-from cloudgpu.errors import CloudGPUError, RemoteKernelDiedError  # noqa: E402
-from cloudgpu.hardware import parse_spec  # noqa: E402
-from cloudgpu.pool_client import PoolProvider  # noqa: E402
+from cloudgpu import _loop
+from cloudgpu.client import Client
+from cloudgpu.errors import CloudGPUError, RemoteKernelDiedError
+from cloudgpu.hardware import parse_spec
+from cloudgpu.pool_client import PoolProvider
 
 POOL_CONFIG = """\
 c.PoolApp.cull_interval = 0.5
