@@ -41,7 +41,7 @@ log = logging.getLogger("cloudgpu.client")
 TOO_BIG = 1009  # RFC 6455: a message bigger than the host accepts
 
 RECONNECT_TIMEOUT = 120.0
-SEND_LOG_BYTES = 256 * 2**20
+SEND_LOG_BYTES = 64 * 2**20
 FIRST_DELAY, MAX_DELAY = 0.1, 5.0
 NOTICE_TIMEOUT = 30.0
 FIRST_CONNECT_TIMEOUT = 20.0
@@ -159,8 +159,9 @@ class KernelLink:
         if channel == _wire.NOTICE_CHANNEL:
             self._on_host_notice(msg["content"])
             return
-        self.received += 1
-        self._on_message(channel, msg)
+        self.received += 1  # a malformed one too: the host counted it as sent
+        if channel:
+            self._on_message(channel, msg)
 
     def _on_host_notice(self, content: dict[str, Any]) -> None:
         if "replay" in content:

@@ -28,6 +28,8 @@ __all__ = ["HostClient", "KernelConnection", "error_from_response"]
 
 log = logging.getLogger("cloudgpu.client")
 
+#: Receives each message: (channel, message); ("", {}) for one that could not be decoded,
+#: so that a receiver counting messages counts it too.
 Handler = Callable[[str, _wire.Message], None]
 
 
@@ -247,6 +249,11 @@ class KernelConnection:
                     continue  # v1 is binary only
                 try:
                     channel, msg = _wire.decode(data)
+                except (ValueError, UnicodeDecodeError) as e:  # malformed: still "a message"
+                    log.warning("Dropped a malformed message from kernel %s: %s",
+                                self.kernel_id, e)
+                    channel, msg = "", {}
+                try:
                     self._on_message(channel, msg)
                 except Exception:  # one bad message must not end the connection
                     log.exception("Handling a message from kernel %s failed", self.kernel_id)

@@ -95,7 +95,7 @@ class GPUKernelManager(AsyncMappingKernelManager):
         20_000, help="Frames kept per client session for replay after a dropped connection."
     ).tag(config=True)
     replay_max_bytes = Integer(
-        256 * 2**20, help="Bytes of frames kept per client session for replay (the newest "
+        64 * 2**20, help="Bytes of frames kept per client session for replay (the newest "
         "frame is always kept)."
     ).tag(config=True)
     replay_sessions_per_kernel = Integer(
