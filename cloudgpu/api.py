@@ -169,6 +169,11 @@ class _SessionBase:
         return self._core.info().cost
 
     @property
+    def closed(self) -> bool:
+        """Whether the session was closed (its hardware released)."""
+        return self._core.closed
+
+    @property
     def info(self) -> SessionInfo:
         """Where the session runs (host, kernel, pool session id), its uptime and cost."""
         return self._core.info()
@@ -257,11 +262,6 @@ class Session(_SessionBase):
     def close(self) -> None:
         """Stop the remote kernel and free its hardware. Closing twice is harmless."""
         self._wait(lambda emit: self._core.close())
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._core.closed
 
     def __enter__(self) -> Session:
         return self
