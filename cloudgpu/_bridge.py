@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import queue
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -101,35 +102,40 @@ def run_blocking(start: Callable[[Emit], Coroutine[Any, Any, T]], render: Emit,
     """
     events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
     task = LoopTask(start(lambda kind, payload: events.put((kind, payload))))
-    task.add_done_callback(lambda _: events.put(_DONE))  # wakes the wait below at once
+    # Wakes the wait below once the call is over, clean-up included: what a cancelled
+    # call says on its way out (gave up waiting, released) is still shown.
+    task.ended.add_done_callback(lambda _: events.put(_DONE))
     interrupted = False
+    deadline: float | None = None  # once cancelled: how long its clean-up is waited for
     while True:
         try:
-            event = events.get()
+            try:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                event = events.get(timeout=left)
+            except queue.Empty:
+                break
             if event is _DONE:
                 break
             render(*event)
         except KeyboardInterrupt:
+            if deadline is not None:
+                break  # Ctrl-C again while it cleans up: stop waiting for that too
             message = None if interrupted or on_interrupt is None else on_interrupt()
             if message is None:
-                _give_up(task)
-                raise
+                task.cancel()
+                deadline = time.monotonic() + CANCEL_GRACE
+                continue
             interrupted = True
             print(message, file=sys.stderr, flush=True)
         except BaseException:  # showing an event failed: the call must not go on unwatched
-            _give_up(task)
+            task.cancel()
             raise
+    if deadline is not None:
+        raise KeyboardInterrupt
     try:
         return task.result()
     except CloudGPUError as e:
         raise e.with_traceback(None) from e.__cause__
-
-
-def _give_up(task: LoopTask[Any]) -> None:
-    """Cancel ``task`` and wait a little for its clean-up; a second Ctrl-C stops waiting."""
-    task.cancel()
-    with contextlib.suppress(concurrent.futures.TimeoutError, KeyboardInterrupt):
-        task.ended.result(CANCEL_GRACE)
 
 
 async def run_awaiting(start: Callable[[Emit], Coroutine[Any, Any, T]], render: Emit) -> T:
