@@ -72,6 +72,8 @@ class Client:
         self._provider_lock = threading.Lock()
         #: The live (or last) session per key.
         self.sessions: dict[str, RemoteSession] = {}
+        #: Sessions held under no key: each is its caller's own (see :meth:`acquire`).
+        self.owned: set[RemoteSession] = set()
         self._lock = asyncio.Lock()
         self._warnings: dict[str, tuple[float, list[str]]] = {}  # per kernel: when, what
 
@@ -137,6 +139,22 @@ class Client:
             self.sessions[key] = session
             return session
 
+    async def acquire(self, spec: HardwareSpec, *, on_status: StatusCallback | None = None,
+                      options: Mapping[str, Any] | None = None,
+                      forward: Forward | None = None) -> RemoteSession:
+        """A new session on ``spec`` of the caller's own: never reused or replaced here.
+
+        Unlike :meth:`session` it waits for hardware without holding up anyone else's
+        session. Give it back with :meth:`release`; :meth:`shutdown` without a spec (and
+        the exit of the process) releases it too.
+
+        Raises:
+            CloudGPUError: a subclass saying why no session can be had.
+        """
+        session = await self._open(spec, on_status, options, forward)
+        self.owned.add(session)
+        return session
+
     async def _open(self, spec: HardwareSpec, on_status: StatusCallback | None,
                     options: Mapping[str, Any] | None, forward: Forward | None) -> RemoteSession:
         """Acquire and connect; what was acquired is released when connecting fails."""
@@ -153,7 +171,7 @@ class Client:
             await asyncio.shield(provider.release(grant))
             raise
 
-    async def switch(self, key: str, spec: HardwareSpec, *,
+    async def switch(self, key: str | RemoteSession, spec: HardwareSpec, *,
                      on_status: StatusCallback | None = None,
                      say: Callable[[str], None] = lambda text: None,
                      forward: Forward | None = None,
@@ -164,13 +182,14 @@ class Client:
         The old kernel's variables are taken first, the new hardware acquired, the values
         loaded there and ``prepare(new)`` awaited; only then is the new session put under
         ``key`` and the old one released. If anything fails on the way, nothing changed:
-        the new hardware is released and the old session is still there.
+        the new hardware is released and the old session is still there. ``key`` may also
+        be a session of the caller's own (:meth:`acquire`); the new one is then its own.
 
         Raises:
             CloudGPUError: why the new session could not be had or filled.
         """
-        async with self._lock:
-            old = self.sessions.get(key)
+        async with self._lock if isinstance(key, str) else contextlib.nullcontext():
+            old = self.sessions.get(key) if isinstance(key, str) else key
             live = old is not None and old.alive
             values, failed = await old.snapshot() if live and old is not None else ({}, {})
             new = await self._open(spec, on_status, None, forward)
@@ -185,7 +204,11 @@ class Client:
             except BaseException:
                 await asyncio.shield(self._close_and_release(new))
                 raise
-            self.sessions[key] = new
+            if isinstance(key, str):
+                self.sessions[key] = new
+            else:
+                self.owned.discard(key)
+                self.owned.add(new)
             if old is not None:
                 await self._close_and_release(old)
             return new, report
@@ -200,6 +223,10 @@ class Client:
 
     async def release(self, session: RemoteSession) -> None:
         """Stop ``session`` and free its hardware; it is forgotten if it is still held."""
+        if session in self.owned:  # nobody else's: no need to wait for the lock
+            self.owned.discard(session)
+            await self._close_and_release(session)
+            return
         async with self._lock:
             for key, held in list(self.sessions.items()):
                 if held is session:
@@ -207,7 +234,8 @@ class Client:
             await self._close_and_release(session)
 
     async def shutdown(self, spec: HardwareSpec | None = None) -> list[str]:
-        """Stop the session for ``spec``, or all of them; returns what was stopped."""
+        """Stop the session for ``spec``, or all of them (the owned ones too); returns what
+        was stopped."""
         async with self._lock:
             keys = [str(spec)] if spec is not None else list(self.sessions)
             stopped = []
@@ -215,6 +243,11 @@ class Client:
                 if key in self.sessions:
                     stopped.append(self.sessions[key].grant.display)
                     await self._drop(key)
+            if spec is None:
+                owned, self.owned = self.owned, set()
+                for session in owned:
+                    stopped.append(session.grant.display)
+                    await self._close_and_release(session)
             return stopped
 
     # --- what front-ends show ----------------------------------------------------------------
@@ -260,7 +293,7 @@ class Client:
 
     def session_ids(self) -> set[str | None]:
         """The provider's ids of this process's sessions."""
-        return {s.grant.session_id for s in self.sessions.values()}
+        return {s.grant.session_id for s in [*self.sessions.values(), *self.owned]}
 
     async def aclose(self) -> None:
         """Release every session, then close the provider."""
@@ -287,7 +320,7 @@ def get_client() -> Client:
 def _close_default() -> None:
     global _default
     client, _default = _default, None
-    if client is not None and client.sessions:
+    if client is not None and (client.sessions or client.owned):
         # Release the hardware now rather than when the pool notices nobody is connected.
         try:
             run_sync(client.aclose(), timeout=20)

@@ -27,6 +27,7 @@ __all__ = [
     "PoolConnectionError",
     "RemoteExecutionError",
     "RemoteKernelDiedError",
+    "RemoteTimeoutError",
     "RequestTooLargeError",
     "SerializationError",
     "SessionNotFoundError",
@@ -97,6 +98,10 @@ class TooManyAttemptsError(AuthenticationError):
 
 class RemoteKernelDiedError(CloudGPUError):
     """Raised when the remote kernel dies or is stopped while a cell runs on it."""
+
+
+class RemoteTimeoutError(CloudGPUError, TimeoutError):
+    """Raised when remote work runs past its ``timeout`` and is interrupted (or stopped)."""
 
 
 class CommandError(CloudGPUError):

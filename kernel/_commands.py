@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from cloudgpu._core import SessionInfo
 from cloudgpu._format import money, uptime
 from cloudgpu.errors import CommandError, UnknownHardwareError
 from cloudgpu.hardware import HardwareSpec, parse_spec
-from cloudgpu.provider import Grant
 
 __all__ = ["USAGE", "Command", "parse_command", "status_text"]
 
@@ -76,12 +76,12 @@ def _switch_spec(args: list[str]) -> HardwareSpec:
         raise CommandError(str(e)) from None
 
 
-def status_text(grant: Grant, seconds: float, provider: str) -> str:
+def status_text(info: SessionInfo) -> str:
     """What ``%cloudgpu status`` prints for a live session."""
     cost = "not metered by this provider"
-    if grant.rate_per_hour:
-        cost = f"{money(grant.cost())} so far, at {money(grant.rate_per_hour)}/hour"
-    return (f"hardware: {grant.display}\n"
-            f"kernel:   {grant.kernel_id} on {grant.host_url} ({provider})\n"
-            f"uptime:   {uptime(seconds)}\n"
+    if info.rate_per_hour:
+        cost = f"{money(info.cost)} so far, at {money(info.rate_per_hour)}/hour"
+    return (f"hardware: {info.hardware}\n"
+            f"kernel:   {info.kernel_id} on {info.host_url} ({info.provider})\n"
+            f"uptime:   {uptime(info.uptime)}\n"
             f"cost:     {cost}\n")

@@ -16,17 +16,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from jupyter_client.jsonutil import squash_dates
 
 from cloudgpu import _wire
+from cloudgpu._bridge import Emit
+from cloudgpu._core import SessionCore
 from cloudgpu.client import Client, get_client
 from cloudgpu.errors import CloudGPUError, CommandError
 from cloudgpu.hardware import HardwareSpec
-from cloudgpu.provider import StatusCallback
 from cloudgpu.session import RemoteSession
 
 from ._channels import LocalChannels
@@ -76,8 +77,9 @@ class ProxyKernel:
 
     def __init__(self, connection_info: dict[str, Any], spec: HardwareSpec,
                  client: Client | None = None) -> None:
-        self.spec = spec
         self.client = client or get_client()
+        #: The session, driven through the async core the magic and the Python API share.
+        self.core = SessionCore(self.client, spec, key=KEY)
         self.local = LocalChannels(connection_info, self._on_local)
         self.remote: RemoteSession | None = None
         self.info: dict[str, Any] = {}  # the remote kernel's kernel_info reply
@@ -98,6 +100,15 @@ class ProxyKernel:
         self._interrupted = asyncio.Event()
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def spec(self) -> HardwareSpec:
+        """The hardware this kernel runs on (another one after a switch)."""
+        return self.core.spec
+
+    @spec.setter
+    def spec(self, spec: HardwareSpec) -> None:
+        self.core.spec = spec
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -138,8 +149,7 @@ class ProxyKernel:
 
     async def _open_remote(self) -> None:
         started = time.monotonic()
-        session = await self.client.session(self.spec, key=KEY, on_status=self._on_status(),
-                                            forward=self._on_remote)
+        session = await self.core.open(self._events(), forward=self._on_remote, announce=False)
         try:
             self._install(session, await session.kernel.kernel_info(HANDSHAKE_TIMEOUT))
         except BaseException:
@@ -151,14 +161,20 @@ class ProxyKernel:
                          f"{time.monotonic() - started:.1f} s\n")
             self._status_target = None
 
-    def _on_status(self) -> StatusCallback:
-        """A provider progress callback that shows its lines under the waiting cell."""
+    def _events(self, say: Callable[[str], None] | None = None) -> Emit:
+        """What the core shows while it opens or switches a session: its progress lines
+        under the waiting cell, and its other words through ``say``."""
         loop = asyncio.get_running_loop()
 
-        def on_status(text: str) -> None:  # a provider may call from any thread
-            loop.call_soon_threadsafe(self._show_progress, text)
+        def emit(kind: str, payload: Any) -> None:  # a provider may call from any thread
+            if kind == "status":
+                loop.call_soon_threadsafe(self._show_progress, payload[1])
+            elif kind == "say" and say is not None:
+                say(str(payload))
+            else:
+                log.debug("core event %s: %s", kind, payload)
 
-        return on_status
+        return emit
 
     def _install(self, session: RemoteSession, info: dict[str, Any]) -> None:
         """Relay to ``session`` from now on; its loss fails what waits on it."""
@@ -482,8 +498,7 @@ class ProxyKernel:
         if self.remote is None:
             why = self._lost or f"the last start on {self.spec.display} failed"
             return f"no remote kernel: {why}\n"
-        return status_text(self.remote.grant, time.monotonic() - self.remote.kernel.opened,
-                           (await self.client.get_provider()).description)
+        return status_text(self.core.info())
 
     async def _switch(self, request: _Request, spec: HardwareSpec) -> None:
         header = request.msg["header"]
@@ -505,12 +520,12 @@ class ProxyKernel:
 
         self._status_target = header
         try:
-            new, report = await self._unless_interrupted(self.client.switch(
-                KEY, spec, on_status=self._on_status(), forward=self._on_remote,
-                say=lambda text: self._stream(header, "stderr", text), prepare=take_over))
+            report = await self._unless_interrupted(self.core.switch(
+                self._events(say=lambda text: self._stream(header, "stderr", text)), spec,
+                forward=self._on_remote, prepare=take_over, announce=False))
         finally:
             self._status_target = None
-        grant = new.grant
+        grant = self.core.remote.grant
         lines = [(f"cloudgpu: now on {grant.display} (kernel {grant.kernel_id}), ready in "
                  f"{time.monotonic() - started:.1f} s.")]
         if old is not None:

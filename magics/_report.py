@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cloudgpu._format import duration, money
@@ -16,7 +17,7 @@ def _table(rows: list[list[str]]) -> str:
                      for r in rows)
 
 
-def _what(s: dict[str, Any]) -> str:
+def _what(s: Mapping[str, Any]) -> str:
     if s.get("gpu_type") in (None, "cpu"):
         text = "CPU" if s.get("gpu_type") else s["hardware"]
     else:
@@ -44,7 +45,7 @@ def status(sessions: list[dict[str, Any]], mine: set[str | None]) -> str:
     return _table(rows) + "\n(* this notebook)"
 
 
-def hardware(types: list[dict[str, Any]]) -> str:
+def hardware(types: Sequence[Mapping[str, Any]]) -> str:
     """The catalog with prices and what is free now."""
     rows = [["hardware", "memory", "$/hour", "free/total", "queued"]]
     for t in types:
@@ -60,7 +61,7 @@ def hardware(types: list[dict[str, Any]]) -> str:
     return _table(rows)
 
 
-def cost(report: dict[str, Any], mine: set[str | None]) -> str:
+def cost(report: Mapping[str, Any], mine: set[str | None]) -> str:
     """Today's spending: total and limit, this notebook, and each session."""
     limit = report.get("daily_limit")
     lines = [f"Today: {money(report['today'])}" + (f" of {money(limit)} daily limit" if limit

@@ -2,44 +2,35 @@
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import queue
+import contextlib
 import sys
-import time
-import warnings
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from cloudgpu import _loop
+from cloudgpu import _loop, api
+from cloudgpu._bridge import run_blocking
+from cloudgpu._core import SessionCore, resolve_spec
 from cloudgpu._format import money
+from cloudgpu._output import Renderer, publish_status
 from cloudgpu.client import get_client
-from cloudgpu.errors import (
-    CloudGPUError,
-    HardwareUnavailableError,
-    HostConnectionError,
-    RemoteKernelDiedError,
-    SerializationError,
-    UnknownHardwareError,
-    VersionSkewWarning,
-)
+from cloudgpu.errors import CloudGPUError, UnknownHardwareError
 from cloudgpu.hardware import HardwareSpec, parse_spec
 from cloudgpu.serialize import Serialized, dumps, loads
 from cloudgpu.session import CellResult, RemoteSession
 
 from . import _report
-from ._display import Progress, publish_status, render_error, show
+from ._display import render_error
 from ._names import analyze
 
 __all__ = ["RemoteMagics", "install_error_display"]
 
-T = TypeVar("T")
 _KEY_VALUE_OPTIONS = ("gpu", "max_cost", "idle_timeout")
+#: What a user can do once the pool stopped a %%remote cell's session.
+THEN = "Your local variables are unchanged; the next %%remote cell starts a new session."
 
 
 def _split_names(text: str | None) -> list[str]:
@@ -56,39 +47,6 @@ def _key_values_to_flags(line: str) -> str:
         else:
             words.append(word)
     return " ".join(words)
-
-
-Event = tuple[str, Any]
-
-
-def _wait(coro_factory: Callable[[Callable[[str, Any], None]], Coroutine[Any, Any, T]],
-          handle: Callable[[str, Any], None],
-          on_interrupt: Callable[[], str] | None = None) -> T:
-    """Run a coroutine on the background loop; show its events from this (main) thread.
-
-    The coroutine gets a thread-safe ``emit(kind, payload)``. A first Ctrl-C calls
-    ``on_interrupt`` (when given) and keeps waiting; without one, or on a second Ctrl-C,
-    the coroutine is cancelled and KeyboardInterrupt propagates.
-    """
-    events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-    future: concurrent.futures.Future[T] = _loop.submit(
-        coro_factory(lambda kind, payload: events.put((kind, payload)))
-    )
-    done = ("done", None)
-    future.add_done_callback(lambda _: events.put(done))  # wake the wait below at once
-    interrupted = False
-    while True:
-        try:
-            event = events.get()
-            if event is done:
-                return future.result()
-            handle(*event)
-        except KeyboardInterrupt:
-            if interrupted or on_interrupt is None:
-                future.cancel()
-                raise
-            interrupted = True
-            print(on_interrupt(), file=sys.stderr)
 
 
 @magics_class
@@ -148,9 +106,13 @@ class RemoteMagics(Magics):
             writes = [n for n in names.writes if n not in names.imports] if names else []
             pull = list(dict.fromkeys(writes + _split_names(args.pull)))
         options = {"max_cost": args.max_cost, "idle_timeout": args.idle_timeout}
-        session = self._session(spec, args.new, options)
-        result = self._run(session, cell, push, pull)
-        self.last_result = result
+        core = SessionCore(get_client(), spec, key=str(spec), options=options, then=THEN)
+        session = self._session(core, args.new)
+        try:
+            result = run_blocking(lambda emit: core.run_cell(emit, cell, push, pull),
+                                  Renderer(), core.interrupt_soon)
+        finally:
+            self.last_result = core.last_result or self.last_result
         self._finish(session, result)
 
     @property
@@ -172,97 +134,12 @@ class RemoteMagics(Magics):
             values[name] = dumps(ns[name], name)
         return values
 
-    def _session(self, spec: HardwareSpec, new: bool, options: dict[str, Any]) -> RemoteSession:
-        client = get_client()
-        existing = client.current(str(spec))
-        if existing is not None and not new:
-            return existing
-        handle = publish_status(f"cloudgpu: asking for {spec.display} ...")
-        started = time.perf_counter()
-
-        def on_event(kind: str, text: str) -> None:
-            publish_status(f"cloudgpu: {text}", handle)
-
-        try:
-            session = _wait(lambda emit: client.session(
-                spec, new=new, on_status=lambda text: emit("status", text), options=options,
-            ), on_event)
-        except KeyboardInterrupt:
-            publish_status(f"cloudgpu: gave up waiting for {spec.display}", handle)
-            raise
-        except HardwareUnavailableError as e:
-            raise HardwareUnavailableError(
-                f"{e} (`gpu=cpu` always works locally; on a machine without GPUs, simulate some "
-                f"with CLOUDGPU_SIMULATE=H100:1 before the first session starts.)"
-            ) from None
-        note = f" (the previous one was stopped: {session.replaced_reason})" \
-            if session.replaced_reason else ""
-        where = client.provider.description
-        publish_status(f"cloudgpu: {session.grant.display} session ready on the {where} in "
-                       f"{time.perf_counter() - started:.1f} s{note}", handle)
-        return session
-
-    def _run(self, session: RemoteSession, code: str, push: dict[str, Serialized],
-             pull: list[str]) -> CellResult:
-        progress = Progress()
-        client = get_client()
-        interrupted: list[bool] = []
-
-        async def stopped_by_pool() -> RemoteKernelDiedError | None:
-            reason = await client.ended_reason(session)
-            if not reason:
-                return None
-            return RemoteKernelDiedError(
-                f"The {session.grant.display} session was stopped: {reason}. Your local "
-                f"variables are unchanged; the next %%remote cell starts a new session."
-            )
-
-        async def run(emit: Callable[[str, Any], None]) -> CellResult:
-            # Budget warnings travel beside the cell, not after it: no extra round trip.
-            budget = asyncio.ensure_future(client.warnings(session))
-            try:
-                result = await session.run_cell(code, push, pull, emit)
-            except (HostConnectionError, RemoteKernelDiedError) as e:
-                budget.cancel()
-                raise (await stopped_by_pool() or e) from None
-            if result.error is not None and not interrupted:
-                # A pool stopping a session interrupts the cell first: say why, not just
-                # "KeyboardInterrupt". Costs a round trip on failed cells only.
-                stopped = await stopped_by_pool()
-                if stopped is not None:
-                    budget.cancel()
-                    raise stopped
-            result.warnings = await budget
-            return result
-
-        def on_event(kind: str, payload: Any) -> None:
-            if kind == "progress":
-                progress.update(payload, time.perf_counter())
-            elif kind == "notice":
-                print(f"cloudgpu: {payload['text']}", file=sys.stderr, flush=True)
-            else:
-                show(payload)
-
-        def interrupt() -> str:
-            interrupted.append(True)
-            _loop.submit(session.interrupt())
-            return "cloudgpu: interrupting the remote cell (interrupt again to stop waiting)"
-
-        return _wait(run, on_event, interrupt)
+    def _session(self, core: SessionCore, new: bool) -> RemoteSession:
+        if new or not core.adopt():
+            run_blocking(lambda emit: core.open(emit, new=new), Renderer())
+        return core.remote
 
     def _finish(self, session: RemoteSession, result: CellResult) -> None:
-        if session.version_warnings and not session.version_warned:
-            session.version_warned = True
-            for text in session.version_warnings:  # before any unpickling error they explain
-                warnings.warn(text, VersionSkewWarning, stacklevel=1)
-        if result.push_errors:
-            raise SerializationError(
-                "The cell did not run: these inputs could not be loaded remotely:\n"
-                + "\n".join(f"  {n}: {why}" for n, why in result.push_errors.items())
-            )
-        if result.error is not None:
-            result.error.host = session.grant.host_url
-            raise result.error
         ns = self._shell.user_ns
         for name, value in result.pulled.items():
             ns[name] = loads(value.codec, value.frames, name)
@@ -295,37 +172,29 @@ class RemoteMagics(Magics):
             %remote shutdown gpu=H100   # stop one
         """
         args = parse_argstring(self.remote_line, _key_values_to_flags(line))
-        client = get_client()
         if args.action == "shutdown":
             if not args.all and args.gpu is None:
                 raise UsageError(
                     "Say which session to stop: `%remote shutdown gpu=H100`, or `--all`."
                 )
-            spec = None if args.all else _parse_hardware(args.gpu)
-            stopped = _loop.run_sync(client.shutdown(spec))
+            stopped = api.shutdown(None if args.all else str(_parse_hardware(args.gpu)))
             print(f"Stopped: {', '.join(stopped)}" if stopped else "No such session was running.")
             return
-        mine = client.session_ids()
+        mine = get_client().session_ids()
         if args.action == "status":
-            print(_report.status(_loop.run_sync(client.user_sessions()), mine))
+            print(_report.status(api.sessions(), mine))
         elif args.action == "hardware":
-            print(_report.hardware(_loop.run_sync(client.hardware())))
+            print(_report.hardware(api.hardware()))
         else:
-            print(_report.cost(_loop.run_sync(client.cost()), mine))
+            print(_report.cost(api.cost(), mine))
 
 
 def _parse_hardware(text: str) -> HardwareSpec:
-    """Parse with the shipped catalog; a name only the pool knows is checked with the pool's."""
+    """The spec, as the API reads it; a mistake in it is the user's (no traceback)."""
+    with contextlib.suppress(UnknownHardwareError):  # a name only the pool knows: ask it
+        return parse_spec(text)  # the shipped catalog knows almost every name: no round trip
     try:
-        return parse_spec(text)
-    except UnknownHardwareError as e:
-        local_error = e
-    try:
-        catalog = _loop.run_sync(get_client().catalog())
-    except CloudGPUError as e:
-        raise UsageError(f"{local_error} (The pool's own types could not be read: {e})") from None
-    try:
-        return parse_spec(text, catalog)
+        return _loop.run_sync(resolve_spec(get_client(), text))
     except UnknownHardwareError as e:
         raise UsageError(str(e)) from None
 

@@ -76,6 +76,10 @@ EXPORTS = {
         "HardwareUnavailableError", "HostConnectionError", "HostStartError",
         "RemoteExecutionError", "RemoteKernelDiedError", "SerializationError",
         "UnknownHardwareError", "VersionSkewWarning", "load_ipython_extension", "parse_spec",
+        # The Python API (cloudgpu/api.py, cloudgpu/_functions.py), imported on first use.
+        "AsyncSession", "RemoteFunction", "RemoteFuture", "RemoteTimeoutError", "Session",
+        "SessionInfo", "asession", "cost", "function", "hardware", "session", "sessions",
+        "shutdown",
     },
     "cloudgpu.magics": {"RemoteMagics", "load_ipython_extension"},
     "cloudgpu.kernel": {"InstalledKernel", "ProxyKernel", "install_kernelspecs", "kernelspec_name",

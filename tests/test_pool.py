@@ -911,7 +911,7 @@ def test_magic_knows_hardware_types_the_pool_operator_added(
 def test_magic_shows_the_80_percent_budget_warning_under_the_next_cell(
         notebook: BlockingKernelClient, pool: UsersPool) -> None:
     kc, alice = notebook, pool.user("alice")
-    ok(kc, "import cloudgpu.magics.remote as _r\n_r.WARNINGS_EVERY = 0  # ask on every cell")
+    ok(kc, "import cloudgpu.client as _c\n_c.WARNINGS_EVERY = 0  # ask on every cell")
     # $1/s: the pool warns at $16 (after 16 s) and stops the session at $20, so once the
     # warning is there the next cell has 4 s to run, not a fraction of a second.
     first = ok(kc, "%%remote gpu=H100 max_cost=20\npass")
