@@ -10,7 +10,12 @@ from typing import Any
 import httpx
 
 from ._http import async_client
-from .errors import CloudGPUError, HardwareUnavailableError, PoolConnectionError
+from .errors import (
+    CloudGPUError,
+    HardwareUnavailableError,
+    PoolConnectionError,
+    error_from_wire,
+)
 from .hardware import HardwareSpec
 from .host_client import error_from_response
 from .provider import Grant, SessionProvider, StatusCallback
@@ -93,6 +98,8 @@ def describe_wait(session: Mapping[str, Any]) -> str:
     count, gpu = session.get("count"), session.get("gpu_type")
     what = "CPU" if gpu in (None, "cpu") else f"{count}x {gpu}"
     simulated = " (simulated)" if session.get("simulated") else ""
+    if session.get("progress"):  # the host preparing an environment, say
+        return f"starting on {what}{simulated}: {session['progress']}"
     return f"starting on {what}{simulated} ..."
 
 
@@ -134,16 +141,19 @@ class PoolProvider(SessionProvider):
             await asyncio.shield(self._withdraw(session["id"]))
             raise
         if session["state"] != "running":
-            raise HardwareUnavailableError(
-                f"The pool could not start a session on `{spec}`: "
-                f"{session.get('stop_reason') or session['state']}."
-            )
+            message = (f"The pool could not start a session on `{spec}`: "
+                       f"{session.get('stop_reason') or session['state']}")
+            # The error the host named (EnvironmentBuildError, ...), else: no hardware.
+            error = error_from_wire(409, {"error": session.get("error"), "message": message},
+                                    message)
+            raise error if session.get("error") else HardwareUnavailableError(message + ".")
         return Grant(host_url=session["host_url"], token=session["token"],
                      kernel_id=session["kernel_id"],
                      hardware=f"{session['gpu_type']}:{session['count']}",
                      gpus=session["gpus"], simulated=session["simulated"],
                      session_id=session["id"], rate_per_hour=session["rate_per_hour"] or 0.0,
-                     started=session["started"] or 0.0)
+                     started=session["started"] or 0.0,
+                     environment=list(session.get("environment") or []))
 
     async def _withdraw(self, session_id: str) -> None:
         try:

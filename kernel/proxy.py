@@ -72,11 +72,13 @@ class ProxyKernel:
         connection_info: the parsed connection file.
         spec: the hardware to run on.
         client: where sessions come from; the process's client by default.
+        environment: pip requirements the remote kernel runs with (kept across switches).
     """
 
     def __init__(self, connection_info: dict[str, Any], spec: HardwareSpec,
-                 client: Client | None = None) -> None:
+                 client: Client | None = None, environment: list[str] | None = None) -> None:
         self.spec = spec
+        self.options: dict[str, Any] = {"environment": environment} if environment else {}
         self.client = client or get_client()
         self.local = LocalChannels(connection_info, self._on_local)
         self.remote: RemoteSession | None = None
@@ -139,7 +141,7 @@ class ProxyKernel:
     async def _open_remote(self) -> None:
         started = time.monotonic()
         session = await self.client.session(self.spec, key=KEY, on_status=self._on_status(),
-                                            forward=self._on_remote)
+                                            forward=self._on_remote, options=self.options)
         try:
             self._install(session, await session.kernel.kernel_info(HANDSHAKE_TIMEOUT))
         except BaseException:
@@ -496,7 +498,8 @@ class ProxyKernel:
         try:
             new, report = await self._unless_interrupted(self.client.switch(
                 KEY, spec, on_status=self._on_status(), forward=self._on_remote,
-                say=lambda text: self._stream(header, "stderr", text), prepare=take_over))
+                say=lambda text: self._stream(header, "stderr", text), prepare=take_over,
+                options=self.options))
         finally:
             self._status_target = None
         grant = new.grant
