@@ -88,8 +88,9 @@ class PoolClient:
         await self._http.aclose()
 
 
-def describe_wait(session: Mapping[str, Any]) -> str:
-    """The live line a waiting cell shows: ``waiting for H100: 2 ahead of you``."""
+def describe_wait(session: Mapping[str, Any], progress: str | None = None) -> str:
+    """The live line a waiting cell shows: ``waiting for H100: 2 ahead of you``, or
+    ``starting on CPU: environment: installing ...`` with a line of the launch's progress."""
     if session["state"] == "queued":
         what = " or ".join(session.get("waiting_for") or [session["hardware"]])
         ahead = session.get("ahead", 0)
@@ -98,8 +99,8 @@ def describe_wait(session: Mapping[str, Any]) -> str:
     count, gpu = session.get("count"), session.get("gpu_type")
     what = "CPU" if gpu in (None, "cpu") else f"{count}x {gpu}"
     simulated = " (simulated)" if session.get("simulated") else ""
-    if session.get("progress"):  # the host preparing an environment, say
-        return f"starting on {what}{simulated}: {session['progress']}"
+    if progress:  # the host preparing an environment, say
+        return f"starting on {what}{simulated}: {progress}"
     return f"starting on {what}{simulated} ..."
 
 
@@ -128,13 +129,24 @@ class PoolProvider(SessionProvider):
         opts = dict(options or {})
         opts.setdefault("notebook", os.environ.get("JPY_SESSION_NAME"))
         session = await self.pool.create(str(spec), **opts)
+        said: list[str] = []
+
+        def say(text: str) -> None:
+            if on_status is not None and said[-1:] != [text]:
+                on_status(text)
+            said.append(text)
+
+        shown = 0  # the launch's progress lines said so far: each one is, once
         try:
-            last = ""
-            while session["state"] in ("queued", "starting"):
-                text = describe_wait(session)
-                if on_status is not None and text != last:
-                    on_status(text)
-                last = text
+            while True:
+                progress = list(session.get("progress") or [])
+                for line in progress[shown:]:
+                    say(describe_wait(session, line))
+                shown = len(progress)
+                if session["state"] not in ("queued", "starting"):
+                    break
+                if not progress:
+                    say(describe_wait(session))
                 session = await self.pool.session(session["id"], wait=20,
                                                   version=session["version"])
         except BaseException:

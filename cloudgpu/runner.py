@@ -103,10 +103,16 @@ async def check_hardware(text: str) -> tuple[HardwareSpec, float, str]:
     if served is None:
         raise HardwareUnavailableError(
             f"Cannot run on {spec.display}: {note} ({where}). Nothing ran. Run it on what "
-            f"the pool has with `--hardware SPEC` (`cloudgpu inspect` shows the options), or "
-            f"simulate GPUs on a machine without them: CLOUDGPU_SIMULATE=H100:1, then "
-            f"`cloudgpu pool stop` so the local pool starts again with them.")
+            f"the pool has with `--hardware SPEC` (`cloudgpu inspect` shows the options), or, "
+            f"on the local pool, simulate it: CLOUDGPU_SIMULATE={_simulatable(spec)} and "
+            f"`cloudgpu pool stop`, so that the next run starts the pool again with it.")
     return spec, price, note
+
+
+def _simulatable(spec: HardwareSpec) -> str:
+    """A ``CLOUDGPU_SIMULATE`` inventory that has ``spec``'s first GPU choice."""
+    choice = next((c for c in spec.choices if not c.is_cpu and not c.is_any), None)
+    return str(choice) if choice is not None else "H100:1"
 
 
 def _kernel_manager(spec: HardwareSpec, environment: list[str], config: Any) -> Any:

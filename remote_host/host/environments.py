@@ -38,6 +38,8 @@ __all__ = ["MARKER", "EnvironmentBuild", "Environments"]
 MARKER = "cloudgpu-environment.json"
 """Written last into an environment's folder: its requirements and how it was made."""
 INSTALL_LOG = "install.log"
+#: uv lines kept in the log but not worth a notebook's status line.
+_QUIET = ("Using ", "Activate with", "Creating virtual environment")
 
 
 class EnvironmentBuild:
@@ -152,6 +154,9 @@ class Environments(LoggingConfigurable):
         done (a failed one is tried again)."""
         key = environment_key(requirements)
         build = self.builds.get(key)
+        if build is not None and build.state == "ready" and not build.cached:
+            build.cached = True  # made for an earlier request: nothing to install for this one
+            build.update(progress=f"using the cached environment {build.id}")
         if build is not None and build.state != "failed":
             return build
         build = EnvironmentBuild(key, requirements, self.path(key))
@@ -233,7 +238,7 @@ class Environments(LoggingConfigurable):
             line = raw.decode(errors="replace").rstrip()
             log.append(line)
             output.append(line)
-            if line.strip():
+            if line.strip() and not line.startswith(_QUIET):
                 build.update(progress=line.strip())
         if await proc.wait() != 0:
             shutil.rmtree(build.path, ignore_errors=True)

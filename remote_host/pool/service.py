@@ -84,7 +84,7 @@ class Pool:
         self._changed = asyncio.Event()  # replaced by a fresh one at every change
         self._tasks: list[asyncio.Task[Any]] = []
         self._launching: dict[str, asyncio.Task[Any]] = {}
-        self._progress: dict[str, str] = {}  # the latest launch progress of starting sessions
+        self._progress: dict[str, list[str]] = {}  # what backends said while launching
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -218,12 +218,13 @@ class Pool:
 
     def _launched(self, session_id: str, _task: asyncio.Task[None]) -> None:
         self._launching.pop(session_id, None)
-        self._progress.pop(session_id, None)
 
     def _report(self, rec: SessionRecord, text: str) -> None:
-        """A backend's progress line for a starting session; waiting clients see it."""
-        if rec.state == "starting" and self._progress.get(rec.id) != text:
-            self._progress[rec.id] = text
+        """A backend's progress line for a starting session; waiting clients see each one
+        (the lines stay in the view until the session ends, so none is missed)."""
+        lines = self._progress.setdefault(rec.id, [])
+        if rec.state == "starting" and lines[-1:] != [text]:
+            lines.append(text)
             self._notify(rec.id)
 
     def _starting(self, rec: SessionRecord, slot_id: str, choice: Choice) -> None:
@@ -274,6 +275,7 @@ class Pool:
             rec.ended = time.time()
         self.ledger.save(rec)
         self.sessions.pop(rec.id, None)
+        self._progress.pop(rec.id, None)
         self._idle_since.pop(rec.id, None)
         self._disconnected_since.pop(rec.id, None)
 
@@ -491,7 +493,7 @@ class Pool:
             "kernel_id": rec.kernel_id, "ahead": ahead, "waiting_for": waiting_for,
             "version": self.version(rec.id),
             "idle_since": self._idle_since.get(rec.id) if rec.state == "running" else None,
-            "environment": rec.environment, "progress": self._progress.get(rec.id),
+            "environment": rec.environment, "progress": self._progress.get(rec.id, []),
             "error": rec.error,
         }
         if with_token and rec.state == "running":
