@@ -13,11 +13,12 @@ from typing import Any
 
 import nbformat
 import pytest
+from cloudgpu.kernel.kernelspec import hardware_from_name, kernelspec_name
+from cloudgpu.remote_host.pool.ledger import Ledger
 
 from cloudgpu.environment import check_requirements, environment_key, split_requirements
 from cloudgpu.errors import InvalidRequestError, NotebookMetadataError
 from cloudgpu.hardware import parse_spec
-from cloudgpu.kernel.kernelspec import hardware_from_name, kernelspec_name
 from cloudgpu.notebook import (
     SCHEMA,
     NotebookRecord,
@@ -28,7 +29,6 @@ from cloudgpu.notebook import (
     write_record,
 )
 from cloudgpu.packages import version_differences
-from cloudgpu.remote_host.pool.ledger import Ledger
 
 pytestmark = pytest.mark.timeout(30)
 
