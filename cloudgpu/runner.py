@@ -197,6 +197,8 @@ def run_notebook(path: str, *, output: str | None = None, hardware: str | None =
         record.ran_on = {"at": now(), "remote_cells": ran_on}
     if wanted or ran_on or nb.metadata.get("cloudgpu"):
         write_record(nb, record)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, output or path)
     if result.failed is None:
         bar.end(f"cloudgpu run: {path} ran to the end, {len(cells)} cells")

@@ -154,3 +154,22 @@ def test_a_ledger_from_before_environments_gets_the_new_columns(tmp_path: Path) 
     again = Ledger(path).get("a1")
     assert again is not None and again.environment == ["tabulate==0.9.0"]
     assert again.error == "EnvironmentBuildError"
+
+
+@pytest.mark.gpu
+def test_ran_on_describes_a_real_gpu_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    pynvml = pytest.importorskip("pynvml")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        pytest.skip(f"no NVIDIA driver here ({e}); a real GPU's ran_on needs one")
+    name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+    pynvml.nvmlShutdown()
+    from cloudgpu.remote_host.host.ran_on import gpus
+
+    monkeypatch.delenv("CLOUDGPU_SIMULATED_GPUS", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    found = gpus()
+    assert found["count"] == 1 and not found["simulated"]
+    assert found["model"] == (name.decode() if isinstance(name, bytes) else name)
+    assert found["memory_gb"] > 0 and found["driver"] and found["cuda"]
