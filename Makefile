@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $@
 
-## Run examples/quickstart.ipynb headless on the embedded local default and print every output.
+## Run examples/quickstart.ipynb headless on the embedded local default and print every output
+## (the executed notebook goes to build/demo/, leaving the example as it is).
 demo: $(STAMP)
-	$(VENV)/bin/cloudgpu run examples/quickstart.ipynb
+	$(VENV)/bin/cloudgpu run --stream examples/quickstart.ipynb -o build/demo/quickstart.ipynb
 
 ## Lint and type-check, build the JupyterLab extension, run its jest tests, then the whole suite.
 test: lint labext

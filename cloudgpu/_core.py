@@ -29,6 +29,7 @@ from ._bridge import Emit, LoopTask
 from ._move import MoveReport
 from ._output import in_ipython
 from .client import Client
+from .environment import same_environment
 from .errors import (
     BudgetExceededError,
     CloudGPUError,
@@ -181,6 +182,9 @@ class SessionCore:
     def adopt(self) -> bool:
         """Take the client's live session under ``key``, if there is one (from any thread)."""
         current = self.client.current(self.key) if self.key is not None else None
+        if current is not None and not same_environment(current.grant.environment,
+                                                        self.options.get("environment")):
+            current = None  # another environment: client.session replaces it
         if current is not None:
             self._session = current
         return current is not None
@@ -446,7 +450,7 @@ class SessionCore:
         new, report = await self.client.switch(
             self.key if self.key is not None else self.remote, spec,
             on_status=lambda text: self.status(emit, text), say=lambda text: emit("say", text),
-            forward=forward, prepare=prepare)
+            forward=forward, prepare=prepare, options=self.options)
         self._session, self.spec = new, spec
         if announce:
             released = f"; released {old.grant.display}" if old is not None else ""

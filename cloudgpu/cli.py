@@ -16,7 +16,8 @@ commands:
   pool      run a cloudgpu pool: hands out hosts' GPUs, meters cost, keeps the ledger
             (`cloudgpu pool stop` stops your local pool, e.g. to change CLOUDGPU_SIMULATE)
   kernel    install, list and remove the Cloud GPU kernels (whole notebooks remotely)
-  run       execute a notebook headless and print each cell's outputs
+  run       execute a notebook headless on the hardware it records; writes what it ran on
+  inspect   what a notebook needs, whether the pool can serve it now, how its last run differs
   version   print the cloudgpu version
 
 `cloudgpu <command> --help` shows a command's options. In a notebook:
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
         from .runner import main as run_main
 
         run_main(rest)
+    elif command == "inspect":
+        from .inspection import main as inspect_main
+
+        inspect_main(rest)
     elif command in ("version", "--version"):
         from . import __version__
 

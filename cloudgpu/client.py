@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._loop import get_loop, run_sync
 from ._move import MoveReport
+from .environment import same_environment
 from .errors import CloudGPUError
 from .hardware import Catalog, HardwareSpec
 from .provider import SessionProvider, StatusCallback
@@ -115,7 +116,8 @@ class Client:
                       options: Mapping[str, Any] | None = None,
                       forward: Forward | None = None) -> RemoteSession:
         """The live session under ``key`` (default ``str(spec)``); a new one on ``spec`` when
-        ``new``, or when the old one is gone.
+        ``new``, when the old one is gone, or when ``options`` ask for another
+        ``environment`` than the old one runs in.
 
         A replaced session's end reason (idleness, budget) is on ``replaced_reason``.
         ``forward`` receives the traffic on the connection that is not the client's own
@@ -127,7 +129,9 @@ class Client:
         key = key or str(spec)
         async with self._lock:
             old = self.sessions.get(key)
-            if old is not None and old.alive and not new:
+            wanted = (options or {}).get("environment")
+            if old is not None and old.alive and not new and \
+                    same_environment(old.grant.environment, wanted):
                 return old
             reason = None
             if old is not None:
@@ -176,6 +180,7 @@ class Client:
                      say: Callable[[str], None] = lambda text: None,
                      forward: Forward | None = None,
                      prepare: Callable[[RemoteSession], Coroutine[Any, Any, None]] | None = None,
+                     options: Mapping[str, Any] | None = None,
                      ) -> tuple[RemoteSession, MoveReport]:
         """Move the session under ``key`` to ``spec``, carrying every variable that can move.
 
@@ -184,6 +189,7 @@ class Client:
         ``key`` and the old one released. If anything fails on the way, nothing changed:
         the new hardware is released and the old session is still there. ``key`` may also
         be a session of the caller's own (:meth:`acquire`); the new one is then its own.
+        ``options`` are the new session's (as for :meth:`session`; the environment, say).
 
         Raises:
             CloudGPUError: why the new session could not be had or filled.
@@ -192,7 +198,7 @@ class Client:
             old = self.sessions.get(key) if isinstance(key, str) else key
             live = old is not None and old.alive
             values, failed = await old.snapshot() if live and old is not None else ({}, {})
-            new = await self._open(spec, on_status, None, forward)
+            new = await self._open(spec, on_status, options, forward)
             try:
                 if live:
                     report = await new.carry_over(values, failed, say)

@@ -19,11 +19,13 @@ __all__ = [
     "BudgetExceededError",
     "CloudGPUError",
     "CommandError",
+    "EnvironmentBuildError",
     "HardwareUnavailableError",
     "HostConnectionError",
     "HostStartError",
     "InvalidRequestError",
     "NoCapacityError",
+    "NotebookMetadataError",
     "PoolConnectionError",
     "RemoteExecutionError",
     "RemoteKernelDiedError",
@@ -120,8 +122,18 @@ class RemoteExecutionError(CloudGPUError):
         self.host = host
 
 
+class EnvironmentBuildError(CloudGPUError):
+    """Raised when a host cannot prepare the environment a session asks for (a requirement
+    cannot be met); the message is the installer's own."""
+
+
+class NotebookMetadataError(CloudGPUError, ValueError):
+    """Raised when a notebook's ``metadata.cloudgpu`` is malformed or of a newer schema."""
+
+
 class VersionSkewWarning(UserWarning):
-    """Warned when the two sides' Python or cloudpickle differ enough to break unpickling."""
+    """Warned when the two sides' Python or cloudpickle differ enough to break unpickling, or
+    when a value moves between different versions of the package that defines its type."""
 
 
 # --- the wire convention -------------------------------------------------------------------
@@ -133,6 +145,7 @@ _STATUS: tuple[tuple[type[CloudGPUError], int], ...] = (
     (InvalidRequestError, 400),
     (BudgetExceededError, 402),
     (TooManyAttemptsError, 429),
+    (EnvironmentBuildError, 422),
     (AuthenticationError, 403),
     (SessionNotFoundError, 404),
     (HardwareUnavailableError, 409),
@@ -148,6 +161,7 @@ _BY_STATUS: dict[int, type[CloudGPUError]] = {
     413: RequestTooLargeError,
     409: HardwareUnavailableError,
     429: TooManyAttemptsError,
+    422: EnvironmentBuildError,
 }
 
 

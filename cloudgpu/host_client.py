@@ -78,16 +78,33 @@ class HostClient:
         """``GET /api/cloudgpu/host``: versions and inventory."""
         return await self.request("GET", "/api/cloudgpu/host")  # type: ignore[no-any-return]
 
-    async def start_kernel(self, hardware: str, scoped_token: str | None = None) -> dict[str, Any]:
+    async def start_kernel(self, hardware: str, scoped_token: str | None = None,
+                           environment: list[str] | None = None) -> dict[str, Any]:
         """Start a kernel holding ``hardware``; returns its kernel model.
 
-        With ``scoped_token``, that token will open this kernel (and nothing else).
+        With ``scoped_token``, that token will open this kernel (and nothing else); with
+        ``environment``, it runs in the environment made for those requirements.
         """
         body: dict[str, Any] = {"hardware": hardware}
         if scoped_token:
             body["scoped_token"] = scoped_token
+        if environment:
+            body["environment"] = environment
         return await self.request(  # type: ignore[no-any-return]
             "POST", "/api/cloudgpu/kernels", body
+        )
+
+    async def prepare_environment(self, requirements: list[str]) -> dict[str, Any]:
+        """Have the host prepare (or find cached) the environment for ``requirements``."""
+        return await self.request(  # type: ignore[no-any-return]
+            "POST", "/api/cloudgpu/environments", {"requirements": requirements}
+        )
+
+    async def environment(self, key: str, wait: float = 0.0, version: int = -1,
+                          ) -> dict[str, Any]:
+        """An environment's state; with ``wait``, once it changed past ``version``."""
+        return await self.request(  # type: ignore[no-any-return]
+            "GET", f"/api/cloudgpu/environments/{key}?wait={wait}&version={version}"
         )
 
     async def kernel(self, kernel_id: str) -> dict[str, Any] | None:

@@ -10,7 +10,12 @@ from typing import Any
 import httpx
 
 from ._http import async_client
-from .errors import CloudGPUError, HardwareUnavailableError, PoolConnectionError
+from .errors import (
+    CloudGPUError,
+    HardwareUnavailableError,
+    PoolConnectionError,
+    error_from_wire,
+)
 from .hardware import HardwareSpec
 from .host_client import error_from_response
 from .provider import Grant, SessionProvider, StatusCallback
@@ -87,8 +92,9 @@ class PoolClient:
         await self._http.aclose()
 
 
-def describe_wait(session: Mapping[str, Any]) -> str:
-    """The live line a waiting cell shows: ``waiting for H100: 2 ahead of you``."""
+def describe_wait(session: Mapping[str, Any], progress: str | None = None) -> str:
+    """The live line a waiting cell shows: ``waiting for H100: 2 ahead of you``, or
+    ``starting on CPU: environment: installing ...`` with a line of the launch's progress."""
     if session["state"] == "queued":
         what = " or ".join(session.get("waiting_for") or [session["hardware"]])
         ahead = session.get("ahead", 0)
@@ -97,6 +103,8 @@ def describe_wait(session: Mapping[str, Any]) -> str:
     count, gpu = session.get("count"), session.get("gpu_type")
     what = "CPU" if gpu in (None, "cpu") else f"{count}x {gpu}"
     simulated = " (simulated)" if session.get("simulated") else ""
+    if progress:  # the host preparing an environment, say
+        return f"starting on {what}{simulated}: {progress}"
     return f"starting on {what}{simulated} ..."
 
 
@@ -125,29 +133,43 @@ class PoolProvider(SessionProvider):
         opts = dict(options or {})
         opts.setdefault("notebook", os.environ.get("JPY_SESSION_NAME"))
         session = await self.pool.create(str(spec), **opts)
+        said: list[str] = []
+
+        def say(text: str) -> None:
+            if on_status is not None and said[-1:] != [text]:
+                on_status(text)
+            said.append(text)
+
+        shown = 0  # the launch's progress lines said so far: each one is, once
         try:
-            last = ""
-            while session["state"] in ("queued", "starting"):
-                text = describe_wait(session)
-                if on_status is not None and text != last:
-                    on_status(text)
-                last = text
+            while True:
+                progress = list(session.get("progress") or [])
+                for line in progress[shown:]:
+                    say(describe_wait(session, line))
+                shown = len(progress)
+                if session["state"] not in ("queued", "starting"):
+                    break
+                if not progress:
+                    say(describe_wait(session))
                 session = await self.pool.session(session["id"], wait=20,
                                                   version=session["version"])
         except BaseException:
             await asyncio.shield(self._withdraw(session["id"]))
             raise
         if session["state"] != "running":
-            raise HardwareUnavailableError(
-                f"The pool could not start a session on `{spec}`: "
-                f"{session.get('stop_reason') or session['state']}."
-            )
+            message = (f"The pool could not start a session on `{spec}`: "
+                       f"{session.get('stop_reason') or session['state']}")
+            # The error the host named (EnvironmentBuildError, ...), else: no hardware.
+            error = error_from_wire(409, {"error": session.get("error"), "message": message},
+                                    message)
+            raise error if session.get("error") else HardwareUnavailableError(message + ".")
         return Grant(host_url=session["host_url"], token=session["token"],
                      kernel_id=session["kernel_id"],
                      hardware=f"{session['gpu_type']}:{session['count']}",
                      gpus=session["gpus"], simulated=session["simulated"],
                      session_id=session["id"], rate_per_hour=session["rate_per_hour"] or 0.0,
-                     started=session["started"] or 0.0)
+                     started=session["started"] or 0.0,
+                     environment=list(session.get("environment") or []))
 
     async def _withdraw(self, session_id: str) -> None:
         try:

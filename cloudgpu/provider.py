@@ -39,6 +39,7 @@ class Grant:
         session_id: the pool's session id, when a pool granted it.
         rate_per_hour: dollars per hour this hardware costs (count x price).
         started: when billing started (epoch seconds).
+        environment: the pip requirements the kernel runs with ([]: the host's own).
     """
 
     host_url: str
@@ -50,6 +51,7 @@ class Grant:
     session_id: str | None = None
     rate_per_hour: float = 0.0
     started: float = 0.0
+    environment: list[str] = field(default_factory=list)
 
     def cost(self, now: float | None = None) -> float:
         """Dollars billed so far, computed here (no round trip)."""
@@ -78,8 +80,9 @@ class SessionProvider(abc.ABC):
                       options: Mapping[str, Any] | None = None) -> Grant:
         """Start (or wait for) a kernel on ``spec``, reporting progress to ``on_status``.
 
-        ``options`` may hold ``max_cost`` (dollars), ``idle_timeout`` (seconds) and
-        ``notebook`` (a name to group cost by); providers ignore what they do not support.
+        ``options`` may hold ``max_cost`` (dollars), ``idle_timeout`` (seconds),
+        ``notebook`` (a name to group cost by) and ``environment`` (pip requirement strings
+        the kernel needs); providers ignore what they do not support.
 
         Raises:
             CloudGPUError: a subclass saying why none can be had.

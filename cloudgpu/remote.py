@@ -72,7 +72,7 @@ class AgentBatch:
 
     def feed(self, data: dict[str, Any], buffers: list[Any]) -> None:
         """Take one message of the answer."""
-        if data.get("op") == "pushed":
+        if data.get("op") in ("pushed", "ran_on"):
             self._resolve(data)
             return
         self.assembler.feed(data, buffers)
@@ -306,6 +306,18 @@ class RemoteKernel:
         await self.agent_send({"op": "snapshot", "id": batch.id})
         final = await self.wait(batch.done, timeout, "send its variables")
         return batch.assembler.values(), dict(final.get("errors", {}))
+
+    async def ran_on(self, timeout: float = 60.0) -> dict[str, Any]:
+        """What the remote kernel runs on (GPUs, driver, CUDA, Python, imported packages), as
+        its agent reports it for ``metadata.cloudgpu.ran_on``.
+
+        Raises:
+            HostConnectionError: the agent did not answer within ``timeout`` seconds.
+        """
+        batch = self.batch()
+        await self.agent_send({"op": "ran_on", "id": batch.id})
+        answer = await self.wait(batch.done, timeout, "say what it runs on")
+        return dict(answer["ran_on"])
 
     # --- receiving -------------------------------------------------------------------------
 

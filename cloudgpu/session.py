@@ -50,6 +50,8 @@ class CellResult:
         received: the same for what came back.
         stale: inputs the remote side said had changed there, and were sent again.
         warnings: the provider's warnings about the session (a budget nearly spent).
+        versions: for moved values whose type an installed package defines, that package
+            on the remote side: ``{name: [module, distribution, version]}``.
     """
 
     status: str
@@ -63,6 +65,7 @@ class CellResult:
     received: dict[str, dict[str, int]] = field(default_factory=dict)
     stale: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    versions: dict[str, list[str]] = field(default_factory=dict)
 
 
 class _CellRun:
@@ -237,6 +240,7 @@ class RemoteSession:
             pull_errors=pulled.get("errors", {}),
             seconds=time.perf_counter() - started,
             stale=pushed.get("stale", []),
+            versions={**pushed.get("versions", {}), **pulled.get("versions", {})},
         )
         if result.status == "ok" and pull:
             result.pulled = run.pulled.assembler.values()

@@ -17,13 +17,15 @@ from pathlib import Path
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-from cloudgpu.hardware import HardwareSpec, parse_spec
+from cloudgpu.hardware import Catalog, HardwareSpec, parse_spec
 
 __all__ = [
     "DEFAULT_HARDWARE",
     "InstalledKernel",
     "display_name",
+    "hardware_from_name",
     "install_kernelspecs",
+    "kernel_json",
     "kernelspec_name",
     "list_kernelspecs",
     "remove_kernelspecs",
@@ -69,10 +71,33 @@ def display_name(spec: HardwareSpec) -> str:
     return f"Cloud GPU ({' or '.join(words)})"
 
 
-def _spec_json(spec: HardwareSpec) -> dict[str, object]:
+def hardware_from_name(name: str, catalog: Catalog | None = None) -> str | None:
+    """The hardware a Cloud GPU kernelspec name stands for (``cloudgpu-a100-80gb-x2`` ->
+    ``A100-80GB:2``), so a notebook saved with a kernel that is not installed here still
+    says what it needs; None for other names."""
+    if not name.startswith(PREFIX):
+        return None
+    catalog = catalog or Catalog.default()
+    by_part = {kernelspec_name(parse_spec(t.name, catalog))[len(PREFIX):]: t.name
+               for t in catalog}
+    by_part.update(any="any", cpu="cpu")
+    choices = []
+    for part in name[len(PREFIX):].split("-or-"):
+        found = re.fullmatch(r"(.+)-x(\d+)", part)
+        type_part, count = (found.group(1), int(found.group(2))) if found else (part, 1)
+        if type_part not in by_part:
+            return None
+        choices.append(by_part[type_part] if count == 1 else f"{by_part[type_part]}:{count}")
+    return "|".join(choices)
+
+
+def kernel_json(spec: HardwareSpec, environment: list[str] | None = None) -> dict[str, object]:
+    """The ``kernel.json`` of the Cloud GPU kernel on ``spec``, its remote kernel in an
+    environment with the pip requirements ``environment`` when given."""
+    requirements = [arg for req in environment or [] for arg in ("--requirement", req)]
     return {
         "argv": [sys.executable, "-m", "cloudgpu.kernel", "-f", "{connection_file}",
-                 "--hardware", str(spec)],
+                 "--hardware", str(spec), *requirements],
         "display_name": display_name(spec),
         "language": "python",
         # Our process relays interrupts to the host; a signal would also hit the
@@ -104,7 +129,7 @@ def install_kernelspecs(hardware: list[str] | None = None, *, user: bool = False
         with tempfile.TemporaryDirectory() as tmp:
             source = Path(tmp) / name
             source.mkdir()
-            (source / "kernel.json").write_text(json.dumps(_spec_json(spec), indent=1))
+            (source / "kernel.json").write_text(json.dumps(kernel_json(spec), indent=1))
             _copy_logos(source)
             path = manager.install_kernel_spec(str(source), name, user=user, prefix=prefix)
         installed.append(InstalledKernel(name, display_name(spec), str(spec), path))

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from cloudgpu import _loop
-from cloudgpu.errors import UnknownHardwareError
+from cloudgpu.environment import check_requirements
+from cloudgpu.errors import InvalidRequestError, UnknownHardwareError
 from cloudgpu.hardware import HardwareSpec, parse_spec
 
 from .proxy import ProxyKernel
@@ -29,18 +30,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-f", dest="connection_file", required=True,
                         help="the connection file Jupyter wrote for this kernel")
     parser.add_argument("--hardware", default="cpu", help="hardware spec: H100, A100-80GB:2, cpu")
+    parser.add_argument("--requirement", "-r", action="append", default=[], metavar="REQ",
+                        help="a pip requirement the remote kernel needs (repeat for more): the "
+                             "host runs it in an environment with them, made once and cached")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="[cloudgpu kernel %(levelname)s] %(message)s")
     try:
         spec = parse_spec(args.hardware)
-    except UnknownHardwareError as e:
+        environment = check_requirements(args.requirement, "--requirement")
+    except (UnknownHardwareError, InvalidRequestError) as e:
         parser.error(str(e))
     info = json.loads(Path(args.connection_file).read_text())
     # The proxy runs on the process's cloudgpu loop, where the client and its provider live.
     loop = _loop.get_loop()
-    kernel = _loop.run_sync(_create(info, spec))
+    kernel = _loop.run_sync(_create(info, spec, environment))
 
     def on_signal(signum: int, _frame: object) -> None:
         if signum == signal.SIGINT:
@@ -53,5 +58,6 @@ def main(argv: list[str] | None = None) -> None:
     _loop.run_sync(kernel.run())
 
 
-async def _create(info: dict[str, Any], spec: HardwareSpec) -> ProxyKernel:
-    return ProxyKernel(info, spec)
+async def _create(info: dict[str, Any], spec: HardwareSpec,
+                  environment: list[str]) -> ProxyKernel:
+    return ProxyKernel(info, spec, environment=environment)

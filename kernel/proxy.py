@@ -73,13 +73,15 @@ class ProxyKernel:
         connection_info: the parsed connection file.
         spec: the hardware to run on.
         client: where sessions come from; the process's client by default.
+        environment: pip requirements the remote kernel runs with (kept across switches).
     """
 
     def __init__(self, connection_info: dict[str, Any], spec: HardwareSpec,
-                 client: Client | None = None) -> None:
+                 client: Client | None = None, environment: list[str] | None = None) -> None:
         self.client = client or get_client()
         #: The session, driven through the async core the magic and the Python API share.
-        self.core = SessionCore(self.client, spec, key=KEY)
+        self.core = SessionCore(self.client, spec, key=KEY,
+                                options={"environment": environment} if environment else None)
         self.local = LocalChannels(connection_info, self._on_local)
         self.remote: RemoteSession | None = None
         self.info: dict[str, Any] = {}  # the remote kernel's kernel_info reply
@@ -93,7 +95,7 @@ class ProxyKernel:
         self._idle.set()
         self._busy_sent: set[str] = set()  # requests said busy for, not yet idle
         self._status_target: dict[str, Any] | None = None  # the cell showing provider progress
-        self._last_progress = ""
+        self._progress: list[str] = []  # the provider's lines for the start under way
         self._losing: asyncio.Task[None] | None = None
         self._generation = 0  # bumped by an interrupt: requests held before it are cancelled
         self._cancel_reason = ("KeyboardInterrupt", "")
@@ -139,11 +141,11 @@ class ProxyKernel:
         task.add_done_callback(self._tasks.discard)
 
     def _start_remote(self) -> None:
+        self._progress = []  # a new attempt: the last one's lines are stale
         self._startup = asyncio.get_running_loop().create_task(self._open_remote())
         self._startup.add_done_callback(self._started)
 
     def _started(self, task: asyncio.Task[None]) -> None:
-        self._last_progress = ""  # progress of a finished attempt is stale for the next cell
         if not task.cancelled() and task.exception() is not None:
             log.warning("Starting a remote kernel on %s failed: %s", self.spec, task.exception())
 
@@ -155,11 +157,13 @@ class ProxyKernel:
         except BaseException:
             await asyncio.shield(self._release(session))
             raise
+        ready = f"ready on {session.grant.display} in {time.monotonic() - started:.1f} s"
         if self._status_target is not None:
-            self._stream(self._status_target, "stderr",
-                         f"cloudgpu: ready on {session.grant.display} in "
-                         f"{time.monotonic() - started:.1f} s\n")
+            self._stream(self._status_target, "stderr", f"cloudgpu: {ready}\n")
             self._status_target = None
+            self._progress = []
+        elif self._progress:  # ready before any cell came: the first one shows how it went
+            self._progress.append(ready)
 
     def _events(self, say: Callable[[str], None] | None = None) -> Emit:
         """What the core shows while it opens or switches a session: its progress lines
@@ -208,7 +212,7 @@ class ProxyKernel:
 
     def _show_progress(self, text: str) -> None:
         log.info("provider: %s", text)
-        self._last_progress = text
+        self._progress.append(text)
         if self._status_target is not None:
             self._stream(self._status_target, "stderr", f"cloudgpu: {text}\n")
 
@@ -230,12 +234,15 @@ class ProxyKernel:
         elif channel == "control":
             self._spawn(self._relay_when_ready(request))
         else:
-            if msg_type == "execute_request" and self.remote is None and \
-                    self._status_target is None and not msg["content"].get("silent"):
+            if msg_type == "execute_request" and self._status_target is None and \
+                    not msg["content"].get("silent") and (self.remote is None or self._progress):
                 self._say_busy(request)
-                self._status_target = msg["header"]
-                if self._last_progress:
-                    self._show_progress(self._last_progress)
+                for text in self._progress:  # what happened before this cell came
+                    self._stream(msg["header"], "stderr", f"cloudgpu: {text}\n")
+                if self.remote is None:
+                    self._status_target = msg["header"]  # and what happens next, live
+                else:
+                    self._progress = []
             self._queue.put_nowait(request)
 
     def _answer_kernel_info(self, request: _Request) -> None:

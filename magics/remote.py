@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -17,8 +18,15 @@ from cloudgpu._core import SessionCore, resolve_spec
 from cloudgpu._format import money
 from cloudgpu._output import Renderer, publish_status
 from cloudgpu.client import get_client
-from cloudgpu.errors import CloudGPUError, UnknownHardwareError
+from cloudgpu.environment import split_requirements
+from cloudgpu.errors import (
+    CloudGPUError,
+    InvalidRequestError,
+    UnknownHardwareError,
+    VersionSkewWarning,
+)
 from cloudgpu.hardware import HardwareSpec, parse_spec
+from cloudgpu.packages import type_versions, version_differences
 from cloudgpu.serialize import Serialized, dumps, loads
 from cloudgpu.session import CellResult, RemoteSession
 
@@ -56,6 +64,13 @@ class RemoteMagics(Magics):
     #: How the last ``%%remote`` cell went (timing, bytes moved), for inspection and tests.
     last_result: CellResult | None = None
 
+    def __init__(self, shell: InteractiveShell | None = None, **kwargs: Any) -> None:
+        super().__init__(shell, **kwargs)
+        #: What each hardware's session ran on (``metadata.cloudgpu.ran_on``), by spec,
+        #: as its agent last said; kept after the session is stopped.
+        self.ran_on: dict[str, dict[str, Any]] = {}
+        self._version_warned: set[tuple[str, str]] = set()  # (kernel, warning) said once
+
     @magic_arguments()
     @argument("--gpu", "-g", default="cpu",
               help="Hardware to run on: H100, H100:2, A100-80GB, H100|A100-80GB "
@@ -74,6 +89,11 @@ class RemoteMagics(Magics):
     @argument("--idle-timeout", type=float, default=None,
               help="Seconds the session may sit idle before the pool stops it "
                    "(idle_timeout=600; default: the pool's, 15 minutes).")
+    @argument("--env", default="",
+              help="pip requirements the remote kernel needs, comma separated: "
+                   "--env tabulate==0.9.0,numpy>=1.26,<3. The host makes an environment with "
+                   "them once and caches it; a cell asking for another environment gets a "
+                   "new session.")
     @cell_magic
     def remote(self, line: str, cell: str) -> None:
         """Run this cell on remote hardware, moving its variables there and back.
@@ -81,7 +101,7 @@ class RemoteMagics(Magics):
         Usage::
 
             %%remote gpu=H100 [max_cost=2.50] [idle_timeout=600] [--push a,b] [--pull c,d]
-                     [--no-pull] [--new]
+                     [--no-pull] [--new] [--env pkg==1.0,other>=2]
 
         The names the cell reads that exist in your notebook are sent (modules are
         imported there, not copied); the names it assigns come back. Output shows up
@@ -105,7 +125,12 @@ class RemoteMagics(Magics):
         if not args.no_pull:
             writes = [n for n in names.writes if n not in names.imports] if names else []
             pull = list(dict.fromkeys(writes + _split_names(args.pull)))
-        options = {"max_cost": args.max_cost, "idle_timeout": args.idle_timeout}
+        try:
+            environment = split_requirements(args.env)
+        except InvalidRequestError as e:
+            raise UsageError(str(e)) from None
+        options = {"max_cost": args.max_cost, "idle_timeout": args.idle_timeout,
+                   "environment": environment}
         core = SessionCore(get_client(), spec, key=str(spec), options=options, then=THEN)
         session = self._session(core, args.new)
         try:
@@ -114,6 +139,7 @@ class RemoteMagics(Magics):
         finally:
             self.last_result = core.last_result or self.last_result
         self._finish(session, result)
+        self._warn_versions(session, result, list(push))
 
     @property
     def _shell(self) -> InteractiveShell:
@@ -154,6 +180,36 @@ class RemoteMagics(Magics):
             line += f" · ⚠ {warning}"
         publish_status(line)
 
+    def _warn_versions(self, session: RemoteSession, result: CellResult,
+                       pushed: list[str]) -> None:
+        """Name each value that moved between two versions of the package of its type."""
+        ns = self._shell.user_ns
+        moved = {n: ns[n] for n in [*pushed, *result.pulled] if n in ns}
+        for text in version_differences(type_versions(moved), result.versions):
+            if (session.kernel_id, text) not in self._version_warned:
+                self._version_warned.add((session.kernel_id, text))
+                warnings.warn(text, VersionSkewWarning, stacklevel=1)
+
+    def ran_on_report(self) -> dict[str, dict[str, Any]]:
+        """What each hardware's session ran on, by spec, asking the live sessions' agents
+        now (``cloudgpu run`` records this in ``metadata.cloudgpu.ran_on``)."""
+        client = get_client()
+        for key in list(client.sessions):
+            session = client.current(key)
+            if session is not None:
+                self._record_ran_on(key, session)
+        return dict(self.ran_on)
+
+    def _record_ran_on(self, key: str, session: RemoteSession) -> None:
+        try:
+            record = _loop.run_sync(session.kernel.ran_on())
+        except CloudGPUError as e:
+            print(f"cloudgpu: could not ask the {session.grant.display} session what it runs "
+                  f"on: {e}", file=sys.stderr)
+            return
+        self.ran_on[key] = {"hardware": str(parse_spec(session.grant.hardware)),
+                            "environment": session.grant.environment, **record}
+
     @magic_arguments()
     @argument("action", choices=["status", "hardware", "cost", "shutdown"], help="What to do.")
     @argument("--all", action="store_true", help="With shutdown: stop every session.")
@@ -177,7 +233,13 @@ class RemoteMagics(Magics):
                 raise UsageError(
                     "Say which session to stop: `%remote shutdown gpu=H100`, or `--all`."
                 )
-            stopped = api.shutdown(None if args.all else str(_parse_hardware(args.gpu)))
+            spec = None if args.all else _parse_hardware(args.gpu)
+            client = get_client()
+            for key in [str(spec)] if spec is not None else list(client.sessions):
+                session = client.current(key)
+                if session is not None:  # what it ran on, before it goes
+                    self._record_ran_on(key, session)
+            stopped = api.shutdown(None if spec is None else str(spec))
             print(f"Stopped: {', '.join(stopped)}" if stopped else "No such session was running.")
             return
         mine = get_client().session_ids()

@@ -295,4 +295,17 @@ def test_a_kernel_still_starting_is_listed_as_starting() -> None:
     manager._kernels["k-1"] = AsyncIOLoopKernelManager(kernel_name="cloudgpu-python")
     (model,) = manager.list_kernels()
     assert model["id"] == "k-1" and model["execution_state"] == "starting"
-    assert model["cloudgpu"] == {"gpus": []}
+    assert model["cloudgpu"] == {"gpus": [], "environment": []}
+
+
+def test_environment_requests_are_checked_and_unknown_ones_are_404(host: HostProcess) -> None:
+    headers = {"Authorization": f"token {host.token}"}
+    response = httpx.post(f"{host.url}/api/cloudgpu/kernels", headers=headers, timeout=30,
+                          json={"hardware": "cpu", "environment": "tabulate"})
+    assert response.status_code == 400
+    assert response.json()["error"] == "InvalidRequestError"
+    assert "must be a list of pip requirement strings" in response.json()["message"]
+    response = httpx.post(f"{host.url}/api/cloudgpu/environments", headers=headers, timeout=30,
+                          json={"requirements": []})
+    assert response.status_code == 400 and "Name the requirements" in response.text
+    assert host.get("/api/cloudgpu/environments/0123456789abcdef").status_code == 404

@@ -72,7 +72,8 @@ def test_editable_install_maps_folders_into_the_namespace() -> None:
 
 EXPORTS = {
     "cloudgpu": {
-        "AuthenticationError", "BudgetExceededError", "Catalog", "CloudGPUError", "HardwareSpec",
+        "AuthenticationError", "BudgetExceededError", "Catalog", "CloudGPUError",
+        "EnvironmentBuildError", "HardwareSpec",
         "HardwareUnavailableError", "HostConnectionError", "HostStartError",
         "RemoteExecutionError", "RemoteKernelDiedError", "SerializationError",
         "UnknownHardwareError", "VersionSkewWarning", "load_ipython_extension", "parse_spec",

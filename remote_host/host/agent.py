@@ -9,7 +9,13 @@ buffers carry the frames (see ``cloudgpu._transfer``):
 - ``pull``: names to send back, skipped when the cell just run failed;
 - ``snapshot``: every user variable that can move, for moving a session to other
   hardware; what cannot move is named with the reason;
+- ``ran_on``: what the kernel runs on (GPUs, driver, CUDA, Python) and the versions of
+  the packages the notebook imported, for ``metadata.cloudgpu.ran_on``;
 - ``hello`` (on comm open): both sides' Python and cloudpickle versions.
+
+``pushed`` and ``pulled`` answers also carry ``versions``: for each value whose type an
+installed package defines, that package and its version here, so that the client can name
+a value that moves between two versions of its package.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import io
 import os
 import platform
 import sys
+import types
 from typing import Any
 
 from IPython.core.error import InputRejected
@@ -27,6 +34,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from cloudgpu import __version__
 from cloudgpu._transfer import Assembler, pack
 from cloudgpu.errors import SerializationError
+from cloudgpu.packages import type_versions
 from cloudgpu.serialize import (
     FINGERPRINT_MIN,
     Serialized,
@@ -35,6 +43,8 @@ from cloudgpu.serialize import (
     loads,
     versions,
 )
+
+from .ran_on import ran_on
 
 __all__ = ["TARGET", "Agent", "load_ipython_extension"]
 
@@ -66,7 +76,24 @@ class Agent:
         # left: a `keep` is honoured only if the value still pickles to the same bytes.
         self.digests: dict[str, str] = {}
         self._incoming: dict[str, Assembler] = {}
+        # The packages the kernel itself uses (dill included, which the greeting imports),
+        # so that only what the notebook imported counts as its packages.
+        versions()
+        self._baseline = frozenset(name.partition(".")[0] for name in sys.modules)
         shell.ast_transformers.append(_RejectAfterFailedPush(self))
+
+    def imported(self) -> set[str]:
+        """The modules the notebook imported: new since the agent loaded, or bound in the
+        user namespace (``import numpy as np`` where the kernel had numpy already)."""
+        found = {name for name in list(sys.modules)
+                 if name.partition(".")[0] not in self._baseline}
+        found |= {v.__name__ for v in list(self.shell.user_ns.values())
+                  if isinstance(v, types.ModuleType)}
+        return found
+
+    def ran_on(self) -> dict[str, Any]:
+        """What this kernel runs on, for ``metadata.cloudgpu.ran_on`` (see ``ran_on.py``)."""
+        return ran_on(self.imported())
 
     def open(self, comm: Any, msg: dict[str, Any]) -> None:
         """A client connected: answer its hello with our versions."""
@@ -86,6 +113,8 @@ class Agent:
             self._on_pull(comm, data)
         elif op == "snapshot":
             self._on_snapshot(comm, data)
+        elif op == "ran_on":
+            comm.send({"op": "ran_on", "id": data.get("id"), "ran_on": self.ran_on()})
         else:
             comm.send({"op": "error", "id": data.get("id"), "error": f"unknown op {op!r}"})
 
@@ -98,6 +127,7 @@ class Agent:
         del self._incoming[batch]
         errors: dict[str, str] = {}
         stale: list[str] = []
+        loaded: dict[str, Any] = {}
         for name, value in assembler.values().items():
             if value.codec == "keep":
                 if not self._unchanged(name):
@@ -105,13 +135,14 @@ class Agent:
                     errors[name] = "changed here since it was sent; it is being sent again"
                 continue
             try:
-                self.shell.user_ns[name] = loads(value.codec, value.frames, name)
+                self.shell.user_ns[name] = loaded[name] = loads(value.codec, value.frames, name)
             except SerializationError as e:
                 errors[name] = str(e)
                 continue
             self._remember(name, value)
         self.push_errors.update(errors)
-        comm.send({"op": "pushed", "id": batch, "errors": errors, "stale": stale})
+        comm.send({"op": "pushed", "id": batch, "errors": errors, "stale": stale,
+                   "versions": type_versions(loaded)})
 
     def _unchanged(self, name: str) -> bool:
         """Whether the value under ``name`` still pickles to what was recorded for it."""
@@ -153,9 +184,10 @@ class Agent:
                 continue
             if values[name].nbytes >= FINGERPRINT_MIN:
                 self.digests[name] = values[name].fingerprint  # sent with it in the header
+        moved = {name: self.shell.user_ns[name] for name in values}
         for part, buffers in pack(values, extra={"op": "pulled", "id": batch}):
             if part.get("final"):
-                part.update(errors=errors, missing=missing)
+                part.update(errors=errors, missing=missing, versions=type_versions(moved))
             comm.send(part, buffers=buffers)
 
     def _on_snapshot(self, comm: Any, data: dict[str, Any]) -> None:

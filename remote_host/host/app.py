@@ -21,6 +21,7 @@ from cloudgpu._process import write_private_json
 from cloudgpu.hardware import Catalog
 
 from .auth import HostIdentityProvider
+from .environments import Environments
 from .handlers import HOST_HANDLERS, CheckedMainKernelHandler
 from .inventory import Inventory
 from .kernels import AgentKernelSpecManager, GPUKernelManager
@@ -74,11 +75,12 @@ class HostApp(ServerApp):
         "keyfile": "ServerApp.keyfile",
         "log-level": "Application.log_level",
         "config": "ServerApp.config_file",
+        "environments-dir": "Environments.cache_dir",
     }
     flags: dict[str, Any] = {}
     subcommands: dict[str, Any] = {}
     classes = [*ServerApp.classes, IdentityProvider, HostIdentityProvider, AgentKernelSpecManager,
-               GPUKernelManager]
+               GPUKernelManager, Environments]
 
     default_services = ("api", "kernels", "kernelspecs", "shutdown")  # type: ignore[assignment]
 
@@ -139,6 +141,8 @@ class HostApp(ServerApp):
         km = cast(GPUKernelManager, self.kernel_manager)
         km.catalog = catalog
         km.inventory = Inventory.discover(self.simulate or None)
+        km.environments = Environments(parent=self, log=self.log)
+        cast(AgentKernelSpecManager, self.kernel_spec_manager).environments = km.environments
         # Kernels' IPC sockets are named after their connection files, and a Unix socket
         # path may not exceed 107 bytes: keep them in a short private folder, not under a
         # possibly deep runtime dir.

@@ -16,6 +16,7 @@ from jupyter_server.services.kernels.handlers import MainKernelHandler
 from tornado import web
 
 from cloudgpu import __version__
+from cloudgpu.environment import check_requirements
 from cloudgpu.errors import (
     CloudGPUError,
     InvalidRequestError,
@@ -64,7 +65,9 @@ class GPUKernelsHandler(CloudGPUHandler):
     """``POST /api/cloudgpu/kernels`` with ``{"hardware": "H100:2"}``: a kernel holding those GPUs.
 
     With ``"scoped_token": T`` the new kernel also opens to T, and T opens nothing else:
-    that is how a pool hands one session to one user.
+    that is how a pool hands one session to one user. With ``"environment": ["pkg==1.0"]``
+    it runs in the environment made for those requirements (prepared first if need be;
+    ``/api/cloudgpu/environments`` prepares one ahead and shows its progress).
     """
 
     @web.authenticated
@@ -84,7 +87,8 @@ class GPUKernelsHandler(CloudGPUHandler):
         scoped = body.get("scoped_token")
         if scoped is not None and (not isinstance(scoped, str) or len(scoped) < 16):
             raise InvalidRequestError("`scoped_token` must be a string of 16+ characters.")
-        kernel_id, _ = await km.start_gpu_kernel(spec)
+        environment = check_requirements(body.get("environment"))
+        kernel_id, _ = await km.start_gpu_kernel(spec, environment or None)
         if scoped:
             cast(HostIdentityProvider, self.identity_provider).add_scoped_token(scoped, kernel_id)
         self.set_status(201)
@@ -170,9 +174,57 @@ _KERNEL_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-
                         r"[0-9a-fA-F]{12}")
 
 
+class EnvironmentsHandler(CloudGPUHandler):
+    """``POST /api/cloudgpu/environments`` with ``{"requirements": ["pkg==1.0"]}``: prepare
+    that environment (or find it cached); answers its state at once."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        try:
+            body = self.get_json_body() or {}
+            if not isinstance(body, dict):
+                raise InvalidRequestError('The request body must be a JSON object: '
+                                          '{"requirements": ["tabulate==0.9.0"]}.')
+            requirements = check_requirements(body.get("requirements"), "requirements")
+            if not requirements:
+                raise InvalidRequestError('Name the requirements: '
+                                          '{"requirements": ["tabulate==0.9.0"]}.')
+        except CloudGPUError as e:
+            self.write_cloudgpu_error(e)
+            return
+        km = cast(GPUKernelManager, self.kernel_manager)
+        build = km.environments.prepare(requirements)
+        self.set_status(200 if build.state == "ready" else 202)
+        self.finish(json.dumps(build.to_json()))
+
+
+class EnvironmentHandler(CloudGPUHandler):
+    """``GET /api/cloudgpu/environments/{id}[?wait=S&version=V]``: an environment's state and
+    latest progress line; with ``wait``, answers once it changed past ``version``."""
+
+    @web.authenticated
+    async def get(self, key: str) -> None:
+        km = cast(GPUKernelManager, self.kernel_manager)
+        build = km.environments.get(key)
+        if build is None:
+            raise web.HTTPError(404, f"No environment `{key}` on this host.")
+        try:
+            wait = min(float(self.get_query_argument("wait", "0") or 0), 60.0)
+            version = int(self.get_query_argument("version", "-1"))
+        except ValueError:
+            self.write_cloudgpu_error(InvalidRequestError(
+                "`wait` must be seconds and `version` an integer: ?wait=20&version=3."))
+            return
+        if wait > 0:
+            await build.changed(version, wait)
+        self.finish(json.dumps(build.to_json()))
+
+
 HOST_HANDLERS: list[tuple[str, type[CloudGPUHandler]]] = [
     (r"/api/cloudgpu/host", HostInfoHandler),
     (r"/api/cloudgpu/kernels", GPUKernelsHandler),
     (r"/api/cloudgpu/kernels/([0-9a-fA-F-]+)", GPUKernelHandler),
     (r"/api/cloudgpu/metrics", MetricsHandler),
+    (r"/api/cloudgpu/environments", EnvironmentsHandler),
+    (r"/api/cloudgpu/environments/([0-9a-f]+)", EnvironmentHandler),
 ]

@@ -18,6 +18,7 @@ from traitlets import Float, Instance, Integer, Unicode
 from cloudgpu._wire import KERNEL_DIED, KERNEL_STOPPED
 from cloudgpu.hardware import Catalog, HardwareSpec
 
+from .environments import Environments
 from .inventory import Device, Inventory
 from .metrics import KernelReadings, ProcessSampler, kernel_readings, read_nvml
 from .replay import ReplayLog, ReplaySession, notice_frame
@@ -30,10 +31,15 @@ __all__ = [
 
 AGENT_KERNEL_NAME = "cloudgpu-python"
 ENDED_KEPT = 1000  # how many ended kernels the host remembers (for the pool's ledger)
+#: Kernels in an environment are named after it: ``cloudgpu-python-env-<key>``.
+ENV_KERNEL_PREFIX = f"{AGENT_KERNEL_NAME}-env-"
 
 
 class AgentKernelSpecManager(KernelSpecManager):
-    """Offers exactly one kernel: this host's Python with the cloudgpu agent loaded."""
+    """Offers one kernel: this host's Python with the cloudgpu agent loaded; and the same
+    in each environment the host prepared (``cloudgpu-python-env-<key>``)."""
+
+    environments = Instance(Environments, allow_none=True)
 
     stdout_flush_interval = Float(
         0.02,
@@ -41,16 +47,20 @@ class AgentKernelSpecManager(KernelSpecManager):
         "(ipykernel's default is 0.2; lower means output shows sooner).",
     ).tag(config=True)
 
-    def _spec(self) -> KernelSpec:
+    def _spec(self, environment: Path | None = None) -> KernelSpec:
+        python = str(environment / "bin" / "python") if environment else sys.executable
         argv = [
-            sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+            python, "-m", "ipykernel_launcher", "-f", "{connection_file}",
             "--ext=cloudgpu.remote_host.host.agent",
         ]
+        # ipykernel's OutStream is not configurable from the command line: the agent
+        # applies this when it loads.
+        env = {"CLOUDGPU_FLUSH_INTERVAL": str(self.stdout_flush_interval)}
+        if environment:
+            env["VIRTUAL_ENV"] = str(environment)
         return KernelSpec(
             argv=argv,
-            # ipykernel's OutStream is not configurable from the command line: the agent
-            # applies this when it loads.
-            env={"CLOUDGPU_FLUSH_INTERVAL": str(self.stdout_flush_interval)},
+            env=env,
             display_name=f"Python {sys.version_info.major}.{sys.version_info.minor} "
                          f"(cloudgpu host)",
             language="python",
@@ -64,10 +74,14 @@ class AgentKernelSpecManager(KernelSpecManager):
         return {AGENT_KERNEL_NAME: str(Path(__file__).parent)}
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
-        """Our spec for our name; every other name is unknown here."""
-        if kernel_name != AGENT_KERNEL_NAME:
-            raise NoSuchKernel(kernel_name)
-        return self._spec()
+        """Our spec for our name, or for a ready environment's; other names are unknown here."""
+        if kernel_name == AGENT_KERNEL_NAME:
+            return self._spec()
+        key = kernel_name.removeprefix(ENV_KERNEL_PREFIX)
+        if key != kernel_name and self.environments is not None and \
+                self.environments.is_ready(key):
+            return self._spec(self.environments.path(key))
+        raise NoSuchKernel(kernel_name)
 
     def get_all_specs(self) -> dict[str, Any]:
         """The kernelspec listing ``/api/kernelspecs`` serves."""
@@ -90,6 +104,7 @@ class GPUKernelManager(AsyncMappingKernelManager):
 
     inventory = Instance(Inventory)
     catalog = Instance(Catalog)
+    environments = Instance(Environments)
     default_kernel_name = Unicode(AGENT_KERNEL_NAME)
     replay_max_frames = Integer(
         20_000, help="Frames kept per client session for replay after a dropped connection."
@@ -113,12 +128,19 @@ class GPUKernelManager(AsyncMappingKernelManager):
         self.ended: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._sampler = ProcessSampler()
 
-    async def start_gpu_kernel(self, spec: HardwareSpec) -> tuple[str, list[Device]]:
-        """Start a kernel holding the devices ``spec`` asks for.
+    async def start_gpu_kernel(self, spec: HardwareSpec, environment: list[str] | None = None,
+                               ) -> tuple[str, list[Device]]:
+        """Start a kernel holding the devices ``spec`` asks for, in the environment made for
+        ``environment`` (pip requirements) when one is asked for.
 
         Raises:
             NoCapacityError: when the host cannot give that hardware now.
+            EnvironmentBuildError: when the environment cannot be prepared.
         """
+        kernel_name = AGENT_KERNEL_NAME
+        if environment:
+            build = await self.environments.prepare(environment).ready()
+            kernel_name = ENV_KERNEL_PREFIX + build.id
         reservation = f"pending-{os.urandom(8).hex()}"
         devices = self.inventory.allocate(spec, reservation, self.catalog)
         env = dict(os.environ)
@@ -126,7 +148,7 @@ class GPUKernelManager(AsyncMappingKernelManager):
         if devices and devices[0].simulated:
             env["CLOUDGPU_SIMULATED_GPUS"] = ",".join(d.type for d in devices)
         try:
-            kernel_id: str = await self.start_kernel(kernel_name=AGENT_KERNEL_NAME, env=env)
+            kernel_id: str = await self.start_kernel(kernel_name=kernel_name, env=env)
         except BaseException:
             self.inventory.release(reservation)
             raise
@@ -250,5 +272,12 @@ class GPUKernelManager(AsyncMappingKernelManager):
                                      "connections": 0}
         else:
             model = super().kernel_model(kernel_id)
-        model["cloudgpu"] = {"gpus": [d.__dict__ for d in self.inventory.held_by(kernel_id)]}
+        model["cloudgpu"] = {"gpus": [d.__dict__ for d in self.inventory.held_by(kernel_id)],
+                             "environment": self._requirements(str(model.get("name", "")))}
         return model
+
+    def _requirements(self, kernel_name: str) -> list[str]:
+        """The requirements of the environment a kernel runs in ([] for the host's own)."""
+        key = kernel_name.removeprefix(ENV_KERNEL_PREFIX)
+        build = self.environments.get(key) if key != kernel_name else None
+        return build.requirements if build is not None else []

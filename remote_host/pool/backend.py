@@ -8,22 +8,48 @@ are found through the ``cloudgpu.backends`` entry point group, so a package can 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from traitlets.config import LoggingConfigurable
 
-from cloudgpu.errors import CloudGPUError
+from cloudgpu.errors import CloudGPUError, EnvironmentBuildError
 from cloudgpu.hardware import Choice
 from cloudgpu.host_client import HostClient
 
 from .scheduler import Slot
 
-__all__ = ["Backend", "HostsBackend", "Placement", "load_backend"]
+__all__ = ["Backend", "HostsBackend", "Placement", "load_backend", "progress_to",
+           "report_progress"]
 
 ENTRY_POINT_GROUP = "cloudgpu.backends"
 HEARTBEAT_TIMEOUT = 5.0
+#: Seconds a backend's long poll of a host's environment build waits for news.
+ENVIRONMENT_POLL = 20.0
+
+_progress: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
+    "cloudgpu_launch_progress", default=None)
+
+
+def report_progress(text: str) -> None:
+    """Tell whoever waits for the launch under way how it goes (``installing numpy ...``).
+
+    A backend calls this from inside :meth:`Backend.launch`; the pool shows the line as the
+    session's ``progress`` while it is ``starting``, and notebooks show it under the cell.
+    Outside a launch it does nothing.
+    """
+    callback = _progress.get()
+    if callback is not None:
+        callback(text)
+
+
+def progress_to(callback: Callable[[str], None]) -> contextvars.Token[
+        Callable[[str], None] | None]:
+    """Send :func:`report_progress` lines of this task (the pool's launch) to ``callback``."""
+    return _progress.set(callback)
 
 
 @dataclass
@@ -48,8 +74,15 @@ class Backend(LoggingConfigurable):
         """Bring the backend up; return the slots it offers."""
         raise NotImplementedError
 
-    async def launch(self, slot_id: str, choice: Choice, scoped_token: str | None) -> Placement:
-        """Start a kernel holding ``choice`` on ``slot_id``, opened by ``scoped_token``."""
+    async def launch(self, slot_id: str, choice: Choice, scoped_token: str | None,
+                     environment: list[str] | None = None) -> Placement:
+        """Start a kernel holding ``choice`` on ``slot_id``, opened by ``scoped_token``, in an
+        environment with the pip requirements ``environment`` when given (progress through
+        :func:`report_progress`).
+
+        Raises:
+            EnvironmentBuildError: the environment cannot be prepared (the installer's message).
+        """
         raise NotImplementedError
 
     async def sweep(self, keep: set[str]) -> int:
@@ -105,13 +138,36 @@ class HostsBackend(Backend):
             await old.aclose()
         return Slot(slot_id, total, simulated=bool(inventory["simulated"]))
 
-    async def launch(self, slot_id: str, choice: Choice, scoped_token: str | None) -> Placement:
-        """Start the kernel through the host's ``POST /api/cloudgpu/kernels``."""
+    async def launch(self, slot_id: str, choice: Choice, scoped_token: str | None,
+                     environment: list[str] | None = None) -> Placement:
+        """Start the kernel through the host's ``POST /api/cloudgpu/kernels``; an environment
+        is prepared first, its progress reported as it goes."""
         host = self.hosts[slot_id]
-        model = await host.start_kernel(str(choice), scoped_token=scoped_token)
+        if environment:
+            await self._prepare(host, environment)
+        model = await host.start_kernel(str(choice), scoped_token=scoped_token,
+                                        environment=environment)
         gpus = model.get("cloudgpu", {}).get("gpus", [])
         return Placement(slot_id, host.url, model["id"], gpus,
                          simulated=any(g.get("simulated") for g in gpus))
+
+    async def _prepare(self, host: HostClient, environment: list[str]) -> None:
+        """Have the host prepare the environment, reporting its progress, until it is ready.
+
+        Raises:
+            EnvironmentBuildError: the host could not prepare it (the installer's message).
+        """
+        build = await host.prepare_environment(environment)
+        while build["state"] == "preparing":
+            if build["progress"]:
+                report_progress(f"environment: {build['progress']}")
+            build = await host.environment(build["id"], wait=ENVIRONMENT_POLL,
+                                           version=build["version"])
+        if build["state"] != "ready":
+            raise EnvironmentBuildError(build["error"] or "the environment could not be "
+                                                          "prepared")
+        report_progress("environment: cached, nothing to install" if build["cached"] else
+                        f"environment: {build['progress']}")
 
     async def sweep(self, keep: set[str]) -> int:
         """Stop every kernel on our hosts that is not in ``keep``."""

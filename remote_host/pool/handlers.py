@@ -12,6 +12,7 @@ from typing import Any
 from tornado import web
 
 from cloudgpu import __version__
+from cloudgpu.environment import check_requirements
 from cloudgpu.errors import (
     AuthenticationError,
     CloudGPUError,
@@ -135,7 +136,9 @@ class HardwareHandler(PoolHandler):
 
 
 class SessionsHandler(PoolHandler):
-    """``GET /api/sessions`` (yours) and ``POST /api/sessions`` ``{"hardware": "H100"}``."""
+    """``GET /api/sessions`` (yours) and ``POST /api/sessions`` ``{"hardware": "H100"}``
+    (also ``max_cost``, ``idle_timeout``, ``notebook``, and ``environment``: a list of pip
+    requirement strings the kernel needs)."""
 
     @api
     async def get(self) -> None:
@@ -153,6 +156,7 @@ class SessionsHandler(PoolHandler):
         rec = await self.pool.create(
             self.user, hardware, max_cost=_number(body, "max_cost"),
             idle_timeout=_number(body, "idle_timeout"), notebook=body.get("notebook"),
+            environment=check_requirements(body.get("environment")),
         )
         self.write_json(self.pool.view(rec, with_token=True), 201)
 

@@ -41,11 +41,16 @@ CREATE TABLE IF NOT EXISTS sessions (
     idle_timeout REAL,
     notebook TEXT,
     stop_reason TEXT,
-    warnings TEXT
+    warnings TEXT,
+    environment TEXT,
+    error TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user, created);
 CREATE INDEX IF NOT EXISTS sessions_state ON sessions (state);
 """
+
+#: Columns added since the first ledger, with their types: a ledger without them gets them.
+_ADDED_COLUMNS = {"environment": "TEXT", "error": "TEXT"}
 
 
 @dataclass
@@ -53,7 +58,9 @@ class SessionRecord:
     """One session as the ledger keeps it.
 
     ``started``/``ended`` bound the billed time; ``rate_per_hour`` is fixed when the
-    hardware is granted (count x the catalog price then).
+    hardware is granted (count x the catalog price then). ``environment`` holds the pip
+    requirements the kernel runs with; ``error`` names the cloudgpu error class of a
+    session that failed to start (``EnvironmentBuildError``), for clients to raise.
     """
 
     id: str
@@ -78,6 +85,8 @@ class SessionRecord:
     notebook: str | None = None
     stop_reason: str | None = None
     warnings: list[str] = field(default_factory=list)
+    environment: list[str] = field(default_factory=list)
+    error: str | None = None
 
     def cost(self, now: float | None = None, since: float | None = None) -> float:
         """Dollars billed so far (or between ``since`` and now)."""
@@ -94,7 +103,7 @@ class SessionRecord:
 
 
 _COLUMNS = [f.name for f in fields(SessionRecord)]
-_JSON = {"gpus", "warnings"}
+_JSON = {"gpus", "warnings", "environment"}
 
 
 class Ledger:
@@ -109,6 +118,14 @@ class Ledger:
         # NORMAL in WAL mode survives a killed process (not a power cut); FULL survives both.
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns a ledger written by an older pool lacks (its rows keep their data)."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(sessions)")}
+        for column, kind in _ADDED_COLUMNS.items():
+            if column not in have:
+                self.db.execute(f"ALTER TABLE sessions ADD COLUMN {column} {kind}")
 
     def save(self, record: SessionRecord) -> None:
         """Insert or replace one session, committed before returning."""

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cloudgpu._format import duration
+from cloudgpu.environment import check_requirements
 from cloudgpu.errors import (
     BudgetExceededError,
     CloudGPUError,
@@ -27,7 +28,7 @@ from cloudgpu.errors import (
 )
 from cloudgpu.hardware import CPU, Catalog, Choice, parse_spec
 
-from .backend import Backend, Placement
+from .backend import Backend, Placement, progress_to
 from .health import HostWatch, kernel_end
 from .ledger import Ledger, SessionRecord
 from .scheduler import Scheduler
@@ -92,6 +93,7 @@ class Pool:
         self._changed = asyncio.Event()  # replaced by a fresh one at every change
         self._tasks: list[asyncio.Task[Any]] = []
         self._launching: dict[str, asyncio.Task[Any]] = {}
+        self._progress: dict[str, list[str]] = {}  # what backends said while launching
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -168,11 +170,15 @@ class Pool:
     # -- sessions ----------------------------------------------------------------------------
 
     async def create(self, user: str, hardware: str, *, max_cost: float | None = None,
-                     idle_timeout: float | None = None,
-                     notebook: str | None = None) -> SessionRecord:
+                     idle_timeout: float | None = None, notebook: str | None = None,
+                     environment: list[str] | None = None) -> SessionRecord:
         """Ask for a session; it is queued and granted as soon as the hardware is free.
 
+        ``environment`` (pip requirement strings) has the kernel run in an environment with
+        those packages, which the host prepares while the session is ``starting``.
+
         Raises:
+            InvalidRequestError: a budget, timeout or requirement is malformed.
             UnknownHardwareError: the spec is malformed or names unknown hardware.
             HardwareUnavailableError: no host here could ever give it.
             BudgetExceededError: the user's daily budget is spent.
@@ -195,11 +201,12 @@ class Pool:
                 f"idle_timeout must be a number of seconds, 0 or more (0: never), not "
                 f"{idle_timeout}."
             )
+        requirements = check_requirements(environment)
         rec = SessionRecord(
             id=secrets.token_hex(8), user=user, hardware=str(spec), state="queued",
             created=time.time(), max_cost=max_cost,
             idle_timeout=self.idle_timeout if idle_timeout is None else idle_timeout,
-            notebook=notebook,
+            notebook=notebook, environment=requirements,
         )
         self.ledger.save(rec)
         self.sessions[rec.id] = rec
@@ -215,7 +222,8 @@ class Pool:
         warmed = set()
         for decision in self.scheduler.schedule():
             rec = self.sessions[decision.request_id]
-            warm = self.warm.take(decision.slot_id, decision.choice)
+            # Warm kernels run in the host's own environment: not one a session asked for.
+            warm = None if rec.environment else self.warm.take(decision.slot_id, decision.choice)
             if warm is not None:
                 warmed.add(rec.id)
             self._starting(rec, decision.slot_id, decision.choice)
@@ -227,6 +235,14 @@ class Pool:
 
     def _launched(self, session_id: str, _task: asyncio.Task[None]) -> None:
         self._launching.pop(session_id, None)
+
+    def _report(self, rec: SessionRecord, text: str) -> None:
+        """A backend's progress line for a starting session; waiting clients see each one
+        (the lines stay in the view until the session ends, so none is missed)."""
+        lines = self._progress.setdefault(rec.id, [])
+        if rec.state == "starting" and lines[-1:] != [text]:
+            lines.append(text)
+            self._notify(rec.id)
 
     def _starting(self, rec: SessionRecord, slot_id: str, choice: Choice) -> None:
         """Granted: record what and where before anyone asks (a POST answers `starting`)."""
@@ -246,10 +262,14 @@ class Pool:
                 placement, rec.token = warm
             else:
                 await self.warm.make_room(slot_id, choice.type)
-                placement = await self.backend.launch(slot_id, choice, rec.token)
+                progress_to(functools.partial(self._report, rec))  # this task's context only
+                placement = await self.backend.launch(slot_id, choice, rec.token,
+                                                      environment=rec.environment or None)
         except Exception as e:
             self.scheduler.release(slot_id, choice.type, choice.count)
             self.log.warning("Could not start a kernel for session %s: %s", rec.id, e)
+            if isinstance(e, CloudGPUError):
+                rec.error = type(e).__name__
             self._finish(rec, "failed", f"the host could not start a kernel: {e}")
             self._notify(rec.id)
             self._dispatch()
@@ -280,6 +300,7 @@ class Pool:
             rec.ended = time.time()
         self.ledger.save(rec)
         self.sessions.pop(rec.id, None)
+        self._progress.pop(rec.id, None)
         self._idle_since.pop(rec.id, None)
         self._disconnected_since.pop(rec.id, None)
 
@@ -563,6 +584,8 @@ class Pool:
             "kernel_id": rec.kernel_id, "ahead": ahead, "waiting_for": waiting_for,
             "version": self.version(rec.id),
             "idle_since": self._idle_since.get(rec.id) if rec.state == "running" else None,
+            "environment": rec.environment, "progress": self._progress.get(rec.id, []),
+            "error": rec.error,
         }
         if with_token and rec.state == "running":
             body["token"] = rec.token

@@ -71,16 +71,17 @@ class LocalBackend(HostsBackend):
         self.process = process
         return await self.slot_for(process.url, process.token, SLOT)
 
-    async def launch(self, slot_id: str, choice: Choice, scoped_token: str | None) -> Placement:
+    async def launch(self, slot_id: str, choice: Choice, scoped_token: str | None,
+                     environment: list[str] | None = None) -> Placement:
         """Start a kernel; if the local host died, start a new host first."""
         try:
-            return await super().launch(slot_id, choice, scoped_token)
+            return await super().launch(slot_id, choice, scoped_token, environment)
         except HostConnectionError:
             async with self._restart_lock:
                 if self.process is None or not self.process.running():
                     self.log.warning("The local host is gone; starting a new one.")
                     await self._start_host()
-            return await super().launch(slot_id, choice, scoped_token)
+            return await super().launch(slot_id, choice, scoped_token, environment)
 
     async def heartbeat(self) -> dict[str, dict[str, Any] | None]:
         """The local host's liveness; a host that died is started again first (its kernels,
