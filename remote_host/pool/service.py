@@ -24,7 +24,7 @@ from cloudgpu.hardware import CPU, Catalog, Choice, parse_spec
 
 from .backend import Backend, Placement
 from .ledger import Ledger, SessionRecord
-from .scheduler import Scheduler
+from .scheduler import Scheduler, Slot
 from .warm import WarmKernels
 
 __all__ = ["Pool"]
@@ -79,6 +79,8 @@ class Pool:
         self._tasks: list[asyncio.Task[Any]] = []
         self._launching: dict[str, asyncio.Task[Any]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._waiting: list[str] = []  # what the backend was last told waits
+        backend.connect(catalog, self)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -201,7 +203,29 @@ class Pool:
             self._launching[rec.id] = task
             task.add_done_callback(functools.partial(self._launched, rec.id))
         self.warm.refill()
+        waiting = self.scheduler.waiting()
+        if [str(w) for w in waiting] != self._waiting:
+            self._waiting = [str(w) for w in waiting]
+            self.backend.waiting(waiting)
         return warmed
+
+    # -- what the backend tells us -----------------------------------------------------------
+
+    def slots_changed(self, slots: list[Slot]) -> None:
+        """The backend's hardware changed (a node joined or left, others took GPUs): show
+        it, and grant what now fits."""
+        gone = self.scheduler.update_slots(slots)
+        if gone:
+            self.log.info("Slots gone from the backend: %s", ", ".join(gone))
+        self._notify()
+        self._dispatch()
+
+    def placement_lost(self, placement: Placement, reason: str) -> None:
+        """A kernel the backend started is gone: end its session with the backend's reason."""
+        for rec in list(self.sessions.values()):
+            if rec.host_url == placement.host_url and rec.kernel_id and \
+                    placement.kernel_id in ("", rec.kernel_id):
+                self._spawn(self.stop(rec.id, reason))
 
     def _launched(self, session_id: str, _task: asyncio.Task[None]) -> None:
         self._launching.pop(session_id, None)
@@ -232,6 +256,10 @@ class Pool:
             self._notify(rec.id)
             self._dispatch()
             return
+        if placement.slot_id != slot_id:  # the backend placed it elsewhere (Ray may)
+            self.scheduler.release(slot_id, choice.type, choice.count)
+            self.scheduler.allocate(placement.slot_id, choice.type, choice.count)
+            rec.host_id = placement.slot_id
         rec.host_url, rec.kernel_id = placement.host_url, placement.kernel_id
         rec.gpus, rec.simulated = placement.gpus, placement.simulated
         rec.state = "running"
@@ -274,6 +302,21 @@ class Pool:
         self._notify(rec.id)
         self._dispatch()
         return rec
+
+    async def check(self, session_id: str) -> None:
+        """Probe a running session's kernel now (its client lost the connection to it), and
+        end the session, saying why, if the kernel is gone."""
+        rec = self.sessions.get(session_id)
+        if rec is not None and rec.state == "running":
+            await self._probe(rec)
+
+    async def _probe(self, rec: SessionRecord) -> dict[str, Any] | None:
+        """The kernel's model; None, and the session stopped with the backend's reason, when
+        it is gone."""
+        model = await self.backend.probe(self._placement(rec))
+        if model is None and rec.id in self.sessions:
+            await self.stop(rec.id, await self.backend.lost_reason(self._placement(rec)))
+        return model
 
     def get(self, user: str, session_id: str) -> SessionRecord:
         """A user's session (active or ended).
@@ -406,12 +449,9 @@ class Pool:
         """Stop sessions whose kernel has been idle longer than their timeout, or is gone."""
         now = time.time()
         for rec in [r for r in self.sessions.values() if r.state == "running"]:
-            model = await self.backend.probe(self._placement(rec))
-            if rec.id not in self.sessions:
-                continue  # stopped meanwhile
-            if model is None:
-                await self.stop(rec.id, "its remote kernel is gone (it died, or its host did)")
-                continue
+            model = await self._probe(rec)
+            if model is None or rec.id not in self.sessions:
+                continue  # gone (stopped just now, saying why), or stopped meanwhile
             if self._abandoned(rec, model, now):
                 await self.stop(rec.id, f"no notebook was connected to it for "
                                         f"{duration(self.disconnected_timeout)}")
