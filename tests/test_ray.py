@@ -307,9 +307,12 @@ def test_simulated_h100_cell_lands_on_the_h100_node_with_the_gpu_ray_assigned(
 @pytest.mark.timeout(120)
 def test_simulated_cluster_pool_and_session_hosts_listen_on_loopback_only(
         pool: PoolProcess, cluster: RayCluster) -> None:
-    session = api(pool, "POST", "/api/sessions", json={"hardware": "A100-80GB"})
+    session = api(pool, "POST", "/api/sessions", json={"hardware": "cpu"})
     view = running(pool, session["id"])
-    RAN.append(("A100-80GB", 1, cluster.a100.node_id))
+    assert view["gpus"] == [] and view["gpu_type"] == "cpu"  # an actor with num_gpus=0
+    node = next(r["host_id"] for r in ledger(pool) if r["id"] == session["id"])
+    assert node in (cluster.head.node_id, cluster.a100.node_id)
+    RAN.append(("cpu", 1, node))
     import psutil
 
     assert pool.proc is not None
@@ -370,6 +373,23 @@ def test_simulated_request_no_node_could_ever_hold_fails_at_once(
     assert "can ever give `H100:3`" in ex.error_text() and "H100 x2" in ex.error_text()
     response = pool.request("POST", "/api/sessions", json={"hardware": "H200"})
     assert response.status_code == 409 and "H200" in response.json()["message"]
+
+
+@pytest.mark.timeout(120)
+def test_simulated_pool_killed_and_restarted_finds_its_ray_session_again(
+        pool: PoolProcess, cluster: RayCluster) -> None:
+    session = api(pool, "POST", "/api/sessions", json={"hardware": "H100"})
+    before = running(pool, session["id"])
+    RAN.append(("H100", 1, cluster.head.node_id))
+    pool.kill()  # SIGKILL: the session's actor is detached, and outlives its pool
+    pool.start()
+    after = api(pool, "GET", f"/api/sessions/{session['id']}")
+    assert after["state"] == "running", after
+    assert (after["host_url"], after["kernel_id"]) == (before["host_url"], before["kernel_id"])
+    assert hardware(pool)["H100"]["free"] == 1  # still taken, by the session found again
+    assert len(cluster.session_actors()) == 1
+    api(pool, "DELETE", f"/api/sessions/{session['id']}")
+    wait_until(lambda: not cluster.session_actors(), 30, "the actor going")
 
 
 # --- environments ----------------------------------------------------------------------------
@@ -445,7 +465,7 @@ def test_simulated_ledger_matches_what_ran_and_ray_holds_nothing_after(
     for r in rows:
         assert r["state"] in ENDED and r["ended"] >= r["started"], r
         assert math.isclose(r["rate_per_hour"], prices[r["gpu_type"]] * r["count"]), r
-        assert r["simulated"] == 1 and r["stop_reason"], r
+        assert r["simulated"] == (r["gpu_type"] != "cpu") and r["stop_reason"], r
     assert not [r for r in ledger(pool) if r["state"] not in ENDED]
     assert not cluster.session_actors()
     assert cluster.available_gpus(cluster.head) == 2
