@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -70,5 +71,7 @@ class SessionHost:
         return await asyncio.get_running_loop().run_in_executor(None, proc.wait)
 
     def stop(self) -> None:
-        """Stop the host and its kernel (the backend then kills the actor)."""
+        """Stop the host and its kernel, and remove its folder (the backend then kills the
+        actor). A host lost with its node leaves its folder and log behind."""
         self.process.stop()
+        shutil.rmtree(self.process.dir, ignore_errors=True)

@@ -190,6 +190,7 @@ class RayBackend(Backend):
 
     async def _read_slots(self) -> list[Slot]:
         ray = _ray()
+        # A Ray DeveloperAPI: the one per-node view of free resources that needs no dashboard.
         state = importlib.import_module("ray._private.state")
         nodes = await asyncio.to_thread(ray.nodes)
         available = await asyncio.to_thread(state.available_resources_per_node)
