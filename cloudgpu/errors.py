@@ -16,6 +16,7 @@ from typing import Any
 
 __all__ = [
     "AuthenticationError",
+    "BackendUnavailableError",
     "BudgetExceededError",
     "CloudGPUError",
     "CommandError",
@@ -88,6 +89,11 @@ class PoolConnectionError(CloudGPUError):
 
 class HostStartError(CloudGPUError):
     """Raised when a local pool or host process fails to start."""
+
+
+class BackendUnavailableError(CloudGPUError):
+    """Raised when a pool backend cannot start: it is not installed, or what it runs on (a Ray
+    cluster) cannot be reached."""
 
 
 class AuthenticationError(CloudGPUError):

@@ -63,11 +63,14 @@ class PoolClient:
         return await self.request("POST", "/api/sessions", body)  # type: ignore[no-any-return]
 
     async def session(self, session_id: str, wait: float = 0.0,
-                      version: int = -1) -> dict[str, Any]:
-        """``GET /api/sessions/{id}``; with ``wait``, returns once it changed past ``version``."""
-        params = {"wait": wait, "version": version} if wait else None
+                      version: int = -1, check: bool = False) -> dict[str, Any]:
+        """``GET /api/sessions/{id}``; with ``wait``, returns once it changed past ``version``;
+        with ``check``, the pool first probes its kernel (ending it, saying why, if gone)."""
+        params: dict[str, Any] = {"wait": wait, "version": version} if wait else {}
+        if check:
+            params["check"] = 1
         return await self.request(  # type: ignore[no-any-return]
-            "GET", f"/api/sessions/{session_id}", params=params
+            "GET", f"/api/sessions/{session_id}", params=params or None
         )
 
     async def sessions(self, all: bool = False) -> list[dict[str, Any]]:
@@ -183,11 +186,15 @@ class PoolProvider(SessionProvider):
             await self._withdraw(grant.session_id)
 
     async def ended_reason(self, grant: Grant) -> str | None:
-        """The pool's stop reason for the session (idleness, budget, ...)."""
+        """The pool's stop reason for the session (idleness, budget, a lost node, ...).
+
+        The pool probes the kernel first: this is asked when the connection to it failed,
+        before the pool's own checks may have seen why.
+        """
         if not grant.session_id:
             return None
         try:
-            session = await self.pool.session(grant.session_id)
+            session = await self.pool.session(grant.session_id, check=True)
         except CloudGPUError:
             return None
         return session.get("stop_reason") if session["state"] not in ("running",) else None

@@ -152,8 +152,8 @@ class HostFactory:
 
 
 class PoolProcess:
-    """A ``cloudgpu pool --backend static`` over some hosts; it can be started again on the
-    same ledger, as after a crash.
+    """A ``cloudgpu pool --backend static`` over some hosts (or another backend); it can be
+    started again on the same ledger, as after a crash.
 
     Args:
         workdir: where its info file, log and (by default) ledger go.
@@ -161,12 +161,19 @@ class PoolProcess:
         config: its config file (``--config``).
         name: names its files in ``workdir``.
         db: its SQLite ledger.
+        backend_args: another backend instead of static over ``hosts``
+            (``["--backend=ray", "--ray-address=..."]``).
+        env: more environment variables for it.
         args: more command-line options (``--certfile=...``).
     """
 
     def __init__(self, workdir: Path, hosts: Iterable[HostProcess], config: Path, *,
-                 name: str = "pool", db: Path | None = None, args: Iterable[str] = ()) -> None:
+                 name: str = "pool", db: Path | None = None,
+                 backend_args: list[str] | None = None,
+                 env: Mapping[str, str] | None = None, args: Iterable[str] = ()) -> None:
         self.hosts = list(hosts)
+        self.backend_args = backend_args
+        self.env = dict(env or {})
         self.args = list(args)
         self.config = config
         self.db = db or workdir / f"{name}.sqlite"
@@ -179,11 +186,12 @@ class PoolProcess:
     def start(self) -> PoolProcess:
         """Start it and wait until it listens."""
         entries = ",".join(f"{h.url}?token={h.token}" for h in self.hosts)
+        backend = self.backend_args or ["--backend=static", f"--hosts={entries}"]
         self.proc, info = _process.spawn(
-            [sys.executable, "-m", "cloudgpu", "pool", "--backend=static", f"--hosts={entries}",
+            [sys.executable, "-m", "cloudgpu", "pool", *backend,
              "--port=0", f"--db={self.db}", f"--config={self.config}",
              f"--info-file={self.info}", "--log-level=DEBUG", *self.args],
-            env=_server_env(CLOUDGPU_POOL_TOKEN=self.token), info_path=self.info,
+            env=_server_env(CLOUDGPU_POOL_TOKEN=self.token, **self.env), info_path=self.info,
             log_path=self.log, what="The test pool",
         )
         self.url = str(info["url"])

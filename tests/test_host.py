@@ -20,7 +20,12 @@ from servers import HostFactory, HostProcess
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from cloudgpu.errors import AuthenticationError, HardwareUnavailableError, UnknownHardwareError
+from cloudgpu.errors import (
+    AuthenticationError,
+    HardwareUnavailableError,
+    HostStartError,
+    UnknownHardwareError,
+)
 from cloudgpu.host_client import HostClient
 from cloudgpu.provider import Grant
 from cloudgpu.session import RemoteSession
@@ -183,6 +188,17 @@ def test_nvml_absent_means_cpu_only() -> None:
     inv = Inventory.discover(None)
     assert inv.devices == [] and inv.simulated is False
     assert inv.to_json()["gpus"] == []
+
+
+def test_simulated_host_keeps_only_the_gpus_it_was_given() -> None:
+    # A Ray session's host: Ray assigned device 1 of the node's two.
+    inv = Inventory.simulate("H100:2").restrict("1")
+    assert [(d.index, d.type, d.simulated) for d in inv.devices] == [(1, "H100", True)]
+    assert Inventory.simulate("H100:2").restrict("SIM-H100-0,1").devices == \
+        Inventory.simulate("H100:2").devices
+    assert Inventory.simulate("H100:2").restrict("none").devices == []
+    with pytest.raises(HostStartError, match="given GPU `3`, which it does not have"):
+        Inventory.simulate("H100:2").restrict("3")
 
 
 @pytest.mark.gpu

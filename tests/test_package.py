@@ -58,7 +58,8 @@ def test_wheel_ships_every_subpackage_and_the_catalog(tmp_path: Path) -> None:
     declared = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "cloudgpu = cloudgpu.cli:main" in declared
     for backend in ("local = cloudgpu.remote_host.pool.backends.local:LocalBackend",
-                    "static = cloudgpu.remote_host.pool.backends.static:StaticBackend"):
+                    "static = cloudgpu.remote_host.pool.backends.static:StaticBackend",
+                    "ray = cloudgpu.remote_host.pool.backends.ray:RayBackend"):
         assert backend in declared
 
 
@@ -91,10 +92,11 @@ EXPORTS = {
         "HostApp", "HostIdentityProvider", "Inventory", "HostWebsocketConnection",
     },
     "cloudgpu.remote_host.pool": {
-        "POOL_HANDLERS", "Backend", "Decision", "HostsBackend", "Ledger", "Placement", "Pool",
-        "PoolApp", "Scheduler", "SessionRecord", "Slot", "WarmKernels", "load_backend",
+        "POOL_HANDLERS", "Backend", "BackendEvents", "Decision", "HostsBackend", "Ledger",
+        "Placement", "Pool", "PoolApp", "Scheduler", "SessionRecord", "Slot", "WarmKernels",
+        "load_backend",
     },
-    "cloudgpu.remote_host.pool.backends": {"LocalBackend", "StaticBackend"},
+    "cloudgpu.remote_host.pool.backends": {"LocalBackend", "RayBackend", "StaticBackend"},
     "cloudgpu.labextension": {"API_PREFIX", "PoolLink", "session_view", "setup_handlers",
                               "status_view"},
 }

@@ -69,6 +69,7 @@ class HostApp(ServerApp):
         "port": "ServerApp.port",
         "token": "IdentityProvider.token",
         "simulate": "HostApp.simulate",
+        "devices": "HostApp.devices",
         "info-file": "HostApp.info_file",
         "parent-pid": "HostApp.parent_pid",
         "certfile": "ServerApp.certfile",
@@ -88,6 +89,13 @@ class HostApp(ServerApp):
         "",
         help="Pretend this host has these GPUs, e.g. `H100:2,A100-80GB:4`. Every inventory "
         "field says `simulated: true`. Default: $CLOUDGPU_SIMULATE, else the real GPUs via NVML.",
+    ).tag(config=True)
+    devices = Unicode(
+        "all",
+        help="The GPUs that are this host's, as CUDA_VISIBLE_DEVICES names them: indices or "
+        "UUIDs (`1,3`), `none` for CPU only, or `all` (every GPU NVML or --simulate lists). "
+        "A host sharing its machine gets only what it was given (a Ray session's host: the "
+        "GPUs Ray assigned).",
     ).tag(config=True)
     info_file = Unicode(
         "",
@@ -140,7 +148,8 @@ class HostApp(ServerApp):
         catalog = Catalog.default()
         km = cast(GPUKernelManager, self.kernel_manager)
         km.catalog = catalog
-        km.inventory = Inventory.discover(self.simulate or None)
+        inventory = Inventory.discover(self.simulate or None)
+        km.inventory = inventory if self.devices == "all" else inventory.restrict(self.devices)
         km.environments = Environments(parent=self, log=self.log)
         cast(AgentKernelSpecManager, self.kernel_spec_manager).environments = km.environments
         # Kernels' IPC sockets are named after their connection files, and a Unix socket

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-from cloudgpu.errors import NoCapacityError, UnknownHardwareError
+from cloudgpu.errors import HostStartError, NoCapacityError, UnknownHardwareError
 from cloudgpu.hardware import Catalog, HardwareSpec, parse_spec
 
 __all__ = ["Device", "Inventory"]
@@ -101,6 +101,29 @@ class Inventory:
     def discover(cls, simulate: str | None = None) -> Inventory:
         """The simulated inventory when asked for, else what NVML finds."""
         return cls.simulate(simulate) if simulate else cls.from_nvml()
+
+    def restrict(self, visible: str) -> Inventory:
+        """Only the devices ``visible`` names, as ``CUDA_VISIBLE_DEVICES`` does: indices or
+        UUIDs, comma-separated (``1,3``); ``none`` (or nothing) leaves a CPU-only host.
+
+        A host that shares its machine (a Ray node, a container scheduler) owns only the GPUs
+        it was given; NVML lists them all.
+
+        Raises:
+            HostStartError: naming a device this host does not have.
+        """
+        wanted = [] if visible.strip().lower() in ("", "none") else \
+            [v.strip() for v in visible.split(",") if v.strip()]
+        kept = []
+        for name in wanted:
+            device = next((d for d in self.devices if name in (str(d.index), d.uuid)), None)
+            if device is None:
+                raise HostStartError(
+                    f"This host was given GPU `{name}`, which it does not have; it has "
+                    f"{', '.join(f'{d.index} ({d.uuid})' for d in self.devices) or 'none'}."
+                )
+            kept.append(device)
+        return Inventory(kept, driver=self.driver, cuda=self.cuda, cpu_count=self.cpu_count)
 
     def free_count(self, gpu_type: str) -> int:
         """How many devices of ``gpu_type`` no kernel holds."""

@@ -7,7 +7,7 @@
 - ``ledger``: every session and its cost, in SQLite;
 - ``warm``: pre-started kernels;
 - ``backend``: the interface backends implement, and how one is found by name;
-- ``backends``: the ``local`` and ``static`` backends.
+- ``backends``: the ``local``, ``static`` and ``ray`` backends.
 
 Names are imported lazily, so that the scheduler or the ledger can be used without the
 pool's web stack.
@@ -20,6 +20,7 @@ from cloudgpu import _lazy
 __all__ = [
     "POOL_HANDLERS",
     "Backend",
+    "BackendEvents",
     "Decision",
     "HostsBackend",
     "Ledger",
@@ -36,6 +37,7 @@ __all__ = [
 __getattr__ = _lazy.lazy_attributes(__name__, {
     "POOL_HANDLERS": ".handlers",
     "Backend": ".backend",
+    "BackendEvents": ".backend",
     "Decision": ".scheduler",
     "HostsBackend": ".backend",
     "Ledger": ".ledger",

@@ -20,11 +20,13 @@ from traitlets.config import Application, Config
 
 from cloudgpu import __version__
 from cloudgpu._process import write_private_json
+from cloudgpu.errors import CloudGPUError
 from cloudgpu.hardware import Catalog
 
 from ..throttle import BadTokenThrottle
 from .backend import Backend, load_backend
 from .backends.local import LocalBackend
+from .backends.ray import RayBackend
 from .backends.static import StaticBackend
 from .handlers import POOL_HANDLERS
 from .ledger import Ledger
@@ -46,7 +48,8 @@ class PoolApp(Application):
     )
     examples = (
         "cloudgpu pool --simulate H100:2                  # local backend, simulated GPUs\n"
-        "cloudgpu pool --backend static --hosts 'http://10.0.0.5:8899?token=T'"
+        "cloudgpu pool --backend static --hosts 'http://10.0.0.5:8899?token=T'\n"
+        "cloudgpu pool --backend ray --ray-address 10.0.0.2:6379   # pip install 'cloudgpu[ray]'"
     )
     aliases = {
         "ip": "PoolApp.ip",
@@ -55,6 +58,7 @@ class PoolApp(Application):
         "backend": "PoolApp.backend",
         "simulate": "LocalBackend.simulate",
         "hosts": "PoolApp.hosts",
+        "ray-address": "RayBackend.address",
         "db": "PoolApp.db",
         "idle-timeout": "PoolApp.idle_timeout",
         "daily-limit": "PoolApp.daily_limit",
@@ -64,7 +68,13 @@ class PoolApp(Application):
         "certfile": "PoolApp.certfile",
         "keyfile": "PoolApp.keyfile",
     }
-    classes = [LocalBackend, StaticBackend]
+    flags = {
+        **Application.flags,
+        "ray-simulated": ({"RayBackend": {"simulated": True}},
+                          "The Ray cluster's GPUs are simulated (declared resources, no "
+                          "devices); sessions say so."),
+    }
+    classes = [LocalBackend, StaticBackend, RayBackend]
 
     ip = Unicode("127.0.0.1", help="Address to listen on.").tag(config=True)
     certfile = Unicode("", help="TLS certificate (PEM): serve https. Clients check it "
@@ -82,7 +92,7 @@ class PoolApp(Application):
         Unicode(), help="More users: {token: user name}. Each sees only their own sessions."
     ).tag(config=True)
     backend = Unicode("local", help="Backend name (`cloudgpu.backends` entry point): local, "
-                      "static, ...").tag(config=True)
+                      "static, ray, ...").tag(config=True)
     hosts = Unicode("", help="Comma-separated host URLs for the static backend, each "
                     "`http://HOST:PORT?token=T`.").tag(config=True)
     db = Unicode(help="The SQLite ledger file.").tag(config=True)
@@ -154,8 +164,12 @@ class PoolApp(Application):
         return load_backend(self.backend)(parent=self)
 
     def start(self) -> None:
-        """Serve until SIGTERM or SIGINT."""
-        asyncio.run(self.serve())
+        """Serve until SIGTERM or SIGINT; a pool that cannot start says why, and exits 1."""
+        try:
+            asyncio.run(self.serve())
+        except CloudGPUError as e:
+            self.log.critical("cloudgpu pool: %s", e)
+            self.exit(1)
 
     async def serve(self) -> None:
         """Start the pool and its HTTP server; stop both on a signal."""

@@ -3,6 +3,12 @@
 A backend knows where kernels can run (slots: hosts, Ray nodes) and starts, probes and
 stops kernels there. The pool decides *which* slot; the backend does the rest. Backends
 are found through the ``cloudgpu.backends`` entry point group, so a package can add one.
+
+Most of the conversation is the pool calling the backend. A backend whose hardware
+changes on its own (a cluster: nodes join and leave, other jobs take GPUs) also tells the
+pool, through the :class:`BackendEvents` it is connected to: its slots changed, or a
+kernel was lost (and why). The pool in turn tells it what waits for hardware
+(:meth:`Backend.waiting`), so a cluster can grow for it.
 """
 
 from __future__ import annotations
@@ -12,18 +18,18 @@ import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from traitlets.config import LoggingConfigurable
 
 from cloudgpu.errors import CloudGPUError, EnvironmentBuildError
-from cloudgpu.hardware import Choice
+from cloudgpu.hardware import Catalog, Choice, HardwareSpec
 from cloudgpu.host_client import HostClient
 
 from .scheduler import Slot
 
-__all__ = ["Backend", "HostsBackend", "Placement", "load_backend", "progress_to",
-           "report_progress"]
+__all__ = ["Backend", "BackendEvents", "HostsBackend", "Placement", "load_backend",
+           "progress_to", "report_progress"]
 
 ENTRY_POINT_GROUP = "cloudgpu.backends"
 HEARTBEAT_TIMEOUT = 5.0
@@ -51,6 +57,9 @@ def progress_to(callback: Callable[[str], None]) -> contextvars.Token[
     """Send :func:`report_progress` lines of this task (the pool's launch) to ``callback``."""
     return _progress.set(callback)
 
+#: Why a kernel the pool probed is gone, when the backend knows no better.
+GONE = "its remote kernel is gone (it died, or its host did)"
+
 
 @dataclass
 class Placement:
@@ -63,10 +72,32 @@ class Placement:
     simulated: bool = False
 
 
+class BackendEvents(Protocol):
+    """What a backend tells the pool between calls (the pool implements this)."""
+
+    def slots_changed(self, slots: list[Slot]) -> None:
+        """The backend's slots are now these (each with its ``total`` and ``reserved``):
+        a node joined or left, or GPUs were taken or freed outside the pool."""
+
+    def placement_lost(self, placement: Placement, reason: str) -> None:
+        """A kernel the backend started is gone, for ``reason`` (said to its user).
+        ``placement.kernel_id`` may be empty: its ``host_url`` names it then."""
+
+
 class Backend(LoggingConfigurable):
     """Where a pool's kernels run."""
 
     name: ClassVar[str] = ""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.catalog = Catalog.default()
+        self.events: BackendEvents | None = None
+
+    def connect(self, catalog: Catalog, events: BackendEvents) -> None:
+        """Called by the pool before :meth:`start`: its catalog, and where to report changes."""
+        self.catalog = catalog
+        self.events = events
 
     # Traitlets' metaclass rules out abc.ABC here; subclasses must override these four.
 
@@ -114,6 +145,14 @@ class Backend(LoggingConfigurable):
 
     async def close(self) -> None:
         """Release what the backend holds."""
+
+    async def lost_reason(self, placement: Placement) -> str:
+        """Why a kernel :meth:`probe` found gone is gone, in words for its user."""
+        return GONE
+
+    def waiting(self, specs: list[HardwareSpec]) -> None:
+        """The requests that wait for hardware now, first in line first (called when this
+        changes). A backend that can grow (a cluster's autoscaler) asks for it here."""
 
 
 class HostsBackend(Backend):
@@ -191,6 +230,11 @@ class HostsBackend(Backend):
         if host is None:
             return None
         return await host.kernel_state(placement.kernel_id)
+
+    async def lost_reason(self, placement: Placement) -> str:
+        """A host that answers but knows nothing of the kernel restarted since: it remembers
+        every kernel it ran, and how each ended."""
+        return "its machine was lost: its host restarted and no longer knows the kernel"
 
     async def heartbeat(self) -> dict[str, dict[str, Any] | None]:
         """Ask every host for its info at once; ``HEARTBEAT_TIMEOUT`` s each."""

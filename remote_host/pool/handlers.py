@@ -162,12 +162,18 @@ class SessionsHandler(PoolHandler):
 
 
 class SessionHandler(PoolHandler):
-    """``GET /api/sessions/{id}[?wait=S&version=V]`` (long poll) and ``DELETE`` (stop)."""
+    """``GET /api/sessions/{id}[?wait=S&version=V]`` (long poll) and ``DELETE`` (stop).
+
+    ``?check=1`` first probes the session's kernel (a client that lost its connection asks
+    this), so that a kernel that is gone shows as a stopped session with the reason.
+    """
 
     @api
     async def get(self, session_id: str) -> None:
         pool = self.pool
         pool.get(self.user, session_id)
+        if self.get_query_argument("check", "0") not in ("0", "false", ""):
+            await pool.check(session_id)
         try:
             wait = min(float(self.get_query_argument("wait", "0") or 0), 60.0)
             version = int(self.get_query_argument("version", "-1"))

@@ -18,12 +18,14 @@ __all__ = ["Decision", "Scheduler", "Slot"]
 
 @dataclass
 class Slot:
-    """A place kernels run (a host), with its GPUs by type and how many are in use."""
+    """A place kernels run (a host, a Ray node), with its GPUs by type and how many are in
+    use: ``used`` by this pool's sessions, ``reserved`` by others (a cluster's other jobs)."""
 
     id: str
     total: dict[str, int]
     used: dict[str, int] = field(default_factory=dict)
     simulated: bool = False
+    reserved: dict[str, int] = field(default_factory=dict)
     #: True while its host does not answer: nothing is placed there.
     down: bool = False
 
@@ -31,7 +33,8 @@ class Slot:
         """Unused GPUs of ``gpu_type`` here (none while the host is down)."""
         if self.down:
             return 0
-        return self.total.get(gpu_type, 0) - self.used.get(gpu_type, 0)
+        return max(self.total.get(gpu_type, 0) - self.used.get(gpu_type, 0)
+                   - self.reserved.get(gpu_type, 0), 0)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,18 @@ class Scheduler:
     def add_slot(self, slot: Slot) -> None:
         """A host joined (or re-joined) the pool."""
         self.slots[slot.id] = slot
+
+    def update_slots(self, slots: list[Slot]) -> list[str]:
+        """The backend's slots are now these: new ones join, missing ones leave, and the
+        ones that stay keep what this pool uses on them. Returns the ids that left."""
+        fresh = {slot.id: slot for slot in slots}
+        for slot_id, slot in fresh.items():
+            old = self.slots.get(slot_id)
+            if old is not None:
+                slot.used = old.used
+        gone = [slot_id for slot_id in self.slots if slot_id not in fresh]
+        self.slots = fresh
+        return gone
 
     def _types_for(self, choice: Choice) -> list[str]:
         if choice.is_any:
@@ -106,6 +121,10 @@ class Scheduler:
         before = len(self._queue)
         self._queue = [r for r in self._queue if r.id != request_id]
         return len(self._queue) != before
+
+    def waiting(self) -> list[HardwareSpec]:
+        """What the queued requests ask for, first in line first."""
+        return [r.spec for r in self._queue]
 
     @property
     def queued(self) -> list[str]:

@@ -31,7 +31,7 @@ from cloudgpu.hardware import CPU, Catalog, Choice, parse_spec
 from .backend import Backend, Placement, progress_to
 from .health import HostWatch, kernel_end
 from .ledger import Ledger, SessionRecord
-from .scheduler import Scheduler
+from .scheduler import Scheduler, Slot
 from .warm import WarmKernels
 
 __all__ = ["Pool"]
@@ -95,6 +95,8 @@ class Pool:
         self._launching: dict[str, asyncio.Task[Any]] = {}
         self._progress: dict[str, list[str]] = {}  # what backends said while launching
         self._background: set[asyncio.Task[Any]] = set()
+        self._waiting: list[str] = []  # what the backend was last told waits
+        backend.connect(catalog, self)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -133,7 +135,7 @@ class Pool:
         """
         for rec in self.ledger.active():
             if rec.state == "running" and rec.kernel_id:
-                model = await self._probe(rec)
+                model = await self._ask_host(rec)
                 end = kernel_end(model)
                 if end is not None:
                     rec.ended = end[0]
@@ -231,7 +233,29 @@ class Pool:
             self._launching[rec.id] = task
             task.add_done_callback(functools.partial(self._launched, rec.id))
         self.warm.refill()
+        waiting = self.scheduler.waiting()
+        if [str(w) for w in waiting] != self._waiting:
+            self._waiting = [str(w) for w in waiting]
+            self.backend.waiting(waiting)
         return warmed
+
+    # -- what the backend tells us -----------------------------------------------------------
+
+    def slots_changed(self, slots: list[Slot]) -> None:
+        """The backend's hardware changed (a node joined or left, others took GPUs): show
+        it, and grant what now fits."""
+        gone = self.scheduler.update_slots(slots)
+        if gone:
+            self.log.info("Slots gone from the backend: %s", ", ".join(gone))
+        self._notify()
+        self._dispatch()
+
+    def placement_lost(self, placement: Placement, reason: str) -> None:
+        """A kernel the backend started is gone: end its session with the backend's reason."""
+        for rec in list(self.sessions.values()):
+            if rec.host_url == placement.host_url and rec.kernel_id and \
+                    placement.kernel_id in ("", rec.kernel_id):
+                self._spawn(self.stop(rec.id, reason))
 
     def _launched(self, session_id: str, _task: asyncio.Task[None]) -> None:
         self._launching.pop(session_id, None)
@@ -274,6 +298,10 @@ class Pool:
             self._notify(rec.id)
             self._dispatch()
             return
+        if placement.slot_id != slot_id:  # the backend placed it elsewhere (Ray may)
+            self.scheduler.release(slot_id, choice.type, choice.count)
+            self.scheduler.allocate(placement.slot_id, choice.type, choice.count)
+            rec.host_id = placement.slot_id
         rec.host_url, rec.kernel_id = placement.host_url, placement.kernel_id
         rec.gpus, rec.simulated = placement.gpus, placement.simulated
         rec.state = "running"
@@ -282,7 +310,7 @@ class Pool:
         self._arm_budget(rec)
         self._notify(rec.id)
 
-    async def _probe(self, rec: SessionRecord) -> dict[str, Any] | None:
+    async def _ask_host(self, rec: SessionRecord) -> dict[str, Any] | None:
         """The host's answer for a session's kernel; None also when it cannot be asked."""
         try:
             return await self.backend.probe(self._placement(rec))
@@ -320,7 +348,7 @@ class Pool:
                 await asyncio.shield(launching)  # let the kernel exist, then stop it
             if rec.kernel_id and state != "lost":
                 # Billing ends when the kernel did, if it ended before it was stopped.
-                end = kernel_end(await self._probe(rec))
+                end = kernel_end(await self._ask_host(rec))
                 if end is not None:
                     rec.ended, reason = end[0], end[1]
             self._finish(rec, state, reason)
@@ -330,6 +358,33 @@ class Pool:
         self._notify(rec.id)
         self._dispatch()
         return rec
+
+    async def check(self, session_id: str) -> None:
+        """Probe a running session's kernel now (its client lost the connection to it), and
+        end the session, saying why, if the kernel is gone."""
+        rec = self.sessions.get(session_id)
+        if rec is not None and rec.state == "running":
+            await self._judge(rec)
+
+    async def _judge(self, rec: SessionRecord) -> dict[str, Any] | None:
+        """The kernel's model while it runs; None once the session was stopped for its kernel
+        being gone (billed to the end its host remembers, else to its last sighting), or
+        when its host cannot be asked now (the heartbeat judges hosts)."""
+        try:
+            model = await self.backend.probe(self._placement(rec))
+        except CloudGPUError:
+            return None
+        if rec.id not in self.sessions:
+            return None  # stopped meanwhile
+        if model is None:
+            rec.ended = rec.last_seen or rec.started
+            await self.stop(rec.id, await self.backend.lost_reason(self._placement(rec)))
+            return None
+        if kernel_end(model) is not None:
+            # stop() reads the end (when, and how it died) from the host's answer.
+            await self.stop(rec.id, "its remote kernel is gone")
+            return None
+        return model
 
     def get(self, user: str, session_id: str) -> SessionRecord:
         """A user's session (active or ended).
@@ -467,22 +522,8 @@ class Pool:
     async def _cull(self) -> None:
         now = time.time()
         for rec in [r for r in self.sessions.values() if r.state == "running"]:
-            try:
-                model = await self.backend.probe(self._placement(rec))
-            except CloudGPUError:
-                continue  # its host cannot be asked now: the heartbeat decides about hosts
-            if rec.id not in self.sessions:
-                continue  # stopped meanwhile
+            model = await self._judge(rec)
             if model is None:
-                # A live host remembers every kernel it ran: this one ran on its host before
-                # it restarted. It ended no later than it was last seen alive.
-                rec.ended = rec.last_seen or rec.started
-                await self.stop(rec.id, "its machine was lost: its host restarted and no "
-                                        "longer knows the kernel")
-                continue
-            if kernel_end(model) is not None:
-                # stop() reads the end (when, and how it died) from the host's answer.
-                await self.stop(rec.id, "its remote kernel is gone")
                 continue
             if self._abandoned(rec, model, now):
                 await self.stop(rec.id, f"no notebook was connected to it for "

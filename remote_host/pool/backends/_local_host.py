@@ -1,4 +1,5 @@
-"""A ``cloudgpu host`` subprocess on 127.0.0.1 with a random port and token."""
+"""A ``cloudgpu host`` subprocess on this machine (127.0.0.1 by default) with a random port
+and token: the local backend's host, and each Ray session's."""
 
 from __future__ import annotations
 
@@ -35,12 +36,18 @@ class LocalHostProcess:
         state_dir: where its info file and log go; a fresh temporary folder by default.
         tied: when True the host stops as soon as this process ends (even by SIGKILL);
             when False it outlives us and :meth:`adopt` can find it again.
+        ip: the address it listens on.
+        devices: the GPUs that are its own (``HostApp.devices``: ``1,3``, ``none``), or
+            None for all of them.
     """
 
     def __init__(self, simulate: str | None = None, state_dir: str | Path | None = None,
-                 tied: bool = True, start_timeout: float = 60.0) -> None:
+                 tied: bool = True, start_timeout: float = 60.0, *, ip: str = "127.0.0.1",
+                 devices: str | None = None) -> None:
         self.simulate = simulate
         self.tied = tied
+        self.ip = ip
+        self.devices = devices
         self.start_timeout = start_timeout
         self.dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="cloudgpu-host-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -74,10 +81,12 @@ class LocalHostProcess:
         """
         env = dict(os.environ, CLOUDGPU_HOST_TOKEN=self.token)
         env.pop("CLOUDGPU_SIMULATE", None)
-        cmd = [sys.executable, "-m", "cloudgpu", "host", "--ip=127.0.0.1", "--port=0",
+        cmd = [sys.executable, "-m", "cloudgpu", "host", f"--ip={self.ip}", "--port=0",
                f"--info-file={self.info_path}", "--log-level=WARN"]
         if self.simulate:
             cmd.append(f"--simulate={self.simulate}")
+        if self.devices is not None:
+            cmd.append(f"--devices={self.devices}")
         if self.tied:
             cmd.append(f"--parent-pid={os.getpid()}")
         self.proc, info = spawn(
