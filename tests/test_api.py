@@ -247,9 +247,10 @@ def test_map_over_8_inputs_queues_on_2_simulated_h100s_and_all_complete(
     assert [r["hardware"] for r in rows] == ["H100"] * 8, rows
     assert all(r["state"] == "stopped" and r["ended"] for r in rows), rows
     # Never more than the two GPUs at once, so six of them waited for one to come free.
+    # (Concurrency peaks at some session's start: count who held a GPU at each start.)
     for row in rows:
-        during = [o for o in rows if o["started"] < row["ended"] and row["started"] < o["ended"]]
-        assert len(during) <= 2, (row, during)
+        holding = [o for o in rows if o["started"] <= row["started"] < o["ended"]]
+        assert len(holding) <= 2, (row, holding)
     waited = [r for r in rows if any(o["ended"] <= r["started"] for o in rows)]
     assert len(waited) >= 6, rows
 
