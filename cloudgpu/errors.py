@@ -23,6 +23,7 @@ __all__ = [
     "HostConnectionError",
     "HostStartError",
     "InvalidRequestError",
+    "IsolationUnavailableError",
     "NoCapacityError",
     "PoolConnectionError",
     "RemoteExecutionError",
@@ -31,6 +32,7 @@ __all__ = [
     "SerializationError",
     "SessionNotFoundError",
     "TooManyAttemptsError",
+    "UnisolatedHostError",
     "UnknownHardwareError",
     "VersionSkewWarning",
     "error_body",
@@ -85,6 +87,16 @@ class PoolConnectionError(CloudGPUError):
 
 class HostStartError(CloudGPUError):
     """Raised when a local pool or host process fails to start."""
+
+
+class IsolationUnavailableError(CloudGPUError):
+    """Raised when a host's kernel sandbox (``--isolation``) cannot run on this machine: its
+    tool is missing or refused, or it needs configuration (a container image)."""
+
+
+class UnisolatedHostError(CloudGPUError):
+    """Raised when a shared host or pool would run kernels without isolation and its operator
+    has not said that is intended."""
 
 
 class AuthenticationError(CloudGPUError):

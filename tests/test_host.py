@@ -295,4 +295,4 @@ def test_a_kernel_still_starting_is_listed_as_starting() -> None:
     manager._kernels["k-1"] = AsyncIOLoopKernelManager(kernel_name="cloudgpu-python")
     (model,) = manager.list_kernels()
     assert model["id"] == "k-1" and model["execution_state"] == "starting"
-    assert model["cloudgpu"] == {"gpus": []}
+    assert model["cloudgpu"]["gpus"] == []

@@ -15,11 +15,12 @@ from jupyter_core.paths import jupyter_config_path, jupyter_data_dir
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
-from traitlets import Dict, Float, Integer, Unicode, default
+from traitlets import Bool, Dict, Float, Integer, Unicode, default
 from traitlets.config import Application, Config
 
 from cloudgpu import __version__
 from cloudgpu._process import write_private_json
+from cloudgpu.errors import CloudGPUError
 from cloudgpu.hardware import Catalog
 
 from ..throttle import BadTokenThrottle
@@ -64,6 +65,11 @@ class PoolApp(Application):
         "certfile": "PoolApp.certfile",
         "keyfile": "PoolApp.keyfile",
     }
+    flags = {
+        "allow-unisolated": ({"PoolApp": {"allow_unisolated": True}},
+                             "Accept hosts that run kernels without isolation although several "
+                             "people share this pool."),
+    }
     classes = [LocalBackend, StaticBackend]
 
     ip = Unicode("127.0.0.1", help="Address to listen on.").tag(config=True)
@@ -80,6 +86,12 @@ class PoolApp(Application):
     ).tag(config=True)
     users = Dict(
         Unicode(), help="More users: {token: user name}. Each sees only their own sessions."
+    ).tag(config=True)
+    allow_unisolated = Bool(
+        False, help="A shared pool (several users, or a backend other than local) refuses "
+        "hosts whose kernels are not isolated from one another (`cloudgpu host "
+        "--isolation=none`) unless this says its operator accepts that; their sessions are "
+        "then shown as not isolated.",
     ).tag(config=True)
     backend = Unicode("local", help="Backend name (`cloudgpu.backends` entry point): local, "
                       "static, ...").tag(config=True)
@@ -154,8 +166,12 @@ class PoolApp(Application):
         return load_backend(self.backend)(parent=self)
 
     def start(self) -> None:
-        """Serve until SIGTERM or SIGINT."""
-        asyncio.run(self.serve())
+        """Serve until SIGTERM or SIGINT; a pool that cannot start says why and exits 1."""
+        try:
+            asyncio.run(self.serve())
+        except CloudGPUError as e:
+            self.log.critical("%s", e)
+            self.exit(1)
 
     async def serve(self) -> None:
         """Start the pool and its HTTP server; stop both on a signal."""
@@ -171,6 +187,8 @@ class PoolApp(Application):
                     disconnected_timeout=self.disconnected_timeout,
                     heartbeat_interval=self.heartbeat_interval,
                     heartbeat_misses=self.heartbeat_misses,
+                    shared=self.backend != "local" or len(users) > 1,
+                    allow_unisolated=self.allow_unisolated,
                     warm=self.warm_kernels if self.warm_kernels is not None else
                     ({"cpu": 1} if self.backend == "local" else {}))
         await pool.start()

@@ -103,7 +103,10 @@ class HostsBackend(Backend):
         self.hosts[slot_id] = client
         if old is not None:
             await old.aclose()
-        return Slot(slot_id, total, simulated=bool(inventory["simulated"]))
+        isolation = info.get("isolation") or {}  # absent from hosts before isolation
+        return Slot(slot_id, total, simulated=bool(inventory["simulated"]),
+                    isolation=str(isolation.get("mode", "none")),
+                    isolated=bool(isolation.get("isolated")))
 
     async def launch(self, slot_id: str, choice: Choice, scoped_token: str | None) -> Placement:
         """Start the kernel through the host's ``POST /api/cloudgpu/kernels``."""

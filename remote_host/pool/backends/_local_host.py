@@ -35,11 +35,14 @@ class LocalHostProcess:
         state_dir: where its info file and log go; a fresh temporary folder by default.
         tied: when True the host stops as soon as this process ends (even by SIGKILL);
             when False it outlives us and :meth:`adopt` can find it again.
+        isolation: how it sandboxes kernels (``cloudgpu host --isolation``).
     """
 
     def __init__(self, simulate: str | None = None, state_dir: str | Path | None = None,
-                 tied: bool = True, start_timeout: float = 60.0) -> None:
+                 tied: bool = True, start_timeout: float = 60.0,
+                 isolation: str = "none") -> None:
         self.simulate = simulate
+        self.isolation = isolation
         self.tied = tied
         self.start_timeout = start_timeout
         self.dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="cloudgpu-host-"))
@@ -53,16 +56,19 @@ class LocalHostProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def adopt(cls, state_dir: str | Path, simulate: str | None) -> LocalHostProcess | None:
-        """The host a previous run left in ``state_dir``, if it still runs with that inventory."""
+    def adopt(cls, state_dir: str | Path, simulate: str | None,
+              isolation: str = "none") -> LocalHostProcess | None:
+        """The host a previous run left in ``state_dir``, if it still runs with that inventory
+        and isolation."""
         try:
             saved = read_json(Path(state_dir) / "host-state.json")
             pid = int(saved["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        if not running(pid) or saved.get("simulate") != simulate:
+        if not running(pid) or saved.get("simulate") != simulate or \
+                saved.get("isolation", "none") != isolation:
             return None
-        host = cls(simulate, state_dir, tied=False)
+        host = cls(simulate, state_dir, tied=False, isolation=isolation)
         host.token, host.url, host.pid = saved["token"], saved["url"], pid
         return host
 
@@ -75,7 +81,8 @@ class LocalHostProcess:
         env = dict(os.environ, CLOUDGPU_HOST_TOKEN=self.token)
         env.pop("CLOUDGPU_SIMULATE", None)
         cmd = [sys.executable, "-m", "cloudgpu", "host", "--ip=127.0.0.1", "--port=0",
-               f"--info-file={self.info_path}", "--log-level=WARN"]
+               f"--info-file={self.info_path}", "--log-level=WARN",
+               f"--isolation={self.isolation}"]
         if self.simulate:
             cmd.append(f"--simulate={self.simulate}")
         if self.tied:
@@ -95,7 +102,8 @@ class LocalHostProcess:
         self.url = str(info["url"]).rstrip("/")
         if not self.tied:
             write_private_json(self.state_path, {"pid": self.pid, "url": self.url,
-                                                 "token": self.token, "simulate": self.simulate})
+                                                 "token": self.token, "simulate": self.simulate,
+                                                 "isolation": self.isolation})
 
     def running(self) -> bool:
         """Whether the host process is still there."""
