@@ -140,9 +140,9 @@ class HostFactory:
                 cmd.append(f"--simulate={simulate}")
             if log_level:
                 cmd.append(f"--log-level={log_level}")
-            isolation = next((a.partition("=")[2] for a in args
-                              if a.startswith("--isolation=")), ISOLATION)
-            cmd += [*args, f"--isolation={isolation}"]
+            given = [a.partition("=")[2] for a in args if a.startswith("--isolation=")]
+            isolation = given[-1] if given else ISOLATION
+            cmd += [*args, *([] if given else [f"--isolation={isolation}"])]
             proc = _process.start(cmd, log_path=log,
                                   env=_server_env(CLOUDGPU_HOST_TOKEN=token, **(env or {})))
             launched[name] = (proc, token, info, log, isolation)
