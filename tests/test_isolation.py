@@ -523,3 +523,41 @@ def test_the_agent_names_the_limit_a_failed_cell_ran_into() -> None:
         (limit_note(OSError(errno.ENOSPC, "No space left on device"), limits) or "")
     assert limit_note(OSError(errno.ENOENT, "gone"), limits) is None
     assert limit_note(ZeroDivisionError(), limits) is None
+
+
+@pytest.mark.gpu
+def test_a_sandboxed_kernel_opens_its_own_real_gpu_and_no_other(
+        host_factory: HostFactory) -> None:
+    pynvml = pytest.importorskip("pynvml")
+    try:
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+    except pynvml.NVMLError as e:
+        pytest.skip(f"no NVIDIA driver here ({e}); a real GPU in a sandbox needs one")
+    import asyncio
+
+    from cloudgpu.host_client import HostClient
+    from cloudgpu.provider import Grant
+    from cloudgpu.session import RemoteSession
+
+    started = host_factory.start(None, name="real-gpus", args=["--isolation=bubblewrap"])
+
+    async def go() -> list[str]:
+        async with HostClient(started.url, started.token) as client:
+            model = await client.start_kernel("any")
+            (gpu,) = model["cloudgpu"]["gpus"]
+            grant = Grant(started.url, started.token, model["id"], "any", [gpu], False)
+            session = await RemoteSession.open(grant)
+            out: list[str] = []
+            result = await session.run_cell(
+                "import os, glob\n"
+                "nodes = sorted(glob.glob('/dev/nvidia[0-9]*'))\n"
+                "os.close(os.open(nodes[0], os.O_RDWR))\n"
+                "print(os.environ['CUDA_VISIBLE_DEVICES'], *nodes)", {}, [],
+                lambda kind, msg: out.append(msg["content"].get("text", "")))
+            assert result.status == "ok", out
+            await session.close(shutdown=True)
+            return [gpu["uuid"], *"".join(out).split()]
+
+    uuid, visible, *nodes = asyncio.run(go())
+    assert visible == uuid and len(nodes) == 1, (visible, nodes)  # its own node, opened
