@@ -297,7 +297,8 @@ def test_a_cell_that_fills_its_scratch_space_or_asks_too_much_says_which_limit(
                     "        f.write(b'x' * 2**20)\n", timeout=90)
     assert ex.status == "error", ex.describe()
     assert "No space left on device" in ex.error_text()
-    assert "scratch space (its home, /tmp and /dev/shm) holds 200 MiB" in ex.error_text()
+    assert "scratch space is full: its home, /tmp and /dev/shm hold 200 MiB each" in \
+        ex.error_text()
     ex = run(alice, "%%remote gpu=cpu\nimport os\nos.remove('/tmp/fill')\nbytearray(2**50)")
     assert "MemoryError" in ex.error_text() and "memory limit is 400 MiB" in ex.error_text()
     assert ok(alice, "%%remote gpu=cpu\nprint('fine')").stream() == "fine\n"
@@ -382,6 +383,42 @@ def test_the_cloud_gpu_kernel_runs_widgets_interrupts_and_restarts_inside_the_sa
     kc.wait_for_ready(timeout=60)
     assert run(kc, "slider", timeout=90).reply["ename"] == "NameError"
     assert value(kc, HOST_PID) != pid
+
+
+def test_a_kernel_restarted_through_the_host_api_comes_back_in_a_fresh_sandbox(
+        sandboxed: HostProcess) -> None:
+    import asyncio
+
+    from cloudgpu.host_client import HostClient
+    from cloudgpu.provider import Grant
+    from cloudgpu.session import RemoteSession
+
+    async def cell(session: RemoteSession, code: str) -> str:
+        out: list[str] = []
+        result = await session.run_cell(code, {}, [], lambda kind, msg: out.append(
+            msg["content"].get("text", "")))
+        assert result.status == "ok", out
+        return "".join(out)
+
+    async def go() -> tuple[str, str]:
+        async with HostClient(sandboxed.url, sandboxed.token) as client:
+            model = await client.start_kernel("cpu")
+            grant = Grant(sandboxed.url, sandboxed.token, model["id"], "cpu")
+            session = await RemoteSession.open(grant)
+            before = await cell(session, f"kept = 1\nopen('/tmp/mark', 'w').close()\n"
+                                         f"print({HOST_PID})")
+            await session.close()
+            await client.request("POST", f"/api/kernels/{model['id']}/restart")
+            session = await RemoteSession.open(grant)
+            after = await cell(session, "import os\nprint('kept' in globals(), "
+                                        f"os.path.exists('/tmp/mark'), os.getuid(), {HOST_PID})")
+            await session.close(shutdown=True)
+            return before, after
+
+    before, after = asyncio.run(go())
+    kept, marked, uid, pid = after.split()
+    # A new process in a new sandbox (scratch starts empty), same kernel id, same uid.
+    assert (kept, marked, uid) == ("False", "False", "1000") and pid != before.strip()
 
 
 # --- what hosts and shared pools refuse, and say -----------------------------------------------
@@ -519,7 +556,7 @@ def test_the_agent_names_the_limit_a_failed_cell_ran_into() -> None:
     limits = {"memory": "400 MiB (cgroup v1 memory controller)", "scratch": "200 MiB"}
     assert "memory limit is 400 MiB (cgroup v1 memory controller); use less" in \
         (limit_note(MemoryError(), limits) or "")
-    assert "holds 200 MiB, and it is full" in \
+    assert "/dev/shm hold 200 MiB each" in \
         (limit_note(OSError(errno.ENOSPC, "No space left on device"), limits) or "")
     assert limit_note(OSError(errno.ENOENT, "gone"), limits) is None
     assert limit_note(ZeroDivisionError(), limits) is None

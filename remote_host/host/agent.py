@@ -208,11 +208,11 @@ def _host_pid() -> int:
 def limit_note(error: BaseException, limits: dict[str, str]) -> str | None:
     """The line that says which of the session's ``limits`` a cell's ``error`` ran into."""
     if isinstance(error, MemoryError) and "memory" in limits:
-        return (f"cloudgpu: this session may use {limits['memory']} of memory; use less, "
+        return (f"cloudgpu: this session's memory limit is {limits['memory']}; use less, "
                 f"or ask the host's operator for more (Sandbox.memory_limit).")
     if isinstance(error, OSError) and error.errno == errno.ENOSPC and "scratch" in limits:
-        return (f"cloudgpu: this session's scratch space (its home, /tmp and /dev/shm) holds "
-                f"{limits['scratch']}, and it is full (Sandbox.scratch_size).")
+        return (f"cloudgpu: this session's scratch space is full: its home, /tmp and "
+                f"/dev/shm hold {limits['scratch']} each (Sandbox.scratch_size).")
     return None
 
 

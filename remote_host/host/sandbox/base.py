@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -39,6 +42,7 @@ __all__ = [
     "kernel_env",
     "load_sandbox",
     "parse_size",
+    "remove_folder",
     "write_connection_file",
 ]
 
@@ -87,7 +91,7 @@ class Limits:
     Attributes:
         memory_bytes: memory, page cache and its RAM-backed scratch included.
         cpus: CPU time, in cores (``cpu:4`` is 4; a GPU kernel gets its GPUs' share).
-        scratch_bytes: its home and ``/tmp`` together (and ``/dev/shm`` again).
+        scratch_bytes: its home, ``/tmp`` and ``/dev/shm``, each.
         processes: processes and threads.
     """
 
@@ -186,9 +190,9 @@ class Sandbox(LoggingConfigurable):
         "GPUs). A `cpu:N` kernel gets N cores.",
     ).tag(config=True)
     scratch_size = Unicode(
-        "", help="Size of a kernel's private scratch space, its home and /tmp together "
-        "(RAM-backed, so it counts against the memory limit where a memory cgroup applies): "
-        "`10G`, `none`. Default: half the memory limit.",
+        "", help="Size of each of a kernel's private scratch spaces, its home, /tmp and "
+        "/dev/shm (RAM-backed, so they count against the memory limit where a memory cgroup "
+        "applies): `10G`, `none`. Default: half the memory limit.",
     ).tag(config=True)
     max_processes = Integer(
         4096, help="Processes and threads per kernel (0: no limit), so that a fork bomb "
@@ -276,6 +280,19 @@ def write_connection_file(folder: Path, info: dict[str, Any], ip: str,
     if owner is not None:
         os.chown(path, *owner)
     return path
+
+
+def remove_folder(path: Path, log: logging.Logger) -> None:
+    """Remove a finished kernel's folder; what cannot be removed is logged, not hidden."""
+    def failed(_function: Any, where: str, error: Any) -> None:
+        log.warning("Could not remove %s of a finished kernel: %s", where, error)
+
+    if not path.exists():
+        return
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=failed)
+    else:
+        shutil.rmtree(path, onerror=failed)
 
 
 def load_sandbox(name: str) -> type[Sandbox]:

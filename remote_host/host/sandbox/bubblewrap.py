@@ -7,8 +7,8 @@ What a kernel sees of the host, all read-only unless it says otherwise:
   ``/etc/passwd`` that names only itself;
 - its Python environment: whatever folders its interpreter imports from;
 - ``/run/cloudgpu``, read-write: its connection file and its ZMQ sockets, nothing else;
-- its scratch space, read-write: a private tmpfs as its home (``/home/cloudgpu``, also
-  ``/tmp``) and one as ``/dev/shm``, each ``Sandbox.scratch_size``;
+- its scratch space, read-write: private tmpfs as its home (``/home/cloudgpu``), ``/tmp``
+  and ``/dev/shm``, each of ``Sandbox.scratch_size``;
 - ``/dev`` with ``null``, ``zero``, ``random``, ``tty`` and the like, its own GPUs'
   ``/dev/nvidiaN`` and the NVIDIA control nodes, and no other device;
 - ``/proc`` of its own PID namespace (its processes only) and the device tree of ``/sys``;
@@ -31,7 +31,6 @@ import platform
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from .base import (
     format_size,
     kernel_env,
     kill_group,
+    remove_folder,
     write_connection_file,
 )
 from .limits import Enforcer
@@ -88,7 +88,7 @@ class Plan:
         python: host folders its interpreter needs.
         extra: more host folders it may read.
         devices: device nodes it may open (its GPUs').
-        scratch_bytes: the size of its home (and /tmp) and of its /dev/shm.
+        scratch_bytes: the size of its home, its /tmp and its /dev/shm, each.
         share_network: whether it has the host's network.
         hostname: what it is told the machine is called.
         etc_dir: the host folder with its passwd and group files.
@@ -122,13 +122,8 @@ def bwrap_argv(plan: Plan, bwrap: str, info_fd: int, block_fd: int) -> list[str]
     for name in ETC:
         argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     argv += ["--ro-bind", f"{plan.etc_dir}/passwd", "/etc/passwd",
-             "--ro-bind", f"{plan.etc_dir}/group", "/etc/group"]
-    # bwrap would make the folders above a bound path 0700, which uid 1000 cannot enter.
-    for folder in _parents([*plan.python, *plan.extra, RUN]):
-        argv += ["--perms", "0755", "--dir", folder]
-    for path in [*plan.python, *plan.extra]:
-        argv += ["--ro-bind", path, path]
-    argv += ["--proc", "/proc", "--dev", "/dev"]
+             "--ro-bind", f"{plan.etc_dir}/group", "/etc/group",
+             "--proc", "/proc", "--dev", "/dev"]
     for path in SYS:
         argv += ["--ro-bind-try", path, path]
     for node in plan.devices:
@@ -137,11 +132,15 @@ def bwrap_argv(plan: Plan, bwrap: str, info_fd: int, block_fd: int) -> list[str]
         for node in NVIDIA_CONTROL:
             argv += ["--dev-bind-try", node, node]
     size = ["--size", str(plan.scratch_bytes)] if plan.scratch_bytes else []
-    argv += ["--perms", "1777", *size, "--tmpfs", HOME,
-             "--perms", "1777", "--dir", f"{HOME}/tmp", "--symlink", f"{HOME}/tmp", "/tmp",
-             "--perms", "1777", *size, "--tmpfs", "/dev/shm",
-             "--bind", plan.socket_dir, RUN, "--remount-ro", "/", "--chdir", HOME,
-             "--clearenv"]
+    for scratch in (HOME, "/tmp", "/dev/shm"):
+        argv += ["--perms", "1777", *size, "--tmpfs", scratch]
+    # Bound after the scratch mounts, so that an environment under /tmp stays visible; the
+    # folders above each are made first, as bwrap would make them 0700 (closed to uid 1000).
+    for folder in _parents([*plan.python, *plan.extra, RUN]):
+        argv += ["--perms", "0755", "--dir", folder]
+    for path in [*plan.python, *plan.extra]:
+        argv += ["--ro-bind", path, path]
+    argv += ["--bind", plan.socket_dir, RUN, "--remount-ro", "/", "--chdir", HOME, "--clearenv"]
     for key, value in sorted(plan.env.items()):
         argv += ["--setenv", key, value]
     return [*argv, "--", *plan.command]
@@ -154,7 +153,8 @@ def _parents(paths: list[str]) -> list[str]:
         parts = Path(path).parts[1:-1]
         for depth in range(1, len(parts) + 1):
             folder = "/" + "/".join(parts[:depth])
-            if not any(folder == s or folder.startswith(s + "/") for s in SYSTEM):
+            if not any(folder == s or folder.startswith(s + "/") for s in SYSTEM) and \
+                folder not in (HOME, "/tmp", "/dev", "/dev/shm"):
                 found[folder] = None
     return sorted(found, key=lambda f: (f.count("/"), f))
 
@@ -467,14 +467,5 @@ class BubblewrapSandbox(Sandbox):
     def release(self, kernel_id: str) -> None:
         """Remove the kernel's folder and cgroups, and free its uid."""
         self.enforcer.release(kernel_id)
-        folder = self.workdir / kernel_id
-        if not folder.exists():
-            pass
-        elif sys.version_info >= (3, 12):
-            shutil.rmtree(folder, onexc=self._not_removed)
-        else:
-            shutil.rmtree(folder, onerror=self._not_removed)
+        remove_folder(self.workdir / kernel_id, self.log)
         self._slots.pop(kernel_id, None)
-
-    def _not_removed(self, _function: Any, path: str, error: Any) -> None:
-        self.log.warning("Could not remove %s of a finished kernel: %s", path, error)

@@ -35,6 +35,7 @@ from .base import (
     format_size,
     kernel_env,
     kill_group,
+    remove_folder,
     write_connection_file,
 )
 
@@ -196,9 +197,13 @@ class ContainerSandbox(Sandbox):
 
     def release(self, kernel_id: str) -> None:
         """Remove the kernel's container and folder."""
-        subprocess.run([self.executable_path, "rm", "--force", f"cloudgpu-{kernel_id}"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(self.workdir / kernel_id, ignore_errors=True)
+        removed = subprocess.run([self.executable_path, "rm", "--force",
+                                  f"cloudgpu-{kernel_id}"], capture_output=True, text=True,
+                                 timeout=60)
+        if removed.returncode != 0 and "no such container" not in removed.stderr.lower():
+            self.log.warning("Could not remove container cloudgpu-%s: %s", kernel_id,
+                             removed.stderr.strip())
+        remove_folder(self.workdir / kernel_id, self.log)
 
 
 class PodmanSandbox(ContainerSandbox):
