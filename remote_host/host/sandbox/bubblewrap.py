@@ -389,9 +389,10 @@ class BubblewrapSandbox(Sandbox):
         system = [p for p in SYSTEM if os.path.isdir(p) and not os.path.islink(p)]
         python = [p for p in python_paths(interpreter, env)
                   if not any(p == s or p.startswith(s + "/") for s in system)]
-        drop = [self._setpriv, f"--reuid={INSIDE_UID}", f"--regid={INSIDE_UID}",
-                "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
-                "--"]
+        # Without root, the user namespace cannot have its groups set (bwrap's own way too).
+        groups = "--clear-groups" if os.geteuid() == 0 else "--keep-groups"
+        drop = [self._setpriv, f"--reuid={INSIDE_UID}", f"--regid={INSIDE_UID}", groups,
+                "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
         plan = Plan(command=[*drop, *argv], env=env, socket_dir=str(folder), python=python,
                     extra=top_level(self.read_only_paths),
                     devices=device_nodes(launch.devices, _nvml_minor),
@@ -445,9 +446,14 @@ class BubblewrapSandbox(Sandbox):
             (proc / "setgroups").write_text("deny")
             (proc / "uid_map").write_text(f"{INSIDE_UID} {uid} 1\n")
             (proc / "gid_map").write_text(f"{INSIDE_UID} {gid} 1\n")
-        self.enforcer.apply(launch.kernel_id, launch.limits, [process.pid, child],
-                            gpu=any(not d.simulated for d in launch.devices),
-                            own_uid=os.geteuid() == 0, slot=self._slot(launch.kernel_id))
+        try:
+            self.enforcer.apply(launch.kernel_id, launch.limits, [process.pid, child],
+                                gpu=any(not d.simulated for d in launch.devices),
+                                own_uid=os.geteuid() == 0, slot=self._slot(launch.kernel_id))
+        except OSError as e:
+            raise IsolationUnavailableError(
+                f"Could not apply kernel {launch.kernel_id}'s limits ({e}); it was not "
+                "started.") from e
         os.write(block_w, b"1")
         return child
 
