@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import resource
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,11 +275,17 @@ class Enforcer:
                 left.append(cgroup)
         self._leftovers = left
 
-    def close(self) -> None:
-        """Remove every cgroup this host made."""
+    def close(self, within: float = 5.0) -> None:
+        """Remove every cgroup this host made, waiting up to ``within`` seconds for the last
+        processes of its kernels to leave them (what stays is removed by the next host)."""
         for kernel_id in list(self._applied):
             self.release(kernel_id)
-        self.release("")
+        deadline = time.monotonic() + within
+        while self._leftovers and time.monotonic() < deadline:
+            time.sleep(0.05)  # the kernel's processes are gone; the cgroup empties behind them
+            self.release("")
+        for cgroup in self._leftovers:
+            self.log.warning("Could not remove cgroup %s: it still has processes", cgroup)
         for hierarchy in self.hierarchies:
             try:
                 hierarchy.parent.rmdir()
