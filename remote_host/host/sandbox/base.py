@@ -205,11 +205,15 @@ class Sandbox(LoggingConfigurable):
         self.workdir = Path("/nonexistent")
 
     def check(self) -> None:
-        """Make sure kernels can be started this way here.
+        """Make sure kernels can be started this way here (and the limits make sense).
 
         Raises:
             IsolationUnavailableError: saying what is missing and how to get it.
         """
+        for name in ("memory_limit", "scratch_size"):
+            value = getattr(self, name)
+            if value.strip():
+                parse_size(value, f"Sandbox.{name}")
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /api/cloudgpu/host`` says about isolation: the mode, whether kernels

@@ -273,6 +273,7 @@ class BubblewrapSandbox(Sandbox):
         Raises:
             IsolationUnavailableError: saying which and how to fix it.
         """
+        super().check()
         self._executable = shutil.which(self.bwrap) or ""
         if not self._executable:
             raise IsolationUnavailableError(

@@ -114,6 +114,7 @@ class ContainerSandbox(Sandbox):
         Raises:
             IsolationUnavailableError: saying which is missing.
         """
+        super().check()
         self.executable_path = shutil.which(self.executable or self.engine) or ""
         if not self.executable_path:
             raise IsolationUnavailableError(
