@@ -303,6 +303,7 @@ class BubblewrapSandbox(Sandbox):
                                        text=True, timeout=30).stdout.strip()
         if os.geteuid() == 0:
             self._check_uids()
+        self.enforcer.discover()
         etc = self.workdir / "etc"
         etc.mkdir(mode=0o755, exist_ok=True)
         (etc / "passwd").write_text(PASSWD)

@@ -94,11 +94,12 @@ class Enforcer:
         self.why_not: list[str] = []
         self._applied: dict[str, _Applied] = {}
         self._leftovers: list[Path] = []
-        self._discover()
 
     # -- what this machine allows ----------------------------------------------------------
 
-    def _discover(self) -> None:
+    def discover(self) -> None:
+        """Find where this host may make cgroups, and make its own there (``close`` removes
+        them); until then only per-process limits apply."""
         mounts, own = _mounts(), _own_paths()
         v2 = [m for m in mounts if m[2] == "cgroup2"]
         if v2 and "" in own:
