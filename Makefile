@@ -79,7 +79,7 @@ lint: $(STAMP)
 		>build/typed.log 2>&1 || (cat build/typed.log; exit 1)
 	cd build/typed && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p cloudgpu
 
-BENCHES := cell_overhead transfer unchanged start streaming pool_bench
+BENCHES := cell_overhead transfer unchanged start streaming pool_bench isolation
 
 ## Every benchmark (several minutes); tables print and collect in bench/last-run.md.
 bench: $(STAMP)

@@ -25,6 +25,7 @@ __all__ = [
     "HostConnectionError",
     "HostStartError",
     "InvalidRequestError",
+    "IsolationUnavailableError",
     "NoCapacityError",
     "NotebookMetadataError",
     "PoolConnectionError",
@@ -35,6 +36,7 @@ __all__ = [
     "SerializationError",
     "SessionNotFoundError",
     "TooManyAttemptsError",
+    "UnisolatedHostError",
     "UnknownHardwareError",
     "VersionSkewWarning",
     "error_body",
@@ -94,6 +96,14 @@ class HostStartError(CloudGPUError):
 class BackendUnavailableError(CloudGPUError):
     """Raised when a pool backend cannot start: it is not installed, or what it runs on (a Ray
     cluster) cannot be reached."""
+class IsolationUnavailableError(CloudGPUError):
+    """Raised when a host's kernel sandbox (``--isolation``) cannot run on this machine: its
+    tool is missing or refused, or it needs configuration (a container image)."""
+
+
+class UnisolatedHostError(CloudGPUError):
+    """Raised when a shared host or pool would run kernels without isolation and its operator
+    has not said that is intended."""
 
 
 class AuthenticationError(CloudGPUError):

@@ -22,7 +22,8 @@ def _what(s: Mapping[str, Any]) -> str:
         text = "CPU" if s.get("gpu_type") else s["hardware"]
     else:
         text = f"{s['count']}x {s['gpu_type']}"
-    return f"{text} (simulated)" if s.get("simulated") else text
+    text = f"{text} (simulated)" if s.get("simulated") else text
+    return f"{text} (not isolated)" if s.get("isolation_warning") else text
 
 
 def _ago(seconds: float | None) -> str:
@@ -42,7 +43,9 @@ def status(sessions: list[dict[str, Any]], mine: set[str | None]) -> str:
         idle = None if s.get("idle_since") is None else now - s["idle_since"]
         rows.append(["*" if s["id"] in mine else "", s["id"], _what(s), state, _ago(idle),
                      money(s["cost"]), s.get("notebook") or ""])
-    return _table(rows) + "\n(* this notebook)"
+    warnings = dict.fromkeys(s["isolation_warning"] for s in sessions
+                             if s.get("isolation_warning"))
+    return "\n".join([_table(rows), "(* this notebook)", *(f"! {w}" for w in warnings)])
 
 
 def hardware(types: Sequence[Mapping[str, Any]]) -> str:
@@ -55,6 +58,8 @@ def hardware(types: Sequence[Mapping[str, Any]]) -> str:
             avail = "-"
         else:
             avail = f"{t['free']}/{t['total']}" + (" (simulated)" if t["simulated"] else "")
+        if t.get("not_isolated"):
+            avail += " (not isolated)"
         unit = "/core" if t["type"] == "cpu" else ""
         rows.append([t["type"], f"{t['memory_gb']:g} GB" if t["memory_gb"] else "-",
                      f"{t['price_per_hour']:.2f}{unit}", avail, str(t["queued"] or "")])

@@ -2,8 +2,10 @@
 
 Every test runs against private Jupyter folders, so the per-user local pool the client
 starts (its runtime file, ledger and config) is this test session's own, never the
-developer's. The pool config makes idleness checks fast enough to test. The only fake is
-the GPU: a simulated inventory, ``CLOUDGPU_SIMULATE``, named as such in test names.
+developer's. The pool config makes idleness checks fast enough to test, and sandboxes its
+kernels as ``CLOUDGPU_TEST_ISOLATION`` says (``none`` by default, as for any one user's own
+pool). The only fake is the GPU: a simulated inventory, ``CLOUDGPU_SIMULATE``, named as such
+in test names.
 
 ``host_factory`` and ``host`` hand out real ``cloudgpu host`` processes (see servers.py),
 one set per test module, since starting them is the slow part.
@@ -16,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from servers import HostFactory, HostProcess, LabProcess
+from servers import ISOLATION, HostFactory, HostProcess, LabProcess
 
 from cloudgpu._process import read_json, stop
 
@@ -29,6 +31,7 @@ POOL_CONFIG = """\
 c.PoolApp.cull_interval = 0.5
 c.PoolApp.meter_interval = 0.5
 c.PoolApp.disconnected_timeout = 3
+c.LocalBackend.isolation = "{ISOLATION}"
 """
 
 
@@ -43,7 +46,8 @@ def private_jupyter_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
         "CLOUDGPU_SIMULATE": SIMULATE,
     }
     (base / "config").mkdir()
-    (base / "config" / "cloudgpu_pool_config.py").write_text(POOL_CONFIG)
+    (base / "config" / "cloudgpu_pool_config.py").write_text(
+        POOL_CONFIG.replace("{ISOLATION}", ISOLATION))
     saved = {k: os.environ.get(k) for k in [*env, "CLOUDGPU_POOL", "CLOUDGPU_TOKEN"]}
     os.environ.update(env)
     os.environ.pop("CLOUDGPU_POOL", None)

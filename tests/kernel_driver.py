@@ -22,6 +22,11 @@ from jupyter_client.manager import KernelManager, start_new_kernel
 #: The magic object and the client, as expressions to evaluate in the local kernel.
 MAGIC = "get_ipython().magics_manager.registry['RemoteMagics']"
 CLIENT = "__import__('cloudgpu.client', fromlist=['get_client']).get_client()"
+#: A remote kernel's process id on its host, as an expression to evaluate in it: inside a
+#: sandbox (``--isolation``) its own PID namespace numbers it differently, and the host
+#: writes the host's number down for it.
+HOST_PID = ("(lambda os: int(open(os.environ['CLOUDGPU_HOST_PID_FILE']).read()) "
+            "if 'CLOUDGPU_HOST_PID_FILE' in os.environ else os.getpid())(__import__('os'))")
 
 
 @dataclass

@@ -5,6 +5,10 @@ goes to a log that a failed start quotes, and it is stopped with grace. Hosts an
 listen on their default address, 127.0.0.1 (test_host.py checks that default). The only
 fake is the GPU: hosts get a simulated inventory (``--simulate``).
 
+Hosts sandbox their kernels as ``CLOUDGPU_TEST_ISOLATION`` says (``none`` unless it is set;
+``CLOUDGPU_TEST_ISOLATION=bubblewrap`` runs the suites with every kernel sandboxed), and the
+test session's local pool does the same (conftest.py).
+
 The fixtures that hand these out are in conftest.py.
 """
 
@@ -23,6 +27,9 @@ from typing import Any
 import httpx
 
 from cloudgpu import _process
+
+#: How test hosts and the test session's local pool sandbox kernels.
+ISOLATION = os.environ.get("CLOUDGPU_TEST_ISOLATION", "none")
 
 
 def wait_until(done: Callable[[], object], within: float = 20, what: str = "the condition",
@@ -50,6 +57,7 @@ class HostProcess:
     proc: subprocess.Popen[bytes]
     info: Path
     log: Path
+    isolation: str = ISOLATION
 
     def get_as(self, token: str | None, path: str) -> httpx.Response:
         """``GET path`` with ``token`` (None: no Authorization header at all)."""
@@ -112,7 +120,8 @@ class HostFactory:
             name: names its info file and log in the folder; one host per name.
             log_level: ``DEBUG`` to log every request.
             env: more environment variables for it.
-            args: more command-line options (``--HostIdentityProvider.bad_tokens_allowed=3``).
+            args: more command-line options (``--HostIdentityProvider.bad_tokens_allowed=3``;
+                ``--isolation=bubblewrap`` overrides ``CLOUDGPU_TEST_ISOLATION``).
         """
         return self.start_many({name: simulate}, log_level=log_level, env=env,
                                args=args)[name]
@@ -131,14 +140,16 @@ class HostFactory:
                 cmd.append(f"--simulate={simulate}")
             if log_level:
                 cmd.append(f"--log-level={log_level}")
-            cmd.extend(args)
+            given = [a.partition("=")[2] for a in args if a.startswith("--isolation=")]
+            isolation = given[-1] if given else ISOLATION
+            cmd += [*args, *([] if given else [f"--isolation={isolation}"])]
             proc = _process.start(cmd, log_path=log,
                                   env=_server_env(CLOUDGPU_HOST_TOKEN=token, **(env or {})))
-            launched[name] = (proc, token, info, log)
-        for name, (proc, token, info, log) in launched.items():
+            launched[name] = (proc, token, info, log, isolation)
+        for name, (proc, token, info, log, isolation) in launched.items():
             # Known before waiting, so that close() stops it even if another fails to start.
-            self.started[name] = HostProcess(name, "", token, proc, info, log)
-        for name, (proc, _token, info, log) in launched.items():
+            self.started[name] = HostProcess(name, "", token, proc, info, log, isolation)
+        for name, (proc, _token, info, log, _isolation) in launched.items():
             found = _process.wait_for_info(proc, info, log_path=log, what=f"Host {name}")
             self.started[name].url = str(found["url"]).rstrip("/")
         return {name: self.started[name] for name in launched}
@@ -165,16 +176,23 @@ class PoolProcess:
             (``["--backend=ray", "--ray-address=..."]``).
         env: more environment variables for it.
         args: more command-line options (``--certfile=...``).
+        allow_unisolated: accept hosts that do not isolate kernels (a static pool is shared,
+            and refuses them otherwise); by default, when one of ``hosts`` is such a host.
     """
 
     def __init__(self, workdir: Path, hosts: Iterable[HostProcess], config: Path, *,
                  name: str = "pool", db: Path | None = None,
                  backend_args: list[str] | None = None,
-                 env: Mapping[str, str] | None = None, args: Iterable[str] = ()) -> None:
+                 env: Mapping[str, str] | None = None, args: Iterable[str] = (),
+                 allow_unisolated: bool | None = None) -> None:
         self.hosts = list(hosts)
         self.backend_args = backend_args
         self.env = dict(env or {})
         self.args = list(args)
+        if allow_unisolated is None:
+            allow_unisolated = any(h.isolation == "none" for h in self.hosts)
+        if allow_unisolated:
+            self.args.append("--allow-unisolated")
         self.config = config
         self.db = db or workdir / f"{name}.sqlite"
         self.info = workdir / f"{name}.json"

@@ -311,7 +311,7 @@ def test_a_kernel_still_starting_is_listed_as_starting() -> None:
     manager._kernels["k-1"] = AsyncIOLoopKernelManager(kernel_name="cloudgpu-python")
     (model,) = manager.list_kernels()
     assert model["id"] == "k-1" and model["execution_state"] == "starting"
-    assert model["cloudgpu"] == {"gpus": [], "environment": []}
+    assert model["cloudgpu"]["gpus"] == [] and model["cloudgpu"]["environment"] == []
 
 
 def test_environment_requests_are_checked_and_unknown_ones_are_404(host: HostProcess) -> None:

@@ -33,7 +33,7 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 from jupyter_core.paths import jupyter_runtime_dir
-from kernel_driver import ok, run, shell_reply, start_kernel, stop_kernel, value
+from kernel_driver import HOST_PID, ok, run, shell_reply, start_kernel, stop_kernel, value
 from nbclient import NotebookClient
 from servers import wait_until
 
@@ -366,9 +366,7 @@ def test_cloudgpu_mistakes_are_clear_errors_that_never_reach_the_remote(
 
 @pytest.mark.timeout(120)
 def test_switch_carries_variables_to_simulated_a100_and_names_what_stays(
-        kc: BlockingKernelClient, tmp_path: Path) -> None:
-    data = tmp_path / "data.txt"
-    data.write_text("line one\nline two\n")
+        kc: BlockingKernelClient) -> None:
     ok(kc, "import numpy as np\n"
            "arr = np.arange(1_000_000, dtype=np.float64)\n"
            "class Point:\n"
@@ -377,13 +375,17 @@ def test_switch_carries_variables_to_simulated_a100_and_names_what_stays(
            "    def norm(self):\n"
            "        return (self.x ** 2 + self.y ** 2) ** 0.5\n"
            "p = Point(3, 4)\n"
-           f"handle = open({str(data)!r})\n"
+           "import os, tempfile\n"
+           "data = os.path.join(tempfile.mkdtemp(), 'data.txt')\n"
+           "with open(data, 'w') as f:\n"
+           "    f.write('line one\\nline two\\n')\n"
+           "del f\n"
+           "handle = open(data)\n"
            "handle.readline()\n"
            "import socket\n"
            "sock = socket.socket()\n"
            "squares = (n * n for n in range(10))\n"
-           "import os\n"
-           "old_pid = os.getpid()\n")
+           f"old_pid = {HOST_PID}\n")
     old_pid = value(kc, "old_pid")
     assert status(kc)["hardware"] == "CPU"
 
@@ -409,7 +411,7 @@ def test_switch_carries_variables_to_simulated_a100_and_names_what_stays(
     # numbered on from the old kernel's.
     assert ok(kc, "'numbered'").reply["execution_count"] == before + 1
     assert value(kc, "os.environ['CLOUDGPU_SIMULATED_GPUS']") == "A100-80GB"
-    assert value(kc, "os.getpid() != old_pid") is True
+    assert value(kc, f"{HOST_PID} != old_pid") is True
     assert value(kc, "(float(arr.sum()), arr.dtype.name)") == (499999500000.0, "float64")
     assert value(kc, "(p.norm(), type(p).__name__)") == (5.0, "Point")
     assert value(kc, "[n for n in ('handle', 'sock', 'squares') if n in globals()]") == []
@@ -427,7 +429,7 @@ def test_switch_carries_variables_to_simulated_a100_and_names_what_stays(
 def test_remote_death_is_an_error_in_the_cell_and_a_restart_recovers() -> None:
     km, kc = start_kernel("cloudgpu-cpu")
     try:
-        pid = value(kc, "__import__('os').getpid()")
+        pid = value(kc, HOST_PID)
         ex = run(kc, "import os\nos._exit(1)", timeout=60)
         assert ex.status == "error" and ex.reply["ename"] == "RemoteKernelDiedError"
         assert "died" in ex.tracebacks() and "Restart the kernel" in ex.tracebacks()
@@ -493,7 +495,7 @@ def test_restart_gives_a_fresh_remote_kernel_and_frees_the_old_one(
     km, kc = kernel
     ok(kc, "survivor = 1")
     before = status(kc)
-    pid = value(kc, "__import__('os').getpid()")
+    pid = value(kc, HOST_PID)
     km.restart_kernel()
     kc.wait_for_ready(timeout=60)
     ex = run(kc, "survivor", timeout=90)
@@ -507,7 +509,7 @@ def test_restart_gives_a_fresh_remote_kernel_and_frees_the_old_one(
 @pytest.mark.timeout(60)
 def test_shutdown_releases_the_remote_kernel_at_once() -> None:
     km, kc = start_kernel("cloudgpu-cpu")
-    pid = value(kc, "__import__('os').getpid()", )
+    pid = value(kc, HOST_PID)
     started = time.monotonic()
     stop_kernel(km, kc)
     assert time.monotonic() - started < 10

@@ -59,7 +59,10 @@ def test_wheel_ships_every_subpackage_and_the_catalog(tmp_path: Path) -> None:
     assert "cloudgpu = cloudgpu.cli:main" in declared
     for backend in ("local = cloudgpu.remote_host.pool.backends.local:LocalBackend",
                     "static = cloudgpu.remote_host.pool.backends.static:StaticBackend",
-                    "ray = cloudgpu.remote_host.pool.backends.ray:RayBackend"):
+                    "ray = cloudgpu.remote_host.pool.backends.ray:RayBackend",
+                    "bubblewrap = cloudgpu.remote_host.host.sandbox.bubblewrap:BubblewrapSandbox",
+                    "cloudgpu-sandbox = cloudgpu.remote_host.host.sandbox.provisioner:"
+                    "SandboxProvisioner"):
         assert backend in declared
 
 
@@ -90,6 +93,11 @@ EXPORTS = {
     "cloudgpu.remote_host.host": {
         "HOST_HANDLERS", "Agent", "AgentKernelSpecManager", "Device", "GPUKernelManager",
         "HostApp", "HostIdentityProvider", "Inventory", "HostWebsocketConnection",
+    },
+    "cloudgpu.remote_host.host.sandbox": {
+        "ENTRY_POINT_GROUP", "PROVISIONER_NAME", "BubblewrapSandbox", "DockerSandbox",
+        "KernelLaunch", "Limit", "Limits", "NoSandbox", "PodmanSandbox", "Sandbox",
+        "SandboxProvisioner", "SandboxedKernel", "load_sandbox",
     },
     "cloudgpu.remote_host.pool": {
         "POOL_HANDLERS", "Backend", "BackendEvents", "Decision", "HostsBackend", "Ledger",
@@ -152,6 +160,8 @@ def test_every_error_says_when_it_is_raised() -> None:
 @pytest.mark.parametrize(("argv", "expect"), [
     (["--help"], "commands:"),
     (["host", "--help"], "--simulate"),
+    (["host", "--help"], "--isolation"),
+    (["pool", "--help"], "--allow-unisolated"),
     (["run", "--help"], "--output"),
     (["pool", "--help"], "--backend"),
 ])

@@ -5,6 +5,7 @@
 - ``handlers``: the REST endpoints added to Jupyter's kernel API;
 - ``kernels``: the kernel manager, the one kernelspec and the low-latency websocket;
 - ``inventory``: the GPUs (NVML or simulated) and which kernel holds each;
+- ``sandbox``: how each kernel is isolated from the others (``--isolation``) and limited;
 - ``agent``: the IPython extension inside each kernel that moves variables.
 
 Names are imported lazily: the agent imports this package inside every remote kernel,

@@ -16,12 +16,16 @@ buffers carry the frames (see ``cloudgpu._transfer``):
 ``pushed`` and ``pulled`` answers also carry ``versions``: for each value whose type an
 installed package defines, that package and its version here, so that the client can name
 a value that moves between two versions of its package.
+In a sandboxed kernel (``--isolation``), a cell that runs out of memory or scratch space
+fails with a last line naming the session's limit (``CLOUDGPU_LIMITS``).
 """
 
 from __future__ import annotations
 
 import ast
+import errno
 import io
+import json
 import os
 import platform
 import sys
@@ -46,7 +50,7 @@ from cloudgpu.serialize import (
 
 from .ran_on import ran_on
 
-__all__ = ["TARGET", "Agent", "load_ipython_extension"]
+__all__ = ["TARGET", "Agent", "limit_note", "load_ipython_extension"]
 
 TARGET = "cloudgpu.agent"
 
@@ -99,7 +103,7 @@ class Agent:
         """A client connected: answer its hello with our versions."""
         comm.on_msg(lambda m: self.on_msg(comm, m))
         comm.send({"op": "hello", "versions": versions(), "cloudgpu": __version__,
-                   "hostname": platform.node(), "pid": os.getpid(),
+                   "hostname": platform.node(), "pid": _host_pid(),
                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                    "simulated_gpus": os.environ.get("CLOUDGPU_SIMULATED_GPUS", "")})
 
@@ -219,6 +223,45 @@ class Agent:
             comm.send(part, buffers=buffers)
 
 
+def _host_pid() -> int:
+    """This kernel's process id on its host (in a sandbox, the host writes it down for us:
+    inside its own PID namespace the kernel is a small number)."""
+    path = os.environ.get("CLOUDGPU_HOST_PID_FILE")
+    if path:
+        try:
+            with open(path) as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            pass  # not written (yet): the pid we know is the next best thing
+    return os.getpid()
+
+
+def limit_note(error: BaseException, limits: dict[str, str]) -> str | None:
+    """The line that says which of the session's ``limits`` a cell's ``error`` ran into."""
+    if isinstance(error, MemoryError) and "memory" in limits:
+        return (f"cloudgpu: this session's memory limit is {limits['memory']}; use less, "
+                f"or ask the host's operator for more (Sandbox.memory_limit).")
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC and "scratch" in limits:
+        return (f"cloudgpu: this session's scratch space is full: its home, /tmp and "
+                f"/dev/shm hold {limits['scratch']} each (Sandbox.scratch_size).")
+    return None
+
+
+def _explain_limits(shell: InteractiveShell, limits: dict[str, str]) -> None:
+    """Show errors from hitting a limit as usual, with a last line naming the limit."""
+    def explain(self: InteractiveShell, etype: type[BaseException], value: BaseException,
+                tb: Any, tb_offset: int | None = None) -> list[str]:
+        stb: list[str] = self.InteractiveTB.structured_traceback(etype, value, tb,
+                                                                 tb_offset=tb_offset)
+        note = limit_note(value, limits)
+        if note:
+            stb = [*stb, note]
+        self._showtraceback(etype, value, stb)  # IPython leaves showing it to the handler
+        return stb
+
+    shell.set_custom_exc((MemoryError, OSError), explain)
+
+
 def _cannot_move(value: Any) -> str | None:
     """Why ``value`` must stay behind, for what pickles but would not be the same thing there.
 
@@ -245,4 +288,7 @@ def load_ipython_extension(shell: InteractiveShell) -> None:
             stream.flush_interval = interval
     agent = Agent(shell)
     kernel.comm_manager.register_target(TARGET, agent.open)
+    limits = os.environ.get("CLOUDGPU_LIMITS")
+    if limits:
+        _explain_limits(shell, json.loads(limits))
     shell.cloudgpu_agent = agent  # type: ignore[attr-defined]

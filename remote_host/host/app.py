@@ -6,6 +6,7 @@ import os
 import secrets
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any, cast
 
 from jupyter_server.auth.identity import IdentityProvider
@@ -18,6 +19,7 @@ from traitlets.config import Config
 
 from cloudgpu import __version__
 from cloudgpu._process import write_private_json
+from cloudgpu.errors import IsolationUnavailableError, UnisolatedHostError
 from cloudgpu.hardware import Catalog
 
 from .auth import HostIdentityProvider
@@ -25,6 +27,8 @@ from .environments import Environments
 from .handlers import HOST_HANDLERS, CheckedMainKernelHandler
 from .inventory import Inventory
 from .kernels import AgentKernelSpecManager, GPUKernelManager
+from .sandbox import BubblewrapSandbox, DockerSandbox, NoSandbox, PodmanSandbox, Sandbox
+from .sandbox import load_sandbox as _load_sandbox
 from .websocket import HostWebsocketConnection
 
 __all__ = ["HostApp"]
@@ -60,6 +64,7 @@ class HostApp(ServerApp):
     )
     examples = (
         "cloudgpu host --port 8899 --token \"$(openssl rand -hex 24)\"\n"
+        "cloudgpu host --ip 10.0.0.5 --isolation bubblewrap   # shared: each kernel sandboxed\n"
         "cloudgpu host --simulate H100:2,A100-80GB:4   # no GPUs here: pretend, clearly labelled"
     )
     config_file_name = Unicode("cloudgpu_host_config", config=True)
@@ -70,6 +75,7 @@ class HostApp(ServerApp):
         "token": "IdentityProvider.token",
         "simulate": "HostApp.simulate",
         "devices": "HostApp.devices",
+        "isolation": "HostApp.isolation",
         "info-file": "HostApp.info_file",
         "parent-pid": "HostApp.parent_pid",
         "certfile": "ServerApp.certfile",
@@ -81,7 +87,8 @@ class HostApp(ServerApp):
     flags: dict[str, Any] = {}
     subcommands: dict[str, Any] = {}
     classes = [*ServerApp.classes, IdentityProvider, HostIdentityProvider, AgentKernelSpecManager,
-               GPUKernelManager, Environments]
+               GPUKernelManager, Environments, Sandbox, NoSandbox, BubblewrapSandbox,
+               PodmanSandbox, DockerSandbox]
 
     default_services = ("api", "kernels", "kernelspecs", "shutdown")  # type: ignore[assignment]
 
@@ -96,6 +103,13 @@ class HostApp(ServerApp):
         "UUIDs (`1,3`), `none` for CPU only, or `all` (every GPU NVML or --simulate lists). "
         "A host sharing its machine gets only what it was given (a Ray session's host: the "
         "GPUs Ray assigned).",
+    ).tag(config=True)
+    isolation = Unicode(
+        "",
+        help="How each kernel is sandboxed from the others and from the host (a "
+        "`cloudgpu.isolation` entry point): bubblewrap, podman, docker, or none. Default: "
+        "none on a host that listens on loopback only; a host that listens beyond it refuses "
+        "to start until this is given (none included, to run kernels unisolated on purpose).",
     ).tag(config=True)
     info_file = Unicode(
         "",
@@ -140,7 +154,11 @@ class HostApp(ServerApp):
         token = os.environ.pop("CLOUDGPU_HOST_TOKEN", "")
         if token:
             self.update_config(Config({"IdentityProvider": {"token": token}}))
-        super().initialize(argv, **kwargs)
+        try:
+            super().initialize(argv, **kwargs)
+        except (IsolationUnavailableError, UnisolatedHostError) as e:
+            self.log.critical("%s", e)
+            self.exit(1)
 
     def init_configurables(self) -> None:
         """Create the inventory and hand it to the kernel manager."""
@@ -157,11 +175,41 @@ class HostApp(ServerApp):
         # possibly deep runtime dir.
         self._socket_dir = tempfile.TemporaryDirectory(prefix="cgh-")
         km.connection_dir = self._socket_dir.name
+        km.sandbox = self._make_sandbox()
+        km.sandbox.workdir = Path(self._socket_dir.name)
+        km.sandbox.check()
+        cast(AgentKernelSpecManager, self.kernel_spec_manager).sandboxed = km.sandbox.isolated
+        self.log.info("Kernel isolation: %s", km.sandbox.describe())
         if not self.identity_provider.token:
             self.identity_provider.token = secrets.token_hex(24)
             print(f"cloudgpu host token (shown once): {self.identity_provider.token}",
                   file=sys.stderr)
         self.identity_provider.token_generated = False
+
+    def _make_sandbox(self) -> Sandbox:
+        """The sandbox ``--isolation`` names; none only on loopback or when named.
+
+        Raises:
+            UnisolatedHostError: this host listens beyond loopback and no isolation was given.
+            IsolationUnavailableError: the isolation named is not installed.
+        """
+        beyond_loopback = self._default_allow_remote()
+        if not self.isolation and beyond_loopback:
+            raise UnisolatedHostError(
+                f"This host would listen on {self.ip or 'every address'}, beyond loopback, "
+                "where other people can use it, and --isolation was not given: its kernels "
+                "would run unisolated, each able to read the others' files and variables. "
+                "Choose --isolation=bubblewrap (or podman, docker), or --isolation=none to "
+                "run them unisolated on purpose.")
+        if self.isolation == "none" and beyond_loopback:
+            self.log.warning("Kernels on this host are NOT isolated from each other "
+                             "(--isolation=none), and it listens beyond loopback.")
+        return _load_sandbox(self.isolation or "none")(parent=self)
+
+    async def cleanup_kernels(self) -> None:
+        """Shut every kernel down, then free what the sandbox holds for the host."""
+        await super().cleanup_kernels()
+        cast(GPUKernelManager, self.kernel_manager).sandbox.close()
 
     def find_server_extensions(self) -> None:
         """A host serves kernels only: no JupyterLab or other server extensions."""
@@ -185,6 +233,7 @@ class HostApp(ServerApp):
         write_private_json(self.info_file, {
             "url": self.connection_url, "port": self.port, "pid": os.getpid(),
             "simulated": cast(GPUKernelManager, self.kernel_manager).inventory.simulated,
+            "isolation": cast(GPUKernelManager, self.kernel_manager).sandbox.name,
         })
 
     def remove_server_info_file(self) -> None:

@@ -58,6 +58,7 @@ class HostInfoHandler(CloudGPUHandler):
             # Changes when the host restarts: its kernels then are not the ones before.
             "instance": _INSTANCE,
             "inventory": km.inventory.to_json(),
+            "isolation": km.sandbox.describe(),
         }))
 
 

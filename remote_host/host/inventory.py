@@ -158,12 +158,6 @@ class Inventory:
         prices = {t.name: t.price_per_hour for t in catalog}
         return sorted(self.types(), key=lambda t: prices.get(t, float("inf")))
 
-    def reassign(self, old_holder: str, new_holder: str) -> None:
-        """Hand the devices reserved under a placeholder to the kernel that now exists."""
-        for index, holder in self._holder.items():
-            if holder == old_holder:
-                self._holder[index] = new_holder
-
     def release(self, kernel_id: str) -> None:
         """Free every device ``kernel_id`` held."""
         for index in [i for i, k in self._holder.items() if k == kernel_id]:

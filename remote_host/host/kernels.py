@@ -7,21 +7,23 @@ import os
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_core.utils import ensure_async
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
-from traitlets import Float, Instance, Integer, Unicode
+from traitlets import Float, Instance, Integer, Unicode, default
 
 from cloudgpu._wire import KERNEL_DIED, KERNEL_STOPPED
-from cloudgpu.hardware import Catalog, HardwareSpec
+from cloudgpu.hardware import CPU, Catalog, HardwareSpec
 
 from .environments import Environments
 from .inventory import Device, Inventory
 from .metrics import KernelReadings, ProcessSampler, kernel_readings, read_nvml
 from .replay import ReplayLog, ReplaySession, notice_frame
+from .sandbox import PROVISIONER_NAME, Limits, NoSandbox, Sandbox
 
 __all__ = [
     "AGENT_KERNEL_NAME",
@@ -46,6 +48,8 @@ class AgentKernelSpecManager(KernelSpecManager):
         help="Seconds the remote kernel holds stdout back before sending it "
         "(ipykernel's default is 0.2; lower means output shows sooner).",
     ).tag(config=True)
+    #: True when kernels start in the host's sandbox (set by the host, from --isolation).
+    sandboxed = False
 
     def _spec(self, environment: Path | None = None) -> KernelSpec:
         python = str(environment / "bin" / "python") if environment else sys.executable
@@ -66,7 +70,8 @@ class AgentKernelSpecManager(KernelSpecManager):
             language="python",
             interrupt_mode="signal",
             resource_dir=str(Path(__file__).parent),
-            metadata={"debugger": True},
+            metadata={"debugger": True, **({"kernel_provisioner": {
+                "provisioner_name": PROVISIONER_NAME}} if self.sandboxed else {})},
         )
 
     def find_kernel_specs(self) -> dict[str, str]:
@@ -105,6 +110,7 @@ class GPUKernelManager(AsyncMappingKernelManager):
     inventory = Instance(Inventory)
     catalog = Instance(Catalog)
     environments = Instance(Environments)
+    sandbox = Instance(Sandbox, help="Where kernels run (HostApp.isolation).")
     default_kernel_name = Unicode(AGENT_KERNEL_NAME)
     replay_max_frames = Integer(
         20_000, help="Frames kept per client session for replay after a dropped connection."
@@ -126,12 +132,18 @@ class GPUKernelManager(AsyncMappingKernelManager):
         self.replay_sessions: dict[str, ReplaySession] = {}
         #: Kernels that ended, newest last: when, and how (for the pool's ledger).
         self.ended: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        #: What each kernel may use, decided as it is started (its sandbox applies it).
+        self.limits: dict[str, Limits] = {}
         self._sampler = ProcessSampler()
+
+    @default("sandbox")
+    def _default_sandbox(self) -> Sandbox:
+        return NoSandbox(parent=self)
 
     async def start_gpu_kernel(self, spec: HardwareSpec, environment: list[str] | None = None,
                                ) -> tuple[str, list[Device]]:
-        """Start a kernel holding the devices ``spec`` asks for, in the environment made for
-        ``environment`` (pip requirements) when one is asked for.
+        """Start a kernel holding the devices ``spec`` asks for, with its limits, in the
+        environment made for ``environment`` (pip requirements) when one is asked for.
 
         Raises:
             NoCapacityError: when the host cannot give that hardware now.
@@ -141,18 +153,21 @@ class GPUKernelManager(AsyncMappingKernelManager):
         if environment:
             build = await self.environments.prepare(environment).ready()
             kernel_name = ENV_KERNEL_PREFIX + build.id
-        reservation = f"pending-{os.urandom(8).hex()}"
-        devices = self.inventory.allocate(spec, reservation, self.catalog)
+        kernel_id = str(uuid.uuid4())
+        devices = self.inventory.allocate(spec, kernel_id, self.catalog)
+        cores = 0 if devices else next((c.count for c in spec.choices if c.type == CPU), 1)
+        self.limits[kernel_id] = self.sandbox.limits_for(devices, cores, self.inventory)
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d.index) for d in devices)
         if devices and devices[0].simulated:
             env["CLOUDGPU_SIMULATED_GPUS"] = ",".join(d.type for d in devices)
         try:
-            kernel_id: str = await self.start_kernel(kernel_name=kernel_name, env=env)
+            await self.start_kernel(kernel_name=kernel_name, env=env, kernel_id=kernel_id)
         except BaseException:
-            self.inventory.release(reservation)
+            self.inventory.release(kernel_id)
+            self.limits.pop(kernel_id, None)
+            self.sandbox.release(kernel_id)
             raise
-        self.inventory.reassign(reservation, kernel_id)
         return kernel_id, devices
 
     async def start_kernel(self, **kwargs: Any) -> str:  # type: ignore[override]
@@ -207,15 +222,24 @@ class GPUKernelManager(AsyncMappingKernelManager):
 
     def _death(self, kernel_id: str) -> dict[str, Any]:
         km = self._kernels.get(kernel_id)
-        process = getattr(getattr(km, "provisioner", None), "process", None)
+        provisioner = getattr(km, "provisioner", None)
+        process = getattr(provisioner, "process", None)
         code = process.poll() if process is not None else None
+        sandboxed = getattr(provisioner, "sandboxed", None)
+        limit = None
+        if code is not None and sandboxed is not None:  # the sandbox's status, as the kernel's
+            code, limit = sandboxed.exit_status(code)
         how: dict[str, Any] = {"state": "died", "ended": time.time(), "exit_code": code,
                                "signal": None}
+        if limit is not None:
+            how["limit"] = limit.name
         if code is not None and code < 0:
             how["signal"] = signal.Signals(-code).name if -code in signal.valid_signals() \
                 else str(-code)
             how["reason"] = f"killed by signal {-code} ({how['signal']})"
-            if -code == signal.SIGKILL:
+            if limit is not None:
+                how["reason"] += f": it went over {limit.text}"
+            elif -code == signal.SIGKILL:
                 how["reason"] += "; out of memory, perhaps (the kernel's own or the machine's)"
         elif code is not None:
             how["reason"] = f"it exited with code {code}"
@@ -248,6 +272,8 @@ class GPUKernelManager(AsyncMappingKernelManager):
         for key in [k for k in self.replay_sessions if k.startswith(f"{kernel_id}:")]:
             self.replay_sessions.pop(key).close()
         self.inventory.release(kernel_id)
+        self.limits.pop(kernel_id, None)
+        self.sandbox.release(kernel_id)
         identity = getattr(self.parent, "identity_provider", None)
         if identity is not None and hasattr(identity, "forget_kernel"):
             identity.forget_kernel(kernel_id)
@@ -272,8 +298,12 @@ class GPUKernelManager(AsyncMappingKernelManager):
                                      "connections": 0}
         else:
             model = super().kernel_model(kernel_id)
+        limits = self.limits.get(kernel_id)
         model["cloudgpu"] = {"gpus": [d.__dict__ for d in self.inventory.held_by(kernel_id)],
-                             "environment": self._requirements(str(model.get("name", "")))}
+                             "environment": self._requirements(str(model.get("name", ""))),
+                             "isolation": self.sandbox.name,
+                             "limits": limits.to_json() if limits and self.sandbox.isolated
+                             else None}
         return model
 
     def _requirements(self, kernel_name: str) -> list[str]:

@@ -15,7 +15,7 @@ from jupyter_core.paths import jupyter_config_path, jupyter_data_dir
 from tornado import web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
-from traitlets import Dict, Float, Integer, Unicode, default
+from traitlets import Bool, Dict, Float, Integer, Unicode, default
 from traitlets.config import Application, Config
 
 from cloudgpu import __version__
@@ -73,6 +73,9 @@ class PoolApp(Application):
         "ray-simulated": ({"RayBackend": {"simulated": True}},
                           "The Ray cluster's GPUs are simulated (declared resources, no "
                           "devices); sessions say so."),
+        "allow-unisolated": ({"PoolApp": {"allow_unisolated": True}},
+                             "Accept hosts that run kernels without isolation although several "
+                             "people share this pool."),
     }
     classes = [LocalBackend, StaticBackend, RayBackend]
 
@@ -90,6 +93,12 @@ class PoolApp(Application):
     ).tag(config=True)
     users = Dict(
         Unicode(), help="More users: {token: user name}. Each sees only their own sessions."
+    ).tag(config=True)
+    allow_unisolated = Bool(
+        False, help="A shared pool (several users, or a backend other than local) refuses "
+        "hosts whose kernels are not isolated from one another (`cloudgpu host "
+        "--isolation=none`) unless this says its operator accepts that; their sessions are "
+        "then shown as not isolated.",
     ).tag(config=True)
     backend = Unicode("local", help="Backend name (`cloudgpu.backends` entry point): local, "
                       "static, ray, ...").tag(config=True)
@@ -178,13 +187,16 @@ class PoolApp(Application):
             token = secrets.token_hex(24)
             print(f"cloudgpu pool token (shown once): {token}", file=sys.stderr)
         users = {token: getpass.getuser(), **self.users}
-        pool = Pool(self.make_backend(), Ledger(self.db), self.catalog(),
+        backend = self.make_backend()
+        pool = Pool(backend, Ledger(self.db), self.catalog(),
                     idle_timeout=self.idle_timeout, daily_limit=self.daily_limit,
                     user_limits=dict(self.user_limits), meter_interval=self.meter_interval,
                     cull_interval=self.cull_interval, log=self.log,
                     disconnected_timeout=self.disconnected_timeout,
                     heartbeat_interval=self.heartbeat_interval,
                     heartbeat_misses=self.heartbeat_misses,
+                    shared=backend.shared or len(users) > 1,
+                    allow_unisolated=self.allow_unisolated,
                     warm=self.warm_kernels if self.warm_kernels is not None else
                     ({"cpu": 1} if self.backend == "local" else {}))
         await pool.start()

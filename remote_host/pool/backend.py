@@ -88,6 +88,9 @@ class Backend(LoggingConfigurable):
     """Where a pool's kernels run."""
 
     name: ClassVar[str] = ""
+    #: True when this backend's hosts serve several people whoever the pool's users are
+    #: (a static list of machines): the pool then refuses hosts that do not isolate kernels.
+    shared: ClassVar[bool] = False
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -175,7 +178,10 @@ class HostsBackend(Backend):
         self.hosts[slot_id] = client
         if old is not None:
             await old.aclose()
-        return Slot(slot_id, total, simulated=bool(inventory["simulated"]))
+        isolation = info.get("isolation") or {}  # absent from hosts before isolation
+        return Slot(slot_id, total, simulated=bool(inventory["simulated"]),
+                    isolation=str(isolation.get("mode", "none")),
+                    isolated=bool(isolation.get("isolated")))
 
     async def launch(self, slot_id: str, choice: Choice, scoped_token: str | None,
                      environment: list[str] | None = None) -> Placement:

@@ -28,6 +28,10 @@ class Slot:
     reserved: dict[str, int] = field(default_factory=dict)
     #: True while its host does not answer: nothing is placed there.
     down: bool = False
+    #: How its host sandboxes kernels (``none``, ``bubblewrap``, ...), and whether that
+    #: keeps them from seeing one another.
+    isolation: str = "none"
+    isolated: bool = False
 
     def free(self, gpu_type: str) -> int:
         """Unused GPUs of ``gpu_type`` here (none while the host is down)."""

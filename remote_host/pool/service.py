@@ -25,6 +25,7 @@ from cloudgpu.errors import (
     CloudGPUError,
     InvalidRequestError,
     SessionNotFoundError,
+    UnisolatedHostError,
 )
 from cloudgpu.hardware import CPU, Catalog, Choice, parse_spec
 
@@ -61,6 +62,9 @@ class Pool:
         warm: pre-started kernels to keep per hardware type, ``{"cpu": 1}``.
         heartbeat_interval: how often every host is asked whether it is there, seconds.
         heartbeat_misses: missed beats in a row after which a host's sessions are lost.
+        shared: more than one person uses this pool's hosts (several users, or hosts
+            others started): a host that does not isolate kernels is refused...
+        allow_unisolated: ...unless this says its operator accepts that.
     """
 
     def __init__(self, backend: Backend, ledger: Ledger, catalog: Catalog, *,
@@ -68,7 +72,8 @@ class Pool:
                  user_limits: dict[str, float] | None = None, meter_interval: float = 1.0,
                  cull_interval: float = 30.0, disconnected_timeout: float = 0.0,
                  warm: dict[str, int] | None = None, log: logging.Logger | None = None,
-                 heartbeat_interval: float = 2.0, heartbeat_misses: int = 2) -> None:
+                 heartbeat_interval: float = 2.0, heartbeat_misses: int = 2,
+                 shared: bool = False, allow_unisolated: bool = False) -> None:
         self.backend = backend
         self.ledger = ledger
         self.catalog = catalog
@@ -79,6 +84,8 @@ class Pool:
         self.cull_interval = cull_interval
         self.disconnected_timeout = disconnected_timeout
         self.heartbeat_interval = heartbeat_interval
+        self.shared = shared
+        self.allow_unisolated = allow_unisolated
         self.health = HostWatch(heartbeat_misses)
         # Heartbeats and culling take turns: a cull between a host's restart and the beat
         # that notices it would blame its sessions' kernels instead of the lost machine.
@@ -101,8 +108,19 @@ class Pool:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bring the backend up, reconcile the ledger with it, start metering and culling."""
+        """Bring the backend up, reconcile the ledger with it, start metering and culling.
+
+        Raises:
+            UnisolatedHostError: the pool is shared and a host does not isolate its kernels.
+        """
         for slot in await self.backend.start():
+            if self.shared and not slot.isolated and not self.allow_unisolated:
+                await self.backend.close()
+                raise UnisolatedHostError(
+                    f"Host {slot.id} runs kernels without isolation ({slot.isolation}), and "
+                    f"this pool is shared: one user's code could read another's files and "
+                    f"variables there. Start the host with --isolation=bubblewrap (or "
+                    f"podman, docker), or pass --allow-unisolated to accept that.")
             self.scheduler.add_slot(slot)
         await self.reconcile()
         self._tasks = [asyncio.create_task(self._every(self.meter_interval, self.meter)),
@@ -604,12 +622,16 @@ class Pool:
             free = sum(s.free(hw.name) for s in self.scheduler.slots.values())
             simulated = any(s.simulated and s.total.get(hw.name) for s in
                             self.scheduler.slots.values())
+            unisolated = self.shared and any(not s.isolated and (s.total.get(hw.name) or
+                                                                 not hw.is_gpu)
+                                             for s in self.scheduler.slots.values())
             out.append({"type": hw.name, "aliases": list(hw.aliases), "memory_gb": hw.memory_gb,
                         "price_per_hour": hw.price_per_hour, "price_source": hw.price_source,
                         "total": total if hw.is_gpu else None,
                         "free": free if hw.is_gpu else None,
                         "queued": self.scheduler.queue_length(hw.name),
-                        "simulated": simulated, "available": bool(total) or not hw.is_gpu})
+                        "simulated": simulated, "available": bool(total) or not hw.is_gpu,
+                        "not_isolated": unisolated})
         return out
 
     def view(self, rec: SessionRecord, *, with_token: bool) -> dict[str, Any]:
@@ -627,10 +649,23 @@ class Pool:
             "idle_since": self._idle_since.get(rec.id) if rec.state == "running" else None,
             "environment": rec.environment, "progress": self._progress.get(rec.id, []),
             "error": rec.error,
+            **self._isolation(self.scheduler.slots.get(rec.host_id or "")),
         }
         if with_token and rec.state == "running":
             body["token"] = rec.token
         return body
+
+
+    def _isolation(self, slot: Slot | None) -> dict[str, Any]:
+        """How a session's kernel is isolated, and a warning where that matters: a pool
+        several people share, on a host that does not isolate kernels."""
+        if slot is None:
+            return {"isolation": None, "isolation_warning": None}
+        warning = None
+        if self.shared and not slot.isolated:
+            warning = (f"not isolated: its host runs kernels unsandboxed ({slot.isolation}), "
+                       f"where other users of this pool could read its files and variables")
+        return {"isolation": slot.isolation, "isolation_warning": warning}
 
 
 def _parse_time(text: str | None) -> float | None:

@@ -139,9 +139,13 @@ def test_inputs_and_outputs_survive_drops_during_a_64_mb_transfer(
 
 def test_an_outage_longer_than_the_replay_buffer_says_how_much_was_lost(
         host_factory: HostFactory, tmp_path: Path) -> None:
-    """A host that keeps only 5 frames per session; 40 lines are printed during an outage."""
+    """A host that keeps only 5 frames per session; 40 lines are printed during an outage.
+
+    The test and the kernel take turns through files, so the kernel shares the test's
+    filesystem: no sandbox, whatever CLOUDGPU_TEST_ISOLATION says."""
     small = host_factory.start(None, name="small-buffer",
-                               args=["--GPUKernelManager.replay_max_frames=5"])
+                               args=["--GPUKernelManager.replay_max_frames=5",
+                                     "--isolation=none"])
     proxy = TcpProxy(("127.0.0.1", port_of(small.url)))
     go_file, printed = tmp_path / "go", tmp_path / "printed"
 

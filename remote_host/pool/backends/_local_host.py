@@ -39,12 +39,14 @@ class LocalHostProcess:
         ip: the address it listens on.
         devices: the GPUs that are its own (``HostApp.devices``: ``1,3``, ``none``), or
             None for all of them.
+        isolation: how it sandboxes kernels (``cloudgpu host --isolation``).
     """
 
     def __init__(self, simulate: str | None = None, state_dir: str | Path | None = None,
                  tied: bool = True, start_timeout: float = 60.0, *, ip: str = "127.0.0.1",
-                 devices: str | None = None) -> None:
+                 devices: str | None = None, isolation: str = "none") -> None:
         self.simulate = simulate
+        self.isolation = isolation
         self.tied = tied
         self.ip = ip
         self.devices = devices
@@ -60,16 +62,19 @@ class LocalHostProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def adopt(cls, state_dir: str | Path, simulate: str | None) -> LocalHostProcess | None:
-        """The host a previous run left in ``state_dir``, if it still runs with that inventory."""
+    def adopt(cls, state_dir: str | Path, simulate: str | None,
+              isolation: str = "none") -> LocalHostProcess | None:
+        """The host a previous run left in ``state_dir``, if it still runs with that inventory
+        and isolation."""
         try:
             saved = read_json(Path(state_dir) / "host-state.json")
             pid = int(saved["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        if not running(pid) or saved.get("simulate") != simulate:
+        if not running(pid) or saved.get("simulate") != simulate or \
+                saved.get("isolation", "none") != isolation:
             return None
-        host = cls(simulate, state_dir, tied=False)
+        host = cls(simulate, state_dir, tied=False, isolation=isolation)
         host.token, host.url, host.pid = saved["token"], saved["url"], pid
         return host
 
@@ -82,7 +87,8 @@ class LocalHostProcess:
         env = dict(os.environ, CLOUDGPU_HOST_TOKEN=self.token)
         env.pop("CLOUDGPU_SIMULATE", None)
         cmd = [sys.executable, "-m", "cloudgpu", "host", f"--ip={self.ip}", "--port=0",
-               f"--info-file={self.info_path}", "--log-level=WARN"]
+               f"--info-file={self.info_path}", "--log-level=WARN",
+               f"--isolation={self.isolation}"]
         if self.simulate:
             cmd.append(f"--simulate={self.simulate}")
         if self.devices is not None:
@@ -104,7 +110,8 @@ class LocalHostProcess:
         self.url = str(info["url"]).rstrip("/")
         if not self.tied:
             write_private_json(self.state_path, {"pid": self.pid, "url": self.url,
-                                                 "token": self.token, "simulate": self.simulate})
+                                                 "token": self.token, "simulate": self.simulate,
+                                                 "isolation": self.isolation})
 
     def running(self) -> bool:
         """Whether the host process is still there."""

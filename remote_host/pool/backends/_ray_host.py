@@ -31,9 +31,11 @@ class SessionHost:
         simulated: whether the node's GPUs are simulated (declared resources, no devices):
             the host then simulates the ones Ray assigned, labelled simulated.
         ip: the address the host listens on; default the Ray node's.
+        isolation: how the host sandboxes its kernel (``cloudgpu host --isolation``).
     """
 
-    def __init__(self, gpu_type: str | None, simulated: bool, ip: str = "") -> None:
+    def __init__(self, gpu_type: str | None, simulated: bool, ip: str = "",
+                 isolation: str = "none") -> None:
         ray = importlib.import_module("ray")
         self.gpu_type = gpu_type
         context = ray.get_runtime_context()
@@ -46,7 +48,7 @@ class SessionHost:
             else None
         self.process = LocalHostProcess(
             simulate, tempfile.mkdtemp(prefix="cloudgpu-ray-host-"), tied=True,
-            ip=self.ip, devices=self.visible or "none",
+            ip=self.ip, devices=self.visible or "none", isolation=isolation,
         )
 
     def start(self) -> dict[str, Any]:

@@ -34,6 +34,11 @@ class LocalBackend(HostsBackend):
         "default $CLOUDGPU_SIMULATE. Empty: the real GPUs (NVML), or CPU only."
     ).tag(config=True)
     state_dir = Unicode(help="Where the host's state file and log live.").tag(config=True)
+    isolation = Unicode(
+        "none", help="How the local host sandboxes kernels (`cloudgpu host --isolation`): "
+        "none suits one user on their own machine; bubblewrap when several users share this "
+        "pool (which refuses none then, unless --allow-unisolated).",
+    ).tag(config=True)
 
     @default("simulate")
     def _default_simulate(self) -> str:
@@ -53,7 +58,7 @@ class LocalBackend(HostsBackend):
     async def start(self) -> list[Slot]:
         """Adopt the host a previous pool left running, or start one."""
         simulate = self.simulate or None
-        process = LocalHostProcess.adopt(self.state_dir, simulate)
+        process = LocalHostProcess.adopt(self.state_dir, simulate, self.isolation)
         if process is not None:
             try:
                 slot = await self.slot_for(process.url, process.token, SLOT)
@@ -66,7 +71,8 @@ class LocalBackend(HostsBackend):
         return [await self._start_host()]
 
     async def _start_host(self) -> Slot:
-        process = LocalHostProcess(self.simulate or None, self.state_dir, tied=False)
+        process = LocalHostProcess(self.simulate or None, self.state_dir, tied=False,
+                                   isolation=self.isolation)
         await asyncio.get_running_loop().run_in_executor(None, process.start)
         self.process = process
         return await self.slot_for(process.url, process.token, SLOT)

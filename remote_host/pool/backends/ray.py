@@ -31,6 +31,7 @@ from cloudgpu.errors import BackendUnavailableError, CloudGPUError, HostStartErr
 from cloudgpu.hardware import Choice, HardwareSpec
 from cloudgpu.host_client import HostClient
 
+from ...host.sandbox import load_sandbox
 from ..backend import GONE, Backend, Placement
 from ..scheduler import Slot
 
@@ -91,6 +92,12 @@ class RayBackend(Backend):
     host_ip = Unicode(
         "", help="The address each session's host listens on, which notebooks connect to. "
         "Default: the IP of the Ray node it runs on."
+    ).tag(config=True)
+    isolation = Unicode(
+        "none", help="How each session's host sandboxes its kernel (`cloudgpu host "
+        "--isolation`) on its Ray node: none keeps sessions apart only as Ray keeps actors "
+        "apart (processes of one OS user); bubblewrap (installed on every node) when several "
+        "people use this pool, which refuses none then, unless --allow-unisolated."
     ).tag(config=True)
     session_cpus = Float(
         1.0, help="CPUs Ray reserves for each GPU session (its host and kernel); a `cpu:N` "
@@ -206,13 +213,18 @@ class RayBackend(Backend):
             gpus = int(resources.get("GPU", 0))
             gpu_type = self._gpu_type(node_id, resources) if gpus else None
             if gpu_type is None:
-                slots.append(Slot(node_id, {}))
+                slots.append(Slot(node_id, {}, **self._isolation()))
                 continue
             free = int(available.get(node_id, {}).get("GPU", 0))
             held_by_others = max(gpus - free - ours.get(node_id, 0), 0)
             slots.append(Slot(node_id, {gpu_type: gpus}, simulated=self.simulated,
-                              reserved={gpu_type: held_by_others} if held_by_others else {}))
+                              reserved={gpu_type: held_by_others} if held_by_others else {},
+                              **self._isolation()))
         return slots
+
+    def _isolation(self) -> dict[str, Any]:
+        """What a node's session hosts will say of their isolation."""
+        return {"isolation": self.isolation, "isolated": load_sandbox(self.isolation).isolated}
 
     def _gpu_type(self, node_id: str, resources: dict[str, float]) -> str | None:
         """The catalog type of a node's GPUs, from its ``accelerator_type:`` resource."""
@@ -268,7 +280,7 @@ class RayBackend(Backend):
         options = self._actor_options(name, slot_id, choice, environment)
         gpu_type = None if choice.is_cpu else choice.type
         actor = self._actor_class.options(**options).remote(gpu_type, self.simulated,
-                                                             self.host_ip)
+                                                             self.host_ip, self.isolation)
         session = _Session(name, actor, slot_id, gpu_type, 0 if choice.is_cpu else choice.count)
         self.sessions[name] = session
         try:

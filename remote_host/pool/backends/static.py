@@ -18,6 +18,7 @@ class StaticBackend(HostsBackend):
     """Kernels on a fixed list of hosts; their inventories are read from the hosts."""
 
     name = "static"
+    shared = True
 
     hosts_urls = List(
         Unicode(),
