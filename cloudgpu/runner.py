@@ -271,6 +271,13 @@ def _client_class() -> type:
 
         def output(self, outs: Any, msg: Any, display_id: Any, cell_index: int) -> Any:
             out = super().output(outs, msg, display_id, cell_index)
+            if out is not None and out["output_type"] == "stream" and len(outs) > 1 and \
+                    outs[-1] is out and outs[-2]["output_type"] == "stream" and \
+                    outs[-2]["name"] == out["name"]:
+                # One print can arrive in several stream messages (the kernel flushes on
+                # a timer): the saved notebook holds one run of text, as a frontend shows.
+                outs[-2]["text"] += out["text"]
+                outs.pop()
             if self.stream and out is not None:
                 self.bar.clear()
                 if out["output_type"] == "stream":

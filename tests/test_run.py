@@ -140,10 +140,12 @@ def test_hardware_the_pool_lacks_fails_clearly_before_anything_runs_simulated(
 def test_a_failing_cell_exits_non_zero_showing_it_with_the_outputs_written(
         tmp_path: Path) -> None:
     path = notebook(tmp_path / "fails.ipynb",
-                    ["print('before')", "1 / 0", "print('after')"], hardware="cpu")
+                    # Two stream messages (the flush), saved as one run of text.
+                    ["import sys; sys.stdout.write('be'); sys.stdout.flush(); print('fore')",
+                     "1 / 0", "print('after')"], hardware="cpu")
     done = cloudgpu("run", str(path))
     assert done.returncode == 1
-    assert "cell 2 of" in done.stderr and "1 / 0" in done.stderr
+    assert "cell 2 of" in done.stderr and "1 / 0" in done.stderr, done.stderr
     assert "ZeroDivisionError" in done.stderr
     nb = nbformat.read(path, as_version=4)
     assert outputs(nb) == ["before\n"]
