@@ -61,6 +61,11 @@ class Execution:
         """Everything written to one stream."""
         return "".join(m.content["text"] for m in self.of("stream") if m.content["name"] == name)
 
+    def arrivals(self) -> dict[str, float]:
+        """When each stream message's text (stripped) arrived; texts that are only
+        whitespace are left out (a kernel's timed flush can send a print's newline alone)."""
+        return {text: m.at for m in self.of("stream") if (text := m.content["text"].strip())}
+
     def tracebacks(self) -> str:
         """The text of the error messages' tracebacks, and nothing else."""
         return "\n".join(self._tracebacks())

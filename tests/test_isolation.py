@@ -313,8 +313,7 @@ def test_remote_cells_stream_move_numpy_and_interrupt_inside_the_sandbox(
     ok(bob, "import numpy as np\nx = np.arange(1_000_000, dtype=np.float64)")
     ex = ok(bob, "%%remote gpu=cpu\nimport time\nprint('before', flush=True)\n"
                  "time.sleep(1)\nprint('after')\ny = x * 2\n", timeout=90)
-    # (A timed flush can send a print's newline in a message of its own.)
-    arrived = {text: m.at for m in ex.of("stream") if (text := m.content["text"].strip())}
+    arrived = ex.arrivals()
     assert arrived["after"] - arrived["before"] >= 0.9
     assert value(bob, "float(y.sum() / x.sum())") == 2.0
     pid = remote(bob, "remote['pid']", "cpu")
