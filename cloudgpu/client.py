@@ -62,14 +62,23 @@ class Client:
     Args:
         provider: where kernels come from; by default the configured or local pool,
             looked up on first use.
+        reconnect_timeout, verify_unchanged: as ``ClientConfig`` says; by default, its.
     """
 
     def __init__(self, provider: SessionProvider | None = None,
-                 reconnect_timeout: float | None = None) -> None:
+                 reconnect_timeout: float | None = None,
+                 verify_unchanged: bool | None = None) -> None:
         self._provider = provider
+        if reconnect_timeout is None or verify_unchanged is None:
+            settings = _settings()
+            if reconnect_timeout is None:
+                reconnect_timeout = settings.reconnect_timeout
+            if verify_unchanged is None:
+                verify_unchanged = settings.verify_unchanged
         #: Seconds a dropped connection is tried again before the cell fails.
-        self.reconnect_timeout = reconnect_timeout if reconnect_timeout is not None \
-            else _settings().reconnect_timeout
+        self.reconnect_timeout: float = reconnect_timeout
+        #: Fingerprint every big input before each cell, trusting no earlier check.
+        self.verify_unchanged: bool = verify_unchanged
         self._provider_lock = threading.Lock()
         #: The live (or last) session per key.
         self.sessions: dict[str, RemoteSession] = {}
@@ -169,8 +178,11 @@ class Client:
             return await provider.ended_reason(grant)
 
         try:
-            return await RemoteSession.open(grant, wait=False, forward=forward, check=ended,
-                                            reconnect_timeout=self.reconnect_timeout)
+            session = await RemoteSession.open(grant, wait=False, forward=forward,
+                                               check=ended,
+                                               reconnect_timeout=self.reconnect_timeout)
+            session.verify_unchanged = self.verify_unchanged
+            return session
         except BaseException:
             await asyncio.shield(provider.release(grant))
             raise

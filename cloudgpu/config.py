@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from jupyter_core.paths import jupyter_config_path
-from traitlets import Float, Unicode
+from traitlets import Bool, Float, Unicode
 from traitlets.config import Configurable
 from traitlets.config.loader import (
     Config,
@@ -38,6 +38,12 @@ class ClientConfig(Configurable):
         120.0, help="Seconds to keep reconnecting to a host after the connection dropped, "
         "before the running cell fails (the host replays what was missed)."
     ).tag(config=True)
+    verify_unchanged = Bool(
+        False, help="Fingerprint every big input on both sides before each cell. By default "
+        "a fingerprint is trusted until code ran that could change the value (cells, widget "
+        "callbacks); a thread of your own writing an input between cells is not seen "
+        "(env CLOUDGPU_VERIFY_UNCHANGED=1)."
+    ).tag(config=True)
     ca_file = Unicode(
         "", help="A CA certificate (PEM) to trust beside the system's, for hosts and pools "
         "with a private or self-signed certificate (env CLOUDGPU_CA_FILE)."
@@ -58,4 +64,7 @@ def load_client_config() -> ClientConfig:
     settings.pool_url = os.environ.get("CLOUDGPU_POOL", settings.pool_url)
     settings.token = os.environ.get("CLOUDGPU_TOKEN", settings.token)
     settings.ca_file = os.environ.get("CLOUDGPU_CA_FILE", settings.ca_file)
+    verify = os.environ.get("CLOUDGPU_VERIFY_UNCHANGED", "")
+    if verify:
+        settings.verify_unchanged = verify.lower() not in ("0", "false", "no", "off")
     return settings

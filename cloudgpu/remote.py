@@ -280,11 +280,16 @@ class RemoteKernel:
                 "comm_msg", {"comm_id": self.comm_id, "data": data}, buffers=buffers))
 
     async def push(self, values: dict[str, Serialized], batch: AgentBatch,
-                   on_progress: Progress | None = None) -> None:
-        """Send ``values`` to the agent as batch ``batch``; its ``pushed`` answer resolves it."""
+                   on_progress: Progress | None = None, verify: bool = False) -> None:
+        """Send ``values`` to the agent as batch ``batch``; its ``pushed`` answer resolves it.
+
+        With ``verify``, the agent fingerprints each value it is asked to keep, trusting no
+        check it made before (see ``remote_host/host/held.py``).
+        """
         total = sum(v.nbytes for v in values.values())
         sent = 0
-        for data, buffers in pack(values, extra={"op": "push", "id": batch.id}):
+        extra = {"op": "push", "id": batch.id, **({"verify": True} if verify else {})}
+        for data, buffers in pack(values, extra=extra):
             await self.agent_send(data, buffers)
             sent += sum(b.nbytes for b in buffers)
             if on_progress is not None and total >= PROGRESS_MIN_BYTES:

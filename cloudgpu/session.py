@@ -114,6 +114,9 @@ class RemoteSession:
         self.replaced_reason: str | None = None
         #: What the remote kernel holds, by name: fingerprints of big values sent or received.
         self.fingerprints: dict[str, str] = {}
+        #: Have the agent fingerprint a kept value before each cell, trusting no earlier
+        #: check (``ClientConfig.verify_unchanged``).
+        self.verify_unchanged = False
 
     @classmethod
     async def open(cls, grant: Grant, *, wait: bool = True, forward: Forward | None = None,
@@ -184,6 +187,7 @@ class RemoteSession:
         if stale:
             for name in stale:
                 self.fingerprints.pop(name, None)
+                push[name].digest = None  # from the frames: a trusted one was wrong
             outgoing.update({name: push[name] for name in stale})
             retry = await self._run_once(code, outgoing, pull, sink)
             retry.seconds += result.seconds
@@ -221,7 +225,8 @@ class RemoteSession:
         quiet = kernel.on_notice(lambda text: sink("notice", {"text": text}))
         try:
             if push:
-                await kernel.push(push, run.pushed, lambda info: sink("progress", info))
+                await kernel.push(push, run.pushed, lambda info: sink("progress", info),
+                                  verify=self.verify_unchanged)
             await kernel.send("shell", execute)
             if pull:
                 await kernel.pull(pull, run.pulled)

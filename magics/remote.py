@@ -14,6 +14,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from cloudgpu import _loop, api
 from cloudgpu._bridge import run_blocking
+from cloudgpu._changes import NotebookChanges
 from cloudgpu._core import SessionCore, resolve_spec
 from cloudgpu._format import money
 from cloudgpu._output import Renderer, publish_status
@@ -27,7 +28,7 @@ from cloudgpu.errors import (
 )
 from cloudgpu.hardware import HardwareSpec, parse_spec
 from cloudgpu.packages import type_versions, version_differences
-from cloudgpu.serialize import Serialized, dumps, loads
+from cloudgpu.serialize import FINGERPRINT_MIN, Serialized, dumps, loads
 from cloudgpu.session import CellResult, RemoteSession
 
 from . import _report
@@ -70,6 +71,10 @@ class RemoteMagics(Magics):
         #: as its agent last said; kept after the session is stopped.
         self.ran_on: dict[str, dict[str, Any]] = {}
         self._version_warned: set[tuple[str, str]] = set()  # (kernel, warning) said once
+        #: Which big inputs may have changed since they were fingerprinted.
+        self.changes = NotebookChanges()
+        if shell is not None:
+            self.changes.install(shell)
 
     @magic_arguments()
     @argument("--gpu", "-g", default="cpu",
@@ -139,6 +144,7 @@ class RemoteMagics(Magics):
         finally:
             self.last_result = core.last_result or self.last_result
         self._finish(session, result)
+        self._remember_inputs(push, result)
         self._warn_versions(session, result, list(push))
 
     @property
@@ -153,12 +159,26 @@ class RemoteMagics(Magics):
             if name not in ns:
                 raise UsageError(f"--push names `{name}`, which is not defined in this notebook.")
         values: dict[str, Serialized] = {}
+        trust = not get_client().verify_unchanged
         for name in dict.fromkeys(reads + extra):
             if name not in ns or (name in hidden and ns[name] is hidden[name]):
                 continue
             # An unpicklable input fails here, before anything runs.
             values[name] = dumps(ns[name], name)
+            if trust and values[name].nbytes >= FINGERPRINT_MIN:
+                values[name].digest = self.changes.fingerprint(name, ns[name])
         return values
+
+    def _remember_inputs(self, push: dict[str, Serialized], result: CellResult) -> None:
+        """What the cell sent is what those names hold here, until code runs."""
+        ns = self._shell.user_ns
+        for name, value in push.items():
+            if name in result.pulled or name in result.push_errors or name not in ns:
+                continue
+            if value.digest and value.nbytes >= FINGERPRINT_MIN:
+                self.changes.remember(name, ns[name], value.digest)
+            else:
+                self.changes.forget(name)
 
     def _session(self, core: SessionCore, new: bool) -> RemoteSession:
         if new or not core.adopt():
@@ -169,6 +189,10 @@ class RemoteMagics(Magics):
         ns = self._shell.user_ns
         for name, value in result.pulled.items():
             ns[name] = loads(value.codec, value.frames, name)
+            if value.digest:  # as the agent fingerprinted it on its way out
+                self.changes.remember(name, ns[name], value.digest)
+            else:
+                self.changes.forget(name)
         for name, why in result.pull_errors.items():
             print(f"cloudgpu: `{name}` stayed remote: {why}", file=sys.stderr)
         grant = session.grant

@@ -369,6 +369,67 @@ def test_an_unchanged_big_input_is_not_sent_again(kc: BlockingKernelClient) -> N
     assert value(kc, f"{MAGIC}.last_result.stale") == ["big_in"]
 
 
+@pytest.mark.timeout(180)
+def test_unchanged_inputs_are_trusted_only_while_nothing_can_have_changed_them(
+        kc: BlockingKernelClient) -> None:
+    """Neither side fingerprints an input no code touched since; any code that may have
+    touched it, here or there, makes it be checked, and a changed one is sent again."""
+    agent = "get_ipython().cloudgpu_agent.held.hashed_on_keep"
+    ok(kc, "import numpy as np\ntrusted_in = np.arange(3_000_000, dtype=np.float64)")
+    cell = "%%remote gpu=cpu\ns = float(trusted_in.sum())"
+    ok(kc, cell)
+    ok(kc, f"%%remote gpu=cpu\nk0 = {agent}")
+    trusted = value(kc, f"{MAGIC}.changes.trusted")
+    ok(kc, cell)
+    assert value(kc, f"{MAGIC}.last_result.sent['trusted_in']['bytes']") == 0
+    assert value(kc, f"{MAGIC}.changes.trusted") == trusted + 1  # no local fingerprint
+    ok(kc, f"%%remote gpu=cpu\nk1 = {agent}")
+    assert value(kc, "k1") == value(kc, "k0")  # nor a remote one at the keep
+
+    # Written remotely through another name, by a cell that never names it.
+    ok(kc, "%%remote gpu=cpu --no-pull\nalias = trusted_in")
+    ok(kc, "%%remote gpu=cpu --no-pull\nalias[0] = -1.0")
+    ok(kc, cell)
+    assert value(kc, f"{MAGIC}.last_result.stale") == ["trusted_in"]
+    assert value(kc, "s") == 3_000_000 * 2_999_999 / 2
+
+    # Written locally by a widget callback (a comm message: no cell ran).
+    ok(kc, "def _poke(comm, msg):\n"
+           "    comm.on_msg(lambda m: trusted_in.__setitem__(1, 5.0))\n"
+           "get_ipython().kernel.comm_manager.register_target('cloudgpu-test-poke', _poke)")
+    ok(kc, cell)
+    for msg_type, content in (("comm_open", {"target_name": "cloudgpu-test-poke", "data": {}}),
+                              ("comm_msg", {"data": {}})):
+        kc.shell_channel.send(kc.session.msg(msg_type, {"comm_id": "poke-1", **content}))
+    ok(kc, cell)  # handled after the comm messages, in the order they were sent
+    assert value(kc, f"{MAGIC}.last_result.sent['trusted_in']['bytes']") > 24_000_000
+    assert value(kc, "s") == 3_000_000 * 2_999_999 / 2 + 4.0
+
+    # Asked to verify: both sides fingerprint it at every cell.
+    ok(kc, f"{CLIENT}.verify_unchanged = {CLIENT}.sessions['cpu'].verify_unchanged = True")
+    try:
+        ok(kc, f"%%remote gpu=cpu\nk2 = {agent}")
+        ok(kc, cell)
+        assert value(kc, f"{MAGIC}.last_result.sent['trusted_in']['bytes']") == 0
+        ok(kc, f"%%remote gpu=cpu\nk3 = {agent}")
+        assert value(kc, "k3") == value(kc, "k2") + 1
+    finally:
+        ok(kc, f"{CLIENT}.verify_unchanged = {CLIENT}.sessions['cpu'].verify_unchanged = False")
+
+
+@pytest.mark.timeout(120)
+def test_a_read_only_array_over_bytes_is_trusted_across_local_cells(
+        kc: BlockingKernelClient) -> None:
+    ok(kc, "import numpy as np\nfrozen_in = np.frombuffer(bytes(8_000_000), dtype=np.float64)")
+    cell = "%%remote gpu=cpu\nf = float(frozen_in.sum())"
+    ok(kc, cell)
+    ok(kc, "unrelated = 1")  # local code ran: a writable array would be fingerprinted again
+    trusted = value(kc, f"{MAGIC}.changes.trusted")
+    ok(kc, cell)
+    assert value(kc, f"{MAGIC}.last_result.sent['frozen_in']['bytes']") == 0
+    assert value(kc, f"{MAGIC}.changes.trusted") == trusted + 1
+
+
 @pytest.mark.timeout(60)
 def test_remote_stdout_is_not_held_back_200_ms(kc: BlockingKernelClient) -> None:
     """ipykernel holds stdout back 200 ms by default; the host's kernels use 20 ms."""

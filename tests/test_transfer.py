@@ -6,18 +6,21 @@ import json
 import pickle
 import socket
 import threading
+import types
 
 import numpy as np
 import pytest
 from cloudgpu.magics._names import analyze
+from cloudgpu.remote_host.host.held import HeldValues
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloudgpu import _wire
+from cloudgpu._changes import NotebookChanges
 from cloudgpu._transfer import Assembler, pack
 from cloudgpu.errors import SerializationError
 from cloudgpu.remote import version_skew as _version_skew
-from cloudgpu.serialize import Serialized, dumps, loads
+from cloudgpu.serialize import HASH_CHUNK, Serialized, dumps, loads
 
 
 def test_numpy_goes_out_of_band_without_a_copy() -> None:
@@ -164,3 +167,116 @@ def test_a_v1_message_with_a_lying_offset_count_is_refused_at_once() -> None:
     backwards[16:24] = (10**6).to_bytes(8, "little")
     with pytest.raises(ValueError, match="offsets do not describe"):
         _wire.decode(bytes(backwards))
+
+
+# --- unchanged inputs: fingerprints in chunks, what each side trusts -------------------------
+
+def test_a_chunked_fingerprint_sees_a_change_anywhere_and_needs_no_thread_count() -> None:
+    data = np.random.default_rng(1).random(5 * HASH_CHUNK // 8 + 3)  # chunks and a tail
+    first = dumps(data).fingerprint
+    assert dumps(data.copy()).fingerprint == first
+    for at in (0, HASH_CHUNK // 8, data.size - 1):
+        changed = data.copy()
+        changed[at] += 1.0
+        assert dumps(changed).fingerprint != first, at
+
+
+def _arrived(value: object, name: str = "x") -> Serialized:
+    """``value`` as the agent gets it: its frames reassembled, the sender's fingerprint."""
+    sent = dumps(value, name)
+    assembler = Assembler()
+    for data, buffers in pack({name: Serialized(sent.codec, sent.frames, sent.fingerprint)},
+                              chunk=1 << 20):
+        assembler.feed(data, [bytes(b) for b in buffers])
+    return assembler.values()[name]
+
+
+def _held(ns: dict[str, object], name: str = "x") -> HeldValues:
+    held = HeldValues(ns)
+    value = _arrived(ns[name], name)
+    ns[name] = loads(value.codec, value.frames)
+    held.received(name, value)
+    return held
+
+
+def _execute(held: HeldValues, code: object = None) -> None:
+    """One execution, as IPython announces it: ``code`` runs between the two events."""
+    held.execution_starts()
+    if callable(code):
+        code()
+    held.execution_ended()
+
+
+def test_a_value_loaded_from_its_frames_takes_the_senders_fingerprint() -> None:
+    ns: dict[str, object] = {"x": np.arange(400_000, dtype=np.float64)}
+    value = _arrived(ns["x"])
+    ns["x"] = loads(value.codec, value.frames)
+    held = HeldValues(ns)
+    value.digest = "the sender's"  # only taken when the frames are the very ones that came
+    held.received("x", value)
+    assert held.digest("x") == "the sender's"
+    ns["y"] = np.arange(400_000, dtype=np.float64)  # a copy of the frames: hashed here
+    held.received("y", _arrived(ns["y"], "y"))
+    assert held.digest("y") == dumps(ns["y"]).fingerprint
+
+
+@pytest.mark.timeout(30)
+def test_the_agent_checks_held_values_after_each_execution_not_at_the_keep() -> None:
+    ns: dict[str, object] = {"x": np.arange(400_000, dtype=np.float64)}
+    held = _held(ns)
+    assert held.unchanged("x") and held.hashed_on_keep == 0  # nothing ran since it came
+    _execute(held, lambda: ns.update(m=1))
+    assert held.unchanged("x") and held.hashed_on_keep == 0  # the check after it said so
+    alias = ns["x"]
+    assert isinstance(alias, np.ndarray)
+    _execute(held, lambda: alias.__setitem__(7, -1.0))  # written through another name
+    assert not held.unchanged("x")
+    assert held.hashed_on_keep == 0
+
+
+def test_the_agents_own_messages_and_rebinding_need_no_fingerprint() -> None:
+    ns: dict[str, object] = {"x": np.arange(400_000, dtype=np.float64)}
+    held = _held(ns)
+    held.execution_starts()  # the comm package announces the agent's own message ...
+    held.not_code()  # ... which runs nothing of the user's
+    assert held.unchanged("x") and held.hashed_on_keep == 0
+    held.execution_starts()
+    ns["x"] = np.arange(400_000, dtype=np.float64)  # the same contents, another object
+    assert not held.unchanged("x")
+
+
+@pytest.mark.timeout(30)
+def test_verify_sees_a_write_made_after_the_check() -> None:
+    """What a thread of the user's writes after the check is not seen unless asked."""
+    ns: dict[str, object] = {"x": np.arange(400_000, dtype=np.float64)}
+    held = _held(ns)
+    _execute(held)
+    assert held.unchanged("x")
+    x = ns["x"]
+    assert isinstance(x, np.ndarray)
+    x[3] = 1e9  # between executions, as a thread would
+    assert held.unchanged("x")  # documented: not seen (held.py)
+    assert not held.unchanged("x", verify=True)
+    assert held.hashed_on_keep == 1
+
+
+def test_the_notebook_trusts_a_fingerprint_until_code_runs() -> None:
+    changes = NotebookChanges()
+    x = np.arange(10)
+    changes.remember("x", x, "f")
+    assert changes.fingerprint("x", x) == "f"
+    assert changes.fingerprint("x", np.arange(10)) is None  # another object
+    changes._execution_starts()
+    changes._cell_starts(types.SimpleNamespace(raw_cell="\n%%remote gpu=cpu\nx += 1"))
+    assert changes.fingerprint("x", x) == "f"  # a %%remote cell runs nothing here
+    changes._execution_starts()  # a cell, or a comm message (a widget callback)
+    assert changes.fingerprint("x", x) is None
+    frozen = np.frombuffer(bytes(80), dtype=np.float64)[1:]
+    changes.remember("frozen", frozen, "g")
+    changes._execution_starts()
+    assert changes.fingerprint("frozen", frozen) == "g"  # read-only over bytes: cannot change
+    writable_again = np.zeros(10)
+    writable_again.flags.writeable = False  # owns its memory: may be made writable again
+    changes.remember("w", writable_again, "h")
+    changes._execution_starts()
+    assert changes.fingerprint("w", writable_again) is None

@@ -6,6 +6,9 @@ buffers carry the frames (see ``cloudgpu._transfer``):
 
 - ``push``: values to bind in the user namespace; a value that fails to load is
   reported, and the next cell is rejected before it runs so it never sees stale inputs;
+  a ``keep`` in place of a value is honoured only while the value held is still the one
+  recorded (``held.py``; ``verify`` makes each be fingerprinted then), else it is
+  answered ``stale`` and the client sends it again;
 - ``pull``: names to send back, skipped when the cell just run failed;
 - ``snapshot``: every user variable that can move, for moving a session to other
   hardware; what cannot move is named with the reason;
@@ -40,7 +43,6 @@ from cloudgpu._transfer import Assembler, pack
 from cloudgpu.errors import SerializationError
 from cloudgpu.packages import type_versions
 from cloudgpu.serialize import (
-    FINGERPRINT_MIN,
     Serialized,
     describe_type,
     dumps,
@@ -48,6 +50,7 @@ from cloudgpu.serialize import (
     versions,
 )
 
+from .held import HeldValues
 from .ran_on import ran_on
 
 __all__ = ["TARGET", "Agent", "limit_note", "load_ipython_extension"]
@@ -76,9 +79,11 @@ class Agent:
     def __init__(self, shell: InteractiveShell) -> None:
         self.shell = shell
         self.push_errors: dict[str, str] = {}
-        # Fingerprints of big values as this side pickles them, taken when they arrived or
-        # left: a `keep` is honoured only if the value still pickles to the same bytes.
-        self.digests: dict[str, str] = {}
+        # Big values as this side pickles them, recorded when they arrived or left: a `keep`
+        # is honoured only if the value is still the same (see held.py).
+        self.held = HeldValues(shell.user_ns)
+        shell.events.register("pre_execute", self.held.execution_starts)
+        shell.events.register("post_execute", self.held.execution_ended)
         self._incoming: dict[str, Assembler] = {}
         # The packages the kernel itself uses (dill included, which the greeting imports),
         # so that only what the notebook imported counts as its packages.
@@ -109,6 +114,7 @@ class Agent:
 
     def on_msg(self, comm: Any, msg: dict[str, Any]) -> None:
         """Dispatch one comm message."""
+        self.held.not_code()  # the comm package counted this message as an execution
         data = msg["content"]["data"]
         op = data.get("op")
         if op == "push":
@@ -132,9 +138,10 @@ class Agent:
         errors: dict[str, str] = {}
         stale: list[str] = []
         loaded: dict[str, Any] = {}
+        verify = bool(data.get("verify"))
         for name, value in assembler.values().items():
             if value.codec == "keep":
-                if not self._unchanged(name):
+                if not self.held.unchanged(name, verify):
                     stale.append(name)
                     errors[name] = "changed here since it was sent; it is being sent again"
                 continue
@@ -143,29 +150,10 @@ class Agent:
             except SerializationError as e:
                 errors[name] = str(e)
                 continue
-            self._remember(name, value)
+            self.held.received(name, value)
         self.push_errors.update(errors)
         comm.send({"op": "pushed", "id": batch, "errors": errors, "stale": stale,
                    "versions": type_versions(loaded)})
-
-    def _unchanged(self, name: str) -> bool:
-        """Whether the value under ``name`` still pickles to what was recorded for it."""
-        known = self.digests.get(name)
-        if known is None or name not in self.shell.user_ns:
-            return False
-        try:
-            return dumps(self.shell.user_ns[name], name).fingerprint == known
-        except SerializationError:
-            return False
-
-    def _remember(self, name: str, received: Serialized) -> None:
-        if received.nbytes < FINGERPRINT_MIN:
-            self.digests.pop(name, None)
-            return
-        try:  # as this side pickles it, which can differ in bytes from the sender's pickle
-            self.digests[name] = dumps(self.shell.user_ns[name], name).fingerprint
-        except SerializationError:
-            self.digests.pop(name, None)
 
     def _on_pull(self, comm: Any, data: dict[str, Any]) -> None:
         batch = data["id"]
@@ -186,8 +174,7 @@ class Agent:
             except SerializationError:
                 errors[name] = f"{describe_type(value)} cannot be pickled; it stays remote"
                 continue
-            if values[name].nbytes >= FINGERPRINT_MIN:
-                self.digests[name] = values[name].fingerprint  # sent with it in the header
+            self.held.sent(name, values[name])  # its fingerprint goes in the header
         moved = {name: self.shell.user_ns[name] for name in values}
         for part, buffers in pack(values, extra={"op": "pulled", "id": batch}):
             if part.get("final"):
