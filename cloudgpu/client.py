@@ -5,13 +5,21 @@ sessions here and asks about them here. The client acquires a kernel from the pr
 opens the connection, reuses it from cell to cell, replaces it (saying why the old one
 ended) when it is gone, moves a session to other hardware with its variables, and
 releases what it holds, also when opening fails half way.
+
+At ``%load_ext`` it may also hold the provider's warm ``cpu`` kernel, connected, for the
+first session to take (:meth:`Client.prepare`): the first ``%%remote gpu=cpu`` cell then
+costs one round trip, not two (the websocket upgrade is done). A hold is not billed until a
+session takes it, and is given back unused after ``ClientConfig.warm_hold`` seconds or when
+the first session asked for is something else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
+import logging
 import sys
 import threading
 import time
@@ -22,7 +30,7 @@ from ._loop import get_loop, run_sync
 from ._move import MoveReport
 from .environment import same_environment
 from .errors import CloudGPUError
-from .hardware import Catalog, HardwareSpec
+from .hardware import CPU, Catalog, HardwareSpec, parse_spec
 from .provider import SessionProvider, StatusCallback
 from .remote import Forward
 from .serialize import versions
@@ -33,8 +41,14 @@ from .session import RemoteSession
 
 __all__ = ["Client", "default_provider", "get_client"]
 
+log = logging.getLogger("cloudgpu.client")
+
 WARNINGS_EVERY = 5.0
 """Seconds between asking the provider for a session's warnings (budget nearly spent)."""
+
+HOLD_MARGIN = 10.0
+"""Seconds a hold is asked for beyond the client's own while, so that the provider never ends
+a hold this client may still take or is giving back."""
 
 
 def _settings() -> ClientConfig:
@@ -62,23 +76,24 @@ class Client:
     Args:
         provider: where kernels come from; by default the configured or local pool,
             looked up on first use.
-        reconnect_timeout, verify_unchanged: as ``ClientConfig`` says; by default, its.
+        reconnect_timeout, verify_unchanged, warm_hold: as ``ClientConfig`` says; by
+            default, its.
     """
 
     def __init__(self, provider: SessionProvider | None = None,
                  reconnect_timeout: float | None = None,
-                 verify_unchanged: bool | None = None) -> None:
+                 verify_unchanged: bool | None = None,
+                 warm_hold: float | None = None) -> None:
         self._provider = provider
-        if reconnect_timeout is None or verify_unchanged is None:
-            settings = _settings()
-            if reconnect_timeout is None:
-                reconnect_timeout = settings.reconnect_timeout
-            if verify_unchanged is None:
-                verify_unchanged = settings.verify_unchanged
+        settings = _settings()
         #: Seconds a dropped connection is tried again before the cell fails.
-        self.reconnect_timeout: float = reconnect_timeout
+        self.reconnect_timeout = reconnect_timeout if reconnect_timeout is not None \
+            else settings.reconnect_timeout
         #: Fingerprint every big input before each cell, trusting no earlier check.
-        self.verify_unchanged: bool = verify_unchanged
+        self.verify_unchanged = verify_unchanged if verify_unchanged is not None \
+            else settings.verify_unchanged
+        #: Seconds :meth:`prepare` holds a warm kernel for the first session (0: none).
+        self.warm_hold = warm_hold if warm_hold is not None else settings.warm_hold
         self._provider_lock = threading.Lock()
         #: The live (or last) session per key.
         self.sessions: dict[str, RemoteSession] = {}
@@ -86,6 +101,10 @@ class Client:
         self.owned: set[RemoteSession] = set()
         self._lock = asyncio.Lock()
         self._warnings: dict[str, tuple[float, list[str]]] = {}  # per kernel: when, what
+        # The held warm session (see `prepare`), until the first session asked for decides.
+        self._hold: concurrent.futures.Future[RemoteSession | None] | None = None
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def provider(self) -> SessionProvider:
@@ -101,10 +120,13 @@ class Client:
             return self._provider
         return await asyncio.get_running_loop().run_in_executor(None, lambda: self.provider)
 
-    def prepare(self) -> None:
+    def prepare(self, hold: bool = False) -> None:
         """Find the provider now, in a background thread, so the first cell need not.
 
-        A failure here is not lost: the first cell looks again and reports it.
+        With ``hold``, also hold the provider's warm ``cpu`` kernel and open its websocket,
+        for the first session to take (claimed then, and billed from then), for at most
+        ``warm_hold`` seconds. A failure here is not lost: the first cell looks again and
+        reports it.
         """
         def find() -> None:
             versions()  # imports dill, which the first greeting would otherwise wait for
@@ -112,6 +134,93 @@ class Client:
                 self.provider  # noqa: B018
 
         threading.Thread(target=find, name="cloudgpu-prepare", daemon=True).start()
+        if hold and self.warm_hold > 0 and self._hold is None:
+            self._hold = asyncio.run_coroutine_threadsafe(self._hold_warm(self.warm_hold),
+                                                          get_loop())
+
+    @property
+    def held(self) -> RemoteSession | None:
+        """The warm session held for the first session to take, once connected; else None."""
+        hold = self._hold
+        if hold is None or not hold.done() or hold.cancelled() or hold.exception():
+            return None
+        return hold.result()
+
+    async def _hold_warm(self, seconds: float) -> RemoteSession | None:
+        """Hold the provider's warm cpu kernel and connect to it, to be given back unused
+        after ``seconds``; None when there is none to hold.
+
+        A failure only means no hold: the first session asks the provider as usual, and
+        reports what goes wrong then.
+        """
+        try:
+            provider = await self.get_provider()
+            grant = await provider.hold(parse_spec(CPU), seconds + HOLD_MARGIN)
+        except CloudGPUError as e:
+            log.info("No warm kernel held for the first cell: %s", e)
+            return None
+        if grant is None:
+            return None
+
+        async def ended() -> str | None:
+            return await provider.ended_reason(grant)
+
+        try:
+            session = await RemoteSession.open(grant, wait=False, check=ended,
+                                               reconnect_timeout=self.reconnect_timeout,
+                                               verify_unchanged=self.verify_unchanged)
+        except BaseException as e:
+            await asyncio.shield(provider.release(grant))
+            if not isinstance(e, CloudGPUError):
+                raise
+            log.info("Could not connect to the held warm kernel: %s", e)
+            return None
+        self._hold_timer = asyncio.get_running_loop().call_later(
+            seconds, lambda: self._spawn(self._drop_hold()))
+        return session
+
+    async def _take_hold(self, spec: HardwareSpec,
+                         options: Mapping[str, Any] | None) -> RemoteSession | None:
+        """The held session, claimed, when the first session asked for is one it fits
+        (``cpu``, the host's own environment); otherwise it is given back."""
+        hold, self._hold = self._hold, None  # the first session asked for decides
+        if hold is None:
+            return None
+        session = await asyncio.wrap_future(hold)
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+        if session is None:
+            return None
+        if str(spec) != CPU or (options or {}).get("environment") or not session.alive:
+            self._spawn(self._close_and_release(session))
+            return None
+        try:
+            await (await self.get_provider()).claim(session.grant, options)
+        except CloudGPUError as e:
+            # The hold ended meanwhile, or a budget is spent: asking anew says why.
+            log.info("Could not take the held warm kernel: %s", e)
+            self._spawn(self._close_and_release(session))
+            return None
+        return session
+
+    async def _drop_hold(self) -> None:
+        """Give the held session back unused (its while is over, or the client closes)."""
+        hold, self._hold = self._hold, None
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+        session = await asyncio.wrap_future(hold) if hold is not None else None
+        if session is not None:
+            await self._close_and_release(session)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("Giving back the held warm kernel failed: %s", task.exception())
 
     # --- sessions ----------------------------------------------------------------------------
 
@@ -171,6 +280,10 @@ class Client:
     async def _open(self, spec: HardwareSpec, on_status: StatusCallback | None,
                     options: Mapping[str, Any] | None, forward: Forward | None) -> RemoteSession:
         """Acquire and connect; what was acquired is released when connecting fails."""
+        held = await self._take_hold(spec, options)
+        if held is not None:
+            held.kernel.forward = forward
+            return held
         provider = await self.get_provider()
         grant = await provider.acquire(spec, on_status=on_status, options=options)
 
@@ -178,11 +291,9 @@ class Client:
             return await provider.ended_reason(grant)
 
         try:
-            session = await RemoteSession.open(grant, wait=False, forward=forward,
-                                               check=ended,
-                                               reconnect_timeout=self.reconnect_timeout)
-            session.verify_unchanged = self.verify_unchanged
-            return session
+            return await RemoteSession.open(grant, wait=False, forward=forward, check=ended,
+                                            reconnect_timeout=self.reconnect_timeout,
+                                            verify_unchanged=self.verify_unchanged)
         except BaseException:
             await asyncio.shield(provider.release(grant))
             raise
@@ -262,6 +373,7 @@ class Client:
                     stopped.append(self.sessions[key].grant.display)
                     await self._drop(key)
             if spec is None:
+                await self._drop_hold()
                 owned, self.owned = self.owned, set()
                 for session in owned:
                     stopped.append(session.grant.display)
@@ -316,6 +428,7 @@ class Client:
     async def aclose(self) -> None:
         """Release every session, then close the provider."""
         await self.shutdown()
+        await asyncio.gather(*self._background, return_exceptions=True)  # logged when done
         if self._provider is not None:
             await self._provider.aclose()
 
@@ -338,7 +451,7 @@ def get_client() -> Client:
 def _close_default() -> None:
     global _default
     client, _default = _default, None
-    if client is not None and (client.sessions or client.owned):
+    if client is not None and (client.sessions or client.owned or client._hold is not None):
         # Release the hardware now rather than when the pool notices nobody is connected.
         try:
             run_sync(client.aclose(), timeout=20)

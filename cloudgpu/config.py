@@ -6,7 +6,8 @@ Set in ``cloudgpu_config.py`` (or ``.json``) in a Jupyter config folder
     c.ClientConfig.pool_url = "https://gpus.example.com"
     c.ClientConfig.token = "..."
 
-or with the environment variables ``CLOUDGPU_POOL`` and ``CLOUDGPU_TOKEN``, which win.
+or with the environment variables ``CLOUDGPU_POOL`` and ``CLOUDGPU_TOKEN``, which win
+(``CLOUDGPU_WARM_HOLD``, ``CLOUDGPU_VERIFY_UNCHANGED`` and ``CLOUDGPU_CA_FILE`` likewise).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from traitlets.config.loader import (
     JSONFileConfigLoader,
     PyFileConfigLoader,
 )
+
+from .errors import InvalidRequestError
 
 __all__ = ["ClientConfig", "load_client_config"]
 
@@ -43,6 +46,13 @@ class ClientConfig(Configurable):
         "a fingerprint is trusted until code ran that could change the value (cells, widget "
         "callbacks); a thread of your own writing an input between cells is not seen "
         "(env CLOUDGPU_VERIFY_UNCHANGED=1)."
+    ).tag(config=True)
+    warm_hold = Float(
+        120.0, help="Seconds `%load_ext cloudgpu` holds the pool's warm cpu kernel, connected, "
+        "for the first `%%remote gpu=cpu` cell to take, so that it costs one round trip (env "
+        "CLOUDGPU_WARM_HOLD). Nothing is billed while it is held: billing starts when a cell "
+        "takes it. It is given back unused after this long, or as soon as the first session "
+        "asks for other hardware or an environment. 0: hold nothing."
     ).tag(config=True)
     ca_file = Unicode(
         "", help="A CA certificate (PEM) to trust beside the system's, for hosts and pools "
@@ -67,4 +77,11 @@ def load_client_config() -> ClientConfig:
     verify = os.environ.get("CLOUDGPU_VERIFY_UNCHANGED", "")
     if verify:
         settings.verify_unchanged = verify.lower() not in ("0", "false", "no", "off")
+    hold = os.environ.get("CLOUDGPU_WARM_HOLD", "")
+    if hold:
+        try:
+            settings.warm_hold = float(hold)
+        except ValueError:
+            raise InvalidRequestError(f"CLOUDGPU_WARM_HOLD must be seconds (120, or 0 for "
+                                      f"none), not {hold!r}.") from None
     return settings

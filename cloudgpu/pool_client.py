@@ -31,8 +31,10 @@ class PoolClient:
         self._http = async_client(self.url, token, httpx.Timeout(90.0, connect=10.0))
 
     async def request(self, method: str, path: str, json: Any = None,
-                      params: dict[str, Any] | None = None) -> Any:
+                      params: dict[str, Any] | None = None, missing_ok: bool = False) -> Any:
         """One call; a failed one raises the cloudgpu error the pool named, with its message.
+
+        With ``missing_ok``, a 404 returns None instead of raising.
 
         Raises:
             PoolConnectionError: the pool cannot be reached.
@@ -45,6 +47,8 @@ class PoolClient:
                 f"Cannot reach the cloudgpu pool at {self.url}: {e.__class__.__name__}: {e}. "
                 f"Is it running? (`cloudgpu pool --help`)"
             ) from e
+        if response.status_code == 404 and missing_ok:
+            return None
         if response.status_code >= 400:
             raise error_from_response(response)
         return response.json()
@@ -61,6 +65,20 @@ class PoolClient:
         """``POST /api/sessions``."""
         body = {"hardware": hardware, **{k: v for k, v in options.items() if v is not None}}
         return await self.request("POST", "/api/sessions", body)  # type: ignore[no-any-return]
+
+    async def hold(self, hardware: str, seconds: float,
+                   notebook: str | None) -> dict[str, Any] | None:
+        """``POST /api/holds``: a warm kernel kept, unbilled, for a first cell; None from a
+        pool older than holds."""
+        body = {"hardware": hardware, "seconds": seconds, "notebook": notebook}
+        return await self.request(  # type: ignore[no-any-return]
+            "POST", "/api/holds", body, missing_ok=True)
+
+    async def claim(self, session_id: str, **options: Any) -> dict[str, Any]:
+        """``POST /api/sessions/{id}/claim``: take a held session; billed from now."""
+        body = {k: v for k, v in options.items() if v is not None}
+        return await self.request(  # type: ignore[no-any-return]
+            "POST", f"/api/sessions/{session_id}/claim", body)
 
     async def session(self, session_id: str, wait: float = 0.0,
                       version: int = -1, check: bool = False) -> dict[str, Any]:
@@ -166,13 +184,25 @@ class PoolProvider(SessionProvider):
             error = error_from_wire(409, {"error": session.get("error"), "message": message},
                                     message)
             raise error if session.get("error") else HardwareUnavailableError(message + ".")
-        return Grant(host_url=session["host_url"], token=session["token"],
-                     kernel_id=session["kernel_id"],
-                     hardware=f"{session['gpu_type']}:{session['count']}",
-                     gpus=session["gpus"], simulated=session["simulated"],
-                     session_id=session["id"], rate_per_hour=session["rate_per_hour"] or 0.0,
-                     started=session["started"] or 0.0,
-                     environment=list(session.get("environment") or []))
+        return _grant(session)
+
+    async def hold(self, spec: HardwareSpec, seconds: float) -> Grant | None:
+        """The pool's warm kernel on ``spec``, held (``POST /api/holds``); None when none is
+        ready, or the pool is older than holds."""
+        try:
+            session = await self.pool.hold(str(spec), seconds,
+                                           os.environ.get("JPY_SESSION_NAME"))
+        except HardwareUnavailableError:
+            return None  # nothing warm: the first cell asks as usual
+        return _grant(session) if session is not None else None
+
+    async def claim(self, grant: Grant, options: Mapping[str, Any] | None = None) -> None:
+        """Take the held session (``POST /api/sessions/{id}/claim``): billed from now."""
+        opts = options or {}
+        assert grant.session_id, "a hold is always a pool's session"
+        session = await self.pool.claim(grant.session_id, max_cost=opts.get("max_cost"),
+                                        idle_timeout=opts.get("idle_timeout"))
+        grant.started = session["started"] or 0.0
 
     async def _withdraw(self, session_id: str) -> None:
         try:
@@ -231,3 +261,14 @@ class PoolProvider(SessionProvider):
     async def aclose(self) -> None:
         """Close the HTTP client (sessions are released by the client first)."""
         await self.pool.aclose()
+
+
+def _grant(session: Mapping[str, Any]) -> Grant:
+    """The grant a running session's view stands for."""
+    return Grant(host_url=session["host_url"], token=session["token"],
+                 kernel_id=session["kernel_id"],
+                 hardware=f"{session['gpu_type']}:{session['count']}",
+                 gpus=session["gpus"], simulated=session["simulated"],
+                 session_id=session["id"], rate_per_hour=session["rate_per_hour"] or 0.0,
+                 started=session["started"] or 0.0,
+                 environment=list(session.get("environment") or []))

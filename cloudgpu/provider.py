@@ -119,6 +119,21 @@ class SessionProvider(abc.ABC):
         ``source`` of the figures. A provider that cannot read them returns ``{}``."""
         return {}
 
+    async def hold(self, spec: HardwareSpec, seconds: float) -> Grant | None:
+        """A ready kernel on ``spec`` kept for a first cell that may come, unbilled until
+        :meth:`claim`, and given back by the provider after ``seconds`` unclaimed; None
+        when the provider has none ready to hold (or holds nothing, as by default)."""
+        return None
+
+    async def claim(self, grant: Grant, options: Mapping[str, Any] | None = None) -> None:
+        """A cell takes a held kernel (see :meth:`hold`): billing starts now, with the cell's
+        ``max_cost`` and ``idle_timeout`` options; ``grant.started`` is set.
+
+        Raises:
+            CloudGPUError: a subclass saying why it cannot be taken (the hold ended, a budget).
+        """
+        raise NotImplementedError(f"{type(self).__name__} holds nothing to claim.")
+
     async def stop(self, session_id: str) -> dict[str, Any]:
         """Stop one of the user's sessions by id, whoever holds it; returns it as it ended.
 

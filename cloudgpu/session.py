@@ -121,13 +121,15 @@ class RemoteSession:
     @classmethod
     async def open(cls, grant: Grant, *, wait: bool = True, forward: Forward | None = None,
                    check: Callable[[], Awaitable[str | None]] | None = None,
-                   reconnect_timeout: float = RECONNECT_TIMEOUT) -> RemoteSession:
+                   reconnect_timeout: float = RECONNECT_TIMEOUT,
+                   verify_unchanged: bool = False) -> RemoteSession:
         """Connect to the granted kernel and greet its agent with our versions.
 
         With ``wait=False`` the agent's answer is not awaited here: the first cell, sent
         right behind the greeting on the same channel, collects it, saving a round trip.
         ``forward`` receives the traffic that is not the session's own, ``check`` asks the
-        provider whether the session ended (see ``RemoteKernel``).
+        provider whether the session ended (see ``RemoteKernel``); ``verify_unchanged`` is
+        the attribute's first value.
         """
         kernel = await RemoteKernel.open(grant, forward, check=check,
                                          reconnect_timeout=reconnect_timeout)
@@ -137,7 +139,9 @@ class RemoteSession:
         except BaseException:
             await kernel.close()
             raise
-        return cls(kernel)
+        session = cls(kernel)
+        session.verify_unchanged = verify_unchanged
+        return session
 
     @property
     def grant(self) -> Grant:

@@ -19,8 +19,9 @@ def load_ipython_extension(ipython: InteractiveShell) -> None:
 
     from .remote import install_error_display
 
-    # The first %%remote cell should not wait for TLS setup or for finding the pool.
+    # The first %%remote cell should not wait for TLS setup, for finding the pool, or (with
+    # the pool's warm cpu kernel held and connected, unbilled) for the websocket upgrade.
     prewarm()
-    get_client().prepare()
+    get_client().prepare(hold=True)
     ipython.register_magics(RemoteMagics)
     install_error_display(ipython)

@@ -120,6 +120,11 @@ class PoolApp(Application):
         "a warm GPU kernel is still free to any request. Default: one cpu kernel with the "
         "local backend, none otherwise.",
     ).tag(config=True)
+    max_hold = Float(
+        300.0, help="The longest a notebook may hold a warm cpu kernel for its first cell, "
+        "seconds (`%load_ext cloudgpu` asks for one: ClientConfig.warm_hold). A hold is not "
+        "billed or listed until a cell takes it; unclaimed, it is stopped after this long."
+    ).tag(config=True)
     meter_interval = Float(1.0, help="Seconds between cost and budget checks.").tag(config=True)
     cull_interval = Float(15.0, help="Seconds between idleness checks.").tag(config=True)
     bad_tokens_allowed = Integer(
@@ -196,7 +201,7 @@ class PoolApp(Application):
                     heartbeat_interval=self.heartbeat_interval,
                     heartbeat_misses=self.heartbeat_misses,
                     shared=backend.shared or len(users) > 1,
-                    allow_unisolated=self.allow_unisolated,
+                    allow_unisolated=self.allow_unisolated, max_hold=self.max_hold,
                     warm=self.warm_kernels if self.warm_kernels is not None else
                     ({"cpu": 1} if self.backend == "local" else {}))
         await pool.start()

@@ -136,15 +136,16 @@ class HardwareHandler(PoolHandler):
 
 
 class SessionsHandler(PoolHandler):
-    """``GET /api/sessions`` (yours) and ``POST /api/sessions`` ``{"hardware": "H100"}``
-    (also ``max_cost``, ``idle_timeout``, ``notebook``, and ``environment``: a list of pip
-    requirement strings the kernel needs)."""
+    """``GET /api/sessions`` (yours, less holds no cell took) and ``POST /api/sessions``
+    ``{"hardware": "H100"}`` (also ``max_cost``, ``idle_timeout``, ``notebook``, and
+    ``environment``: a list of pip requirement strings the kernel needs)."""
 
     @api
     async def get(self) -> None:
         pool = self.pool
         show_all = self.get_query_argument("all", "0") not in ("0", "false", "")
-        records = [r for r in pool.ledger.for_user(self.user) if show_all or r.active]
+        records = [r for r in pool.ledger.for_user(self.user)
+                   if (show_all or r.active) and not r.unclaimed_hold]
         self.write_json({"sessions": [pool.view(r, with_token=False) for r in records]})
 
     @api
@@ -159,6 +160,33 @@ class SessionsHandler(PoolHandler):
             environment=check_requirements(body.get("environment")),
         )
         self.write_json(self.pool.view(rec, with_token=True), 201)
+
+
+class HoldsHandler(PoolHandler):
+    """``POST /api/holds`` ``{"hardware": "cpu", "seconds": 120, "notebook": ...}``: hold a
+    ready warm CPU kernel for a first cell (see ``Pool.hold``); 409 when none is ready."""
+
+    @api
+    async def post(self) -> None:
+        body = self.body()
+        hardware, seconds = body.get("hardware", "cpu"), _number(body, "seconds")
+        if not isinstance(hardware, str) or seconds is None:
+            raise InvalidRequestError('Give the hardware and seconds: '
+                                      '{"hardware": "cpu", "seconds": 120}.')
+        rec = await self.pool.hold(self.user, hardware, seconds, notebook=body.get("notebook"))
+        self.write_json(self.pool.view(rec, with_token=True), 201)
+
+
+class ClaimHandler(PoolHandler):
+    """``POST /api/sessions/{id}/claim`` ``{"max_cost": ..., "idle_timeout": ...}``: a cell
+    takes its held session, which is billed from now (see ``Pool.claim``)."""
+
+    @api
+    async def post(self, session_id: str) -> None:
+        body = self.body()
+        rec = await self.pool.claim(self.user, session_id, max_cost=_number(body, "max_cost"),
+                                    idle_timeout=_number(body, "idle_timeout"))
+        self.write_json(self.pool.view(rec, with_token=True))
 
 
 class SessionHandler(PoolHandler):
@@ -221,6 +249,8 @@ POOL_HANDLERS: list[tuple[str, type[PoolHandler]]] = [
     (r"/api/hardware", HardwareHandler),
     (r"/api/sessions", SessionsHandler),
     (r"/api/sessions/([0-9a-f]+)", SessionHandler),
+    (r"/api/sessions/([0-9a-f]+)/claim", ClaimHandler),
+    (r"/api/holds", HoldsHandler),
     (r"/api/cost", CostHandler),
     (r"/api/metrics", MetricsHandler),
 ]

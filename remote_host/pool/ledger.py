@@ -43,14 +43,15 @@ CREATE TABLE IF NOT EXISTS sessions (
     stop_reason TEXT,
     warnings TEXT,
     environment TEXT,
-    error TEXT
+    error TEXT,
+    hold_until REAL
 );
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user, created);
 CREATE INDEX IF NOT EXISTS sessions_state ON sessions (state);
 """
 
 #: Columns added since the first ledger, with their types: a ledger without them gets them.
-_ADDED_COLUMNS = {"environment": "TEXT", "error": "TEXT"}
+_ADDED_COLUMNS = {"environment": "TEXT", "error": "TEXT", "hold_until": "REAL"}
 
 
 @dataclass
@@ -61,6 +62,9 @@ class SessionRecord:
     hardware is granted (count x the catalog price then). ``environment`` holds the pip
     requirements the kernel runs with; ``error`` names the cloudgpu error class of a
     session that failed to start (``EnvironmentBuildError``), for clients to raise.
+    ``hold_until`` is set on a hold (``Pool.hold``): a warm kernel kept for a first cell,
+    billed from its claim (``started`` stays unset until then). It is cleared by the claim,
+    so a record that ends with it still set was never used, and never cost anything.
     """
 
     id: str
@@ -87,6 +91,7 @@ class SessionRecord:
     warnings: list[str] = field(default_factory=list)
     environment: list[str] = field(default_factory=list)
     error: str | None = None
+    hold_until: float | None = None
 
     def cost(self, now: float | None = None, since: float | None = None) -> float:
         """Dollars billed so far (or between ``since`` and now)."""
@@ -100,6 +105,11 @@ class SessionRecord:
     def active(self) -> bool:
         """Queued, starting or running."""
         return self.state in ACTIVE_STATES
+
+    @property
+    def unclaimed_hold(self) -> bool:
+        """A hold no cell took (yet): not the user's session, and never billed."""
+        return self.hold_until is not None
 
 
 _COLUMNS = [f.name for f in fields(SessionRecord)]

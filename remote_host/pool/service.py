@@ -23,6 +23,7 @@ from cloudgpu.environment import check_requirements
 from cloudgpu.errors import (
     BudgetExceededError,
     CloudGPUError,
+    HardwareUnavailableError,
     InvalidRequestError,
     SessionNotFoundError,
     UnisolatedHostError,
@@ -65,6 +66,8 @@ class Pool:
         shared: more than one person uses this pool's hosts (several users, or hosts
             others started): a host that does not isolate kernels is refused...
         allow_unisolated: ...unless this says its operator accepts that.
+        max_hold: the longest a client may hold a warm kernel for a first cell, seconds
+            (see :meth:`hold`).
     """
 
     def __init__(self, backend: Backend, ledger: Ledger, catalog: Catalog, *,
@@ -73,7 +76,8 @@ class Pool:
                  cull_interval: float = 30.0, disconnected_timeout: float = 0.0,
                  warm: dict[str, int] | None = None, log: logging.Logger | None = None,
                  heartbeat_interval: float = 2.0, heartbeat_misses: int = 2,
-                 shared: bool = False, allow_unisolated: bool = False) -> None:
+                 shared: bool = False, allow_unisolated: bool = False,
+                 max_hold: float = 300.0) -> None:
         self.backend = backend
         self.ledger = ledger
         self.catalog = catalog
@@ -86,6 +90,7 @@ class Pool:
         self.heartbeat_interval = heartbeat_interval
         self.shared = shared
         self.allow_unisolated = allow_unisolated
+        self.max_hold = max_hold
         self.health = HostWatch(heartbeat_misses)
         # Heartbeats and culling take turns: a cull between a host's restart and the beat
         # that notices it would blame its sessions' kernels instead of the lost machine.
@@ -205,22 +210,8 @@ class Pool:
         """
         spec = parse_spec(hardware, self.catalog)
         self.scheduler.check_feasible(spec)
-        limit = self.limit_for(user)
-        spent = self.spent_today(user) if limit else 0.0
-        if limit and spent >= limit:
-            raise BudgetExceededError(
-                f"Your daily budget of ${limit:.2f} is spent (${spent:.2f} "
-                f"today). New sessions start again tomorrow, or ask the pool's operator to raise "
-                f"PoolApp.daily_limit."
-            )
-        if max_cost is not None and not (math.isfinite(max_cost) and max_cost > 0):
-            raise InvalidRequestError(
-                f"max_cost must be a positive number of dollars, not {max_cost}.")
-        if idle_timeout is not None and not (math.isfinite(idle_timeout) and idle_timeout >= 0):
-            raise InvalidRequestError(
-                f"idle_timeout must be a number of seconds, 0 or more (0: never), not "
-                f"{idle_timeout}."
-            )
+        self._check_budget(user)
+        _check_limits(max_cost, idle_timeout)
         requirements = check_requirements(environment)
         rec = SessionRecord(
             id=secrets.token_hex(8), user=user, hardware=str(spec), state="queued",
@@ -236,6 +227,98 @@ class Pool:
             # It got a warm kernel: answer with the running session, saving a round trip.
             await asyncio.shield(self._launching[rec.id])
         return rec
+
+    def _check_budget(self, user: str) -> None:
+        limit = self.limit_for(user)
+        spent = self.spent_today(user) if limit else 0.0
+        if limit and spent >= limit:
+            raise BudgetExceededError(
+                f"Your daily budget of ${limit:.2f} is spent (${spent:.2f} "
+                f"today). New sessions start again tomorrow, or ask the pool's operator to raise "
+                f"PoolApp.daily_limit."
+            )
+
+    async def hold(self, user: str, hardware: str, seconds: float, *,
+                   notebook: str | None = None) -> SessionRecord:
+        """Hold a ready warm kernel for a first cell that may come (``%load_ext`` asks).
+
+        The session runs, and its client may connect, but it is not billed, listed or
+        counted until :meth:`claim`; unclaimed after ``seconds`` (at most ``max_hold``) it
+        is stopped, having cost nothing. Nothing is started or queued for a hold, and no
+        GPU is ever held: only CPU kernels the pool already keeps warm.
+
+        Raises:
+            InvalidRequestError: GPU hardware, or ``seconds`` not a positive number.
+            UnknownHardwareError: the spec is malformed or names unknown hardware.
+            HardwareUnavailableError: no warm kernel of that type is ready now.
+            BudgetExceededError: the user's daily budget is spent.
+        """
+        spec = parse_spec(hardware, self.catalog)
+        if not spec.is_cpu or len(spec.choices) != 1:
+            raise InvalidRequestError(
+                f"Only a CPU kernel can be held for a first cell, not `{spec}`: GPUs are "
+                f"granted to the cell that asks for them.")
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise InvalidRequestError(f"A hold lasts a positive number of seconds, not {seconds}.")
+        self._check_budget(user)
+        choice = spec.primary
+        slot_id = None if self.scheduler.queue_length(choice.type) else \
+            self.warm.ready_slot(choice.type)
+        warm = self.warm.take(slot_id, choice) if slot_id is not None else None
+        if slot_id is None or warm is None:
+            raise HardwareUnavailableError(f"No warm {choice.type} kernel is ready to hold.")
+        now = time.time()
+        rec = SessionRecord(
+            id=secrets.token_hex(8), user=user, hardware=str(spec), state="queued",
+            created=now, idle_timeout=self.idle_timeout, notebook=notebook,
+            hold_until=now + min(seconds, self.max_hold),
+        )
+        self.sessions[rec.id] = rec
+        self.scheduler.allocate(slot_id, choice.type, choice.count)
+        self._starting(rec, slot_id, choice)
+        await self._launch(rec, slot_id, choice, warm)  # warm: nothing to ask the host
+        self.warm.refill()
+        return rec
+
+    async def claim(self, user: str, session_id: str, *, max_cost: float | None = None,
+                    idle_timeout: float | None = None) -> SessionRecord:
+        """A cell takes its held session: billing starts now, with the cell's limits.
+
+        Claiming a session that is no hold (or no longer) changes nothing.
+
+        Raises:
+            SessionNotFoundError: no such session of this user, or the hold ended.
+            InvalidRequestError: a budget or timeout is malformed.
+            BudgetExceededError: the user's daily budget is spent (the hold is stopped).
+        """
+        rec = self.get(user, session_id)
+        if rec.hold_until is None:
+            return rec
+        if rec.state != "running":
+            raise SessionNotFoundError(
+                f"The held session `{session_id}` ended before a cell took it: "
+                f"{rec.stop_reason}.")
+        _check_limits(max_cost, idle_timeout)
+        try:
+            self._check_budget(user)
+        except BudgetExceededError:
+            await self.stop(rec.id, "your daily budget is spent")
+            raise
+        rec.hold_until = None
+        rec.started = rec.last_seen = time.time()
+        rec.max_cost = max_cost
+        if idle_timeout is not None:
+            rec.idle_timeout = idle_timeout
+        self.ledger.save(rec)
+        self._arm_budget(rec)
+        self._notify(rec.id)
+        return rec
+
+    async def _end_holds(self, now: float) -> None:
+        """Stop the holds no cell claimed in time (they cost nothing)."""
+        for rec in [r for r in self.sessions.values() if r.hold_until is not None
+                    and r.state == "running" and now >= r.hold_until]:
+            await self.stop(rec.id, "held for a first cell that did not come")
 
     def _dispatch(self) -> set[str]:
         """Start what the scheduler grants; returns the sessions that got a warm kernel."""
@@ -323,7 +406,9 @@ class Pool:
         rec.host_url, rec.kernel_id = placement.host_url, placement.kernel_id
         rec.gpus, rec.simulated = placement.gpus, placement.simulated
         rec.state = "running"
-        rec.started = rec.last_seen = time.time()
+        rec.last_seen = time.time()
+        if rec.hold_until is None:  # a hold is billed from its claim
+            rec.started = rec.last_seen
         self.ledger.save(rec)
         self._arm_budget(rec)
         self._notify(rec.id)
@@ -463,6 +548,7 @@ class Pool:
         all of a user's sessions, are checked here every ``meter_interval``.
         """
         now = time.time()
+        await self._end_holds(now)
         running = [r for r in self.sessions.values() if r.state == "running"]
         alive = [r for r in running if self.health.healthy(r.host_id or "")]
         self.ledger.touch([r.id for r in alive], now)
@@ -514,7 +600,7 @@ class Pool:
         """Today's spending of one user: total, by notebook, by session."""
         now = now or time.time()
         midnight = start_of_day(now)
-        records = self.ledger.for_user(user, midnight)
+        records = [r for r in self.ledger.for_user(user, midnight) if not r.unclaimed_hold]
         by_notebook: dict[str, float] = {}
         for r in records:
             key = r.notebook or "(unnamed)"
@@ -648,7 +734,7 @@ class Pool:
             "version": self.version(rec.id),
             "idle_since": self._idle_since.get(rec.id) if rec.state == "running" else None,
             "environment": rec.environment, "progress": self._progress.get(rec.id, []),
-            "error": rec.error,
+            "error": rec.error, "hold_until": rec.hold_until,
             **self._isolation(self.scheduler.slots.get(rec.host_id or "")),
         }
         if with_token and rec.state == "running":
@@ -666,6 +752,17 @@ class Pool:
             warning = (f"not isolated: its host runs kernels unsandboxed ({slot.isolation}), "
                        f"where other users of this pool could read its files and variables")
         return {"isolation": slot.isolation, "isolation_warning": warning}
+
+
+def _check_limits(max_cost: float | None, idle_timeout: float | None) -> None:
+    if max_cost is not None and not (math.isfinite(max_cost) and max_cost > 0):
+        raise InvalidRequestError(
+            f"max_cost must be a positive number of dollars, not {max_cost}.")
+    if idle_timeout is not None and not (math.isfinite(idle_timeout) and idle_timeout >= 0):
+        raise InvalidRequestError(
+            f"idle_timeout must be a number of seconds, 0 or more (0: never), not "
+            f"{idle_timeout}."
+        )
 
 
 def _parse_time(text: str | None) -> float | None:

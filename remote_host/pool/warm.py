@@ -52,6 +52,14 @@ class WarmKernels:
         ready = self.ready.get((slot_id, choice.type))
         return ready.pop(0) if ready else None
 
+    def ready_slot(self, gpu_type: str) -> str | None:
+        """A slot (whose host is up) with a ready warm kernel of ``gpu_type``, if any."""
+        for (slot_id, kind), ready in self.ready.items():
+            slot = self.scheduler.slots.get(slot_id)
+            if kind == gpu_type and ready and slot is not None and not slot.down:
+                return slot_id
+        return None
+
     def forget_slot(self, slot_id: str) -> None:
         """Drop the warm kernels of a slot whose host was lost (they died with it)."""
         for key in [k for k in self.ready if k[0] == slot_id]:
