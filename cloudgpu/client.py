@@ -70,6 +70,8 @@ class Client:
         #: Seconds a dropped connection is tried again before the cell fails.
         self.reconnect_timeout = reconnect_timeout if reconnect_timeout is not None \
             else _settings().reconnect_timeout
+        #: Whether big values may take a connection of their own (``ClientConfig.side_channel``).
+        self.side_channel = _settings().side_channel
         self._provider_lock = threading.Lock()
         #: The live (or last) session per key.
         self.sessions: dict[str, RemoteSession] = {}
@@ -170,7 +172,8 @@ class Client:
 
         try:
             return await RemoteSession.open(grant, wait=False, forward=forward, check=ended,
-                                            reconnect_timeout=self.reconnect_timeout)
+                                            reconnect_timeout=self.reconnect_timeout,
+                                            side_channel=self.side_channel)
         except BaseException:
             await asyncio.shield(provider.release(grant))
             raise

@@ -6,7 +6,8 @@ Set in ``cloudgpu_config.py`` (or ``.json``) in a Jupyter config folder
     c.ClientConfig.pool_url = "https://gpus.example.com"
     c.ClientConfig.token = "..."
 
-or with the environment variables ``CLOUDGPU_POOL`` and ``CLOUDGPU_TOKEN``, which win.
+or with the environment variables ``CLOUDGPU_POOL``, ``CLOUDGPU_TOKEN`` and
+``CLOUDGPU_SIDE_CHANNEL`` (``0`` turns the side channel off), which win.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 
 from jupyter_core.paths import jupyter_config_path
-from traitlets import Float, Unicode
+from traitlets import Bool, Float, Unicode
 from traitlets.config import Configurable
 from traitlets.config.loader import (
     Config,
@@ -38,6 +39,13 @@ class ClientConfig(Configurable):
         120.0, help="Seconds to keep reconnecting to a host after the connection dropped, "
         "before the running cell fails (the host replays what was missed)."
     ).tag(config=True)
+    side_channel = Bool(
+        True, help="Move big values (frames of 1 MiB and more) on a connection of their own "
+        "to the remote kernel's agent, authenticated like the kernel websocket, instead of "
+        "through it: no websocket masking, no relay through the host's Python. Falls back "
+        "to the websocket by itself when the host refuses it or does not have it. "
+        "Env CLOUDGPU_SIDE_CHANNEL=0 turns it off."
+    ).tag(config=True)
     ca_file = Unicode(
         "", help="A CA certificate (PEM) to trust beside the system's, for hosts and pools "
         "with a private or self-signed certificate (env CLOUDGPU_CA_FILE)."
@@ -58,4 +66,7 @@ def load_client_config() -> ClientConfig:
     settings.pool_url = os.environ.get("CLOUDGPU_POOL", settings.pool_url)
     settings.token = os.environ.get("CLOUDGPU_TOKEN", settings.token)
     settings.ca_file = os.environ.get("CLOUDGPU_CA_FILE", settings.ca_file)
+    if "CLOUDGPU_SIDE_CHANNEL" in os.environ:
+        settings.side_channel = os.environ["CLOUDGPU_SIDE_CHANNEL"].strip().lower() not in (
+            "0", "false", "no", "off", "")
     return settings
