@@ -78,6 +78,7 @@ class AgentBatch:
         self.done: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._on_progress = on_progress
         self._side: asyncio.Task[list[bytearray]] | None = None
+        self._side_channel: SideChannel | None = None
         self._ask_again: Callable[[], Awaitable[None]] | None = None
         self._asking: asyncio.Task[None] | None = None
 
@@ -89,6 +90,7 @@ class AgentBatch:
                 self._on_progress({"direction": "pull", "done": done, "total": total})
 
         self._ask_again = ask_again
+        self._side_channel = side
         self._side = asyncio.ensure_future(side.receive(self.id, report))
         self._side.add_done_callback(_retrieve)
 
@@ -104,6 +106,8 @@ class AgentBatch:
         if not self.assembler.done:
             return
         side = self._side
+        if data.get("side_failed") and self._side_channel is not None:
+            self._side_channel.close()  # the agent could not send: stop waiting for it
         if side is not None and self.assembler.side():
             side.add_done_callback(lambda _: self._side_arrived(side, data))
         else:
@@ -347,18 +351,21 @@ class RemoteKernel:
 
         extra: dict[str, Any] = {"op": "push", "id": batch.id}
         picked = pick(values)
-        side = await self.side_channel() if picked else None
-        if side is None:
-            picked = []
-        else:
-            frames = list(values.values())
+        frames = list(values.values())
+        for _ in range(2 if picked else 0):  # a side channel that broke is opened once more
+            side = await self.side_channel()
+            if side is None:
+                break
             try:
                 await side.send(batch.id, [frames[vi].frames[fi] for vi, fi in picked], report)
-                extra["side"] = side.id
-                sent = sum(frames[vi].frames[fi].nbytes for vi, fi in picked)
             except SideError as e:
-                log.warning("Kernel %s: values go by the websocket: %s", self.kernel_id, e)
-                picked = []
+                log.warning("Kernel %s: %s", self.kernel_id, e)
+                continue
+            extra["side"] = side.id
+            sent = sum(frames[vi].frames[fi].nbytes for vi, fi in picked)
+            break
+        if "side" not in extra:
+            picked = []  # the websocket carries them
         for data, buffers in pack(values, extra=extra, side=picked):
             await self.agent_send(data, buffers)
             sent += sum(b.nbytes for b in buffers)
@@ -368,14 +375,20 @@ class RemoteKernel:
         """Ask the agent for ``names``; they arrive in ``batch``'s assembler (big frames by
         the side channel, when there is one)."""
         request = {"op": "pull", "id": batch.id, "names": names, "only_if_ok": only_if_ok}
-        side = await self.side_channel()
-        if side is not None:
-            # Asked again without it, the values come whole in comm messages; the cell has
-            # run (the agent sent values), so it is not asked whether it succeeded.
-            batch.expect_side(side, lambda: self.agent_send({**request, "only_if_ok": False}))
+
+        async def ask(request: dict[str, Any], tries: int) -> None:
+            side = await self.side_channel() if tries else None
+            if side is None:
+                await self.agent_send(request)
+                return
+            # Asked again (once more by a new side channel, then by the websocket), the
+            # values come whole; the cell has run (the agent sent them), so it is not
+            # asked again whether it succeeded.
+            again = {**request, "only_if_ok": False}
+            batch.expect_side(side, lambda: ask(again, tries - 1))
             await self.agent_send({**request, "side": side.id})
-            return
-        await self.agent_send(request)
+
+        await ask(request, 2)
 
     async def side_channel(self) -> SideChannel | None:
         """The side channel to the agent, opened if need be; None where big frames take

@@ -17,8 +17,8 @@ buffers carry the frames (see ``cloudgpu._transfer``):
 Big frames may come and go by the side channel instead of the comm (``cloudgpu._side``,
 ``agent_side.py``): a ``push`` or ``pull`` naming a channel (``side``) moves the frames
 its headers list under ``side`` there. If that channel broke, a push's values are
-answered ``stale`` (the client sends them again as comm messages), and a pull's frames
-go as comm messages.
+answered ``stale`` (the client sends them again), and a pull's answer says
+``side_failed`` (the client asks again).
 
 ``pushed`` and ``pulled`` answers also carry ``versions``: for each value whose type an
 installed package defines, that package and its version here, so that the client can name
@@ -186,9 +186,10 @@ class Agent:
     def _on_pull(self, comm: Any, data: dict[str, Any]) -> None:
         batch = data["id"]
         if data.get("only_if_ok", True) and not self.shell.last_execution_succeeded:
-            self._send_side({}, data.get("side"), batch)  # the client waits for one message
+            _, failed = self._send_side({}, data.get("side"), batch)  # the client waits for it
             comm.send({"op": "pulled", "id": batch, "skipped": "the cell failed",
-                       "vars": [], "pieces": [], "final": True})
+                       "vars": [], "pieces": [], "final": True,
+                       **({"side_failed": failed} if failed else {})})
             return
         values: dict[str, Serialized] = {}
         errors: dict[str, str] = {}
@@ -206,8 +207,9 @@ class Agent:
             if values[name].nbytes >= FINGERPRINT_MIN:
                 self.digests[name] = values[name].fingerprint  # sent with it in the header
         moved = {name: self.shell.user_ns[name] for name in values}
-        side = self._send_side(values, data.get("side"), batch)
-        for part, buffers in pack(values, extra={"op": "pulled", "id": batch}, side=side):
+        side, failed = self._send_side(values, data.get("side"), batch)
+        extra = {"op": "pulled", "id": batch, **({"side_failed": failed} if failed else {})}
+        for part, buffers in pack(values, extra=extra, side=side):
             if part.get("final"):
                 part.update(errors=errors, missing=missing, versions=type_versions(moved))
             comm.send(part, buffers=buffers)
@@ -229,20 +231,24 @@ class Agent:
         return []
 
     def _send_side(self, values: dict[str, Serialized], channel: str | None,
-                   batch: str) -> list[tuple[int, int]]:
+                   batch: str) -> tuple[list[tuple[int, int]], str | None]:
         """Send the big frames of ``values`` by side channel ``channel`` when the client
-        asked for it; the frames that went (none when the channel broke)."""
+        asked for it: (the frames meant to go, why they did not).
+
+        When the channel broke, the answer still names them (with ``side_failed``): the
+        client asks again, by a new side channel if it can, rather than have them all
+        sent at once into a websocket that may be reconnecting too.
+        """
         if channel is None or self.side is None:
-            return []
+            return [], None
         picked = pick(values)
         frames = list(values.values())
         try:
             self.side.send(channel, batch, [frames[vi].frames[fi] for vi, fi in picked])
         except OSError as e:
-            self.shell.log.warning("cloudgpu: pulled values go as comm messages, the side "
-                                   "channel broke: %s", e)
-            return []
-        return picked
+            self.shell.log.warning("cloudgpu: the side channel broke sending %s: %s", batch, e)
+            return picked, str(e)
+        return picked, None
 
     def _on_snapshot(self, comm: Any, data: dict[str, Any]) -> None:
         """Send every user variable that can be pickled; name the others and say why.
