@@ -7,11 +7,15 @@ A batch of named values is sent as one or more comm messages. The first carries 
 headers (name, codec, frame sizes); each message carries at most ``CHUNK`` bytes of
 frame data as binary buffers. Small frames pass through as zero-copy views; a frame
 split across messages is reassembled into one preallocated buffer.
+
+Frames named in ``side`` (see ``cloudgpu._side``) are left out of the messages: each
+value's header lists them under ``side``, and the receiver fills them in with
+:meth:`Assembler.fill_side`, in order, from what came by the side channel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 from .serialize import Serialized
@@ -20,19 +24,26 @@ CHUNK = 4 * 2**20
 
 
 def pack(values: dict[str, Serialized], chunk: int = CHUNK,
-         extra: dict[str, Any] | None = None) -> Iterator[tuple[dict[str, Any], list[memoryview]]]:
+         extra: dict[str, Any] | None = None, side: Collection[tuple[int, int]] = (),
+         ) -> Iterator[tuple[dict[str, Any], list[memoryview]]]:
     """Split ``values`` into ``(data, buffers)`` comm messages of at most ``chunk`` bytes each.
 
     The first message's data holds ``vars``, every message ``pieces``, the last ``final: True``.
+    The frames in ``side`` ((value index, frame index) pairs) are named, not sent.
     """
+    skip = set(side)
     headers = [{"name": n, "codec": s.codec, "sizes": [f.nbytes for f in s.frames],
-                **({"digest": s.digest} if s.digest else {})}
-               for n, s in values.items()]
+                **({"digest": s.digest} if s.digest else {}),
+                **({"side": sides} if (sides := [fi for fi in range(len(s.frames))
+                                                  if (vi, fi) in skip]) else {})}
+               for vi, (n, s) in enumerate(values.items())]
     data: dict[str, Any] = {**(extra or {}), "vars": headers, "pieces": []}
     buffers: list[memoryview] = []
     room = chunk
     for vi, s in enumerate(values.values()):
         for fi, frame in enumerate(s.frames):
+            if (vi, fi) in skip:
+                continue
             flat = frame.cast("B") if frame.ndim != 1 or frame.format != "B" else frame
             offset = 0
             while offset < flat.nbytes or (offset == 0 and flat.nbytes == 0):
@@ -78,7 +89,34 @@ class Assembler:
             self.received += view.nbytes
         self.done = bool(data.get("final"))
 
-    def values(self) -> dict[str, Serialized]:
-        """The reassembled values, by name."""
+    def side(self) -> list[tuple[int, int]]:
+        """The (value index, frame index) of the frames that come by the side channel."""
+        return [(vi, fi) for vi, h in enumerate(self.headers) for fi in h.get("side", [])]
+
+    def side_names(self) -> list[str]:
+        """The names of the values with frames that come by the side channel."""
+        return [h["name"] for h in self.headers if h.get("side")]
+
+    def fill_side(self, frames: list[Any]) -> None:
+        """Put in the frames that came by the side channel, in :meth:`side` order.
+
+        Raises:
+            ValueError: they are not the frames the headers announced (count or sizes).
+        """
+        wanted = self.side()
+        if len(frames) != len(wanted):
+            raise ValueError(f"{len(wanted)} frames were to come by the side channel, "
+                             f"{len(frames)} came")
+        for (vi, fi), frame in zip(wanted, frames, strict=True):
+            size = self.headers[vi]["sizes"][fi]
+            if memoryview(frame).nbytes != size:
+                raise ValueError(f"frame {fi} of {self.headers[vi]['name']} is {size} bytes; "
+                                 f"{memoryview(frame).nbytes} came by the side channel")
+            self._frames[vi][fi] = frame
+            self.received += size
+
+    def values(self, skip: Collection[str] = ()) -> dict[str, Serialized]:
+        """The reassembled values, by name (but those named in ``skip``)."""
         return {h["name"]: Serialized(h["codec"], [memoryview(f) for f in frames], h.get("digest"))
-                for h, frames in zip(self.headers, self._frames, strict=True)}
+                for h, frames in zip(self.headers, self._frames, strict=True)
+                if h["name"] not in skip}

@@ -23,7 +23,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._loop import get_loop, run_sync
@@ -31,7 +31,7 @@ from ._move import MoveReport
 from .environment import same_environment
 from .errors import CloudGPUError
 from .hardware import CPU, Catalog, HardwareSpec, parse_spec
-from .provider import SessionProvider, StatusCallback
+from .provider import Grant, SessionProvider, StatusCallback
 from .remote import Forward
 from .serialize import versions
 
@@ -94,6 +94,8 @@ class Client:
             else settings.verify_unchanged
         #: Seconds :meth:`prepare` holds a warm kernel for the first session (0: none).
         self.warm_hold = warm_hold if warm_hold is not None else settings.warm_hold
+        #: Whether big values may take a connection of their own (``ClientConfig.side_channel``).
+        self.side_channel = settings.side_channel
         self._provider_lock = threading.Lock()
         #: The live (or last) session per key.
         self.sessions: dict[str, RemoteSession] = {}
@@ -166,9 +168,7 @@ class Client:
             return await provider.ended_reason(grant)
 
         try:
-            session = await RemoteSession.open(grant, wait=False, check=ended,
-                                               reconnect_timeout=self.reconnect_timeout,
-                                               verify_unchanged=self.verify_unchanged)
+            session = await self._connect(grant, ended)
         except BaseException as e:
             await asyncio.shield(provider.release(grant))
             if not isinstance(e, CloudGPUError):
@@ -291,12 +291,19 @@ class Client:
             return await provider.ended_reason(grant)
 
         try:
-            return await RemoteSession.open(grant, wait=False, forward=forward, check=ended,
-                                            reconnect_timeout=self.reconnect_timeout,
-                                            verify_unchanged=self.verify_unchanged)
+            return await self._connect(grant, ended, forward)
         except BaseException:
             await asyncio.shield(provider.release(grant))
             raise
+
+    async def _connect(self, grant: Grant, check: Callable[[], Awaitable[str | None]],
+                       forward: Forward | None = None) -> RemoteSession:
+        """Connect to ``grant``'s kernel as this client's settings say; the greeting is
+        collected by the first cell."""
+        return await RemoteSession.open(grant, wait=False, forward=forward, check=check,
+                                        reconnect_timeout=self.reconnect_timeout,
+                                        verify_unchanged=self.verify_unchanged,
+                                        side_channel=self.side_channel)
 
     async def switch(self, key: str | RemoteSession, spec: HardwareSpec, *,
                      on_status: StatusCallback | None = None,

@@ -7,7 +7,8 @@ Set in ``cloudgpu_config.py`` (or ``.json``) in a Jupyter config folder
     c.ClientConfig.token = "..."
 
 or with the environment variables ``CLOUDGPU_POOL`` and ``CLOUDGPU_TOKEN``, which win
-(``CLOUDGPU_WARM_HOLD``, ``CLOUDGPU_VERIFY_UNCHANGED`` and ``CLOUDGPU_CA_FILE`` likewise).
+(``CLOUDGPU_WARM_HOLD``, ``CLOUDGPU_VERIFY_UNCHANGED``, ``CLOUDGPU_SIDE_CHANNEL`` and
+``CLOUDGPU_CA_FILE`` likewise).
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ class ClientConfig(Configurable):
         "takes it. It is given back unused after this long, or as soon as the first session "
         "asks for other hardware or an environment. 0: hold nothing."
     ).tag(config=True)
+    side_channel = Bool(
+        True, help="Move big values (frames of 1 MiB and more) on a connection of their own "
+        "to the remote kernel's agent, authenticated like the kernel websocket, instead of "
+        "through it: no websocket masking, no relay through the host's Python. Falls back "
+        "to the websocket by itself when the host refuses it or does not have it. "
+        "Env CLOUDGPU_SIDE_CHANNEL=0 turns it off."
+    ).tag(config=True)
     ca_file = Unicode(
         "", help="A CA certificate (PEM) to trust beside the system's, for hosts and pools "
         "with a private or self-signed certificate (env CLOUDGPU_CA_FILE)."
@@ -84,4 +92,7 @@ def load_client_config() -> ClientConfig:
         except ValueError:
             raise InvalidRequestError(f"CLOUDGPU_WARM_HOLD must be seconds (120, or 0 for "
                                       f"none), not {hold!r}.") from None
+    if "CLOUDGPU_SIDE_CHANNEL" in os.environ:
+        settings.side_channel = os.environ["CLOUDGPU_SIDE_CHANNEL"].strip().lower() not in (
+            "0", "false", "no", "off", "")
     return settings

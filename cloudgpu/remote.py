@@ -11,6 +11,11 @@ conversation on it:
 - **The agent comm** (``cloudgpu.agent``): opened with our versions as soon as the socket
   is up; the agent's ``hello`` answers with its own (the version handshake), and
   ``push``, ``pull`` and ``snapshot`` exchanges are matched by batch id.
+- **The side channel** (``cloudgpu._side``): frames of 1 MiB and more go on a connection
+  of their own to the agent, opened once the agent says it serves one, and kept. When it
+  cannot be opened (an old host, a proxy, turned off) they go as comm messages; when it
+  breaks mid-transfer, a push's values are sent again as comm messages and a pull is asked
+  again without it. Never a silently wrong value.
 - **Death**, one mechanism: the link (``cloudgpu._link.KernelLink``) giving up (the host
   says the kernel was stopped or died, refuses our token, or cannot be reached again), or
   the kernel's iopub status turning ``dead`` or ``restarting``. Either resolves
@@ -30,7 +35,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from . import _wire
+from ._http import tls_context
 from ._link import RECONNECT_TIMEOUT, KernelLink, Notice
+from ._side import SideChannel, SideError, pick
 from ._transfer import Assembler, pack
 from .errors import CloudGPUError, HostConnectionError, RemoteKernelDiedError
 from .host_client import HostClient
@@ -46,6 +53,7 @@ log = logging.getLogger("cloudgpu.client")
 AGENT_TARGET = "cloudgpu.agent"
 DEATH_STATES = frozenset({"restarting", "autorestarting", "dead"})
 PROGRESS_MIN_BYTES = 32 * 2**20
+SIDE_TRIES = 3  # failed side channel openings (that may succeed later) before we stop trying
 
 #: Receives each message that is not this connection's own business: (channel, message).
 Forward = Callable[[str, _wire.Message], None]
@@ -69,6 +77,22 @@ class AgentBatch:
         self.assembler = Assembler()
         self.done: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._on_progress = on_progress
+        self._side: asyncio.Task[list[bytearray]] | None = None
+        self._side_channel: SideChannel | None = None
+        self._ask_again: Callable[[], Awaitable[None]] | None = None
+        self._asking: asyncio.Task[None] | None = None
+
+    def expect_side(self, side: SideChannel, ask_again: Callable[[], Awaitable[None]]) -> None:
+        """Receive this answer's big frames on ``side``; if they do not come whole, ask
+        again with ``ask_again`` (the same request, without the side channel)."""
+        def report(done: int, total: int) -> None:
+            if self._on_progress is not None and total >= PROGRESS_MIN_BYTES:
+                self._on_progress({"direction": "pull", "done": done, "total": total})
+
+        self._ask_again = ask_again
+        self._side_channel = side
+        self._side = asyncio.ensure_future(side.receive(self.id, report))
+        self._side.add_done_callback(_retrieve)
 
     def feed(self, data: dict[str, Any], buffers: list[Any]) -> None:
         """Take one message of the answer."""
@@ -79,8 +103,32 @@ class AgentBatch:
         if self._on_progress is not None and self.assembler.total >= PROGRESS_MIN_BYTES:
             self._on_progress({"direction": "pull", "done": self.assembler.received,
                                "total": self.assembler.total})
-        if self.assembler.done:
+        if not self.assembler.done:
+            return
+        side = self._side
+        if data.get("side_failed") and self._side_channel is not None:
+            self._side_channel.close()  # the agent could not send: stop waiting for it
+        if side is not None and self.assembler.side():
+            side.add_done_callback(lambda _: self._side_arrived(side, data))
+        else:
             self._resolve(data)
+
+    def _side_arrived(self, side: asyncio.Task[list[bytearray]], data: dict[str, Any]) -> None:
+        try:
+            self.assembler.fill_side(side.result())
+        except (SideError, ValueError, asyncio.CancelledError) as e:
+            log.warning("Batch %s did not come whole by the side channel (%s); asking again "
+                        "without it", self.id, e)
+            self._side, self.assembler = None, Assembler()
+            if self._ask_again is not None:
+                self._asking = asyncio.ensure_future(self._ask_again())
+                self._asking.add_done_callback(self._asked)
+            return
+        self._resolve(data)
+
+    def _asked(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.fail(task.exception())  # type: ignore[arg-type]
 
     def _resolve(self, data: dict[str, Any]) -> None:
         if not self.done.done():
@@ -107,7 +155,7 @@ class RemoteKernel:
 
     def __init__(self, grant: Grant, forward: Forward | None = None, *,
                  check: Callable[[], Awaitable[str | None]] | None = None,
-                 reconnect_timeout: float = RECONNECT_TIMEOUT) -> None:
+                 reconnect_timeout: float = RECONNECT_TIMEOUT, side_channel: bool = True) -> None:
         self.grant = grant
         self.forward = forward
         self.host = HostClient(grant.host_url, grant.token)
@@ -133,18 +181,27 @@ class RemoteKernel:
         self._lost_callbacks: list[Callable[[CloudGPUError], None]] = []
         self._notice_callbacks: list[Notice] = []
         self._closing = False
+        self._side_wanted = side_channel
+        self._side_task: asyncio.Task[SideChannel | None] | None = None
+        #: Why big frames take the comm path on this kernel for good, once we know.
+        self.side_off: str | None = None if side_channel else "turned off"
+        self._side_failures = 0
 
     @classmethod
     async def open(cls, grant: Grant, forward: Forward | None = None, *,
                    check: Callable[[], Awaitable[str | None]] | None = None,
-                   reconnect_timeout: float = RECONNECT_TIMEOUT) -> RemoteKernel:
+                   reconnect_timeout: float = RECONNECT_TIMEOUT,
+                   side_channel: bool = True) -> RemoteKernel:
         """Connect to the granted kernel and greet its agent (without waiting for the answer).
+
+        With ``side_channel`` False, big values take the kernel websocket too.
 
         Raises:
             HostConnectionError: the host cannot be reached.
             AuthenticationError: the host refused the grant's token.
         """
-        kernel = cls(grant, forward, check=check, reconnect_timeout=reconnect_timeout)
+        kernel = cls(grant, forward, check=check, reconnect_timeout=reconnect_timeout,
+                     side_channel=side_channel)
         try:
             await kernel.link.open()
             await kernel.agent_send({"versions": versions()}, open_comm=True)
@@ -283,22 +340,96 @@ class RemoteKernel:
                    on_progress: Progress | None = None, verify: bool = False) -> None:
         """Send ``values`` to the agent as batch ``batch``; its ``pushed`` answer resolves it.
 
-        With ``verify``, the agent fingerprints each value it is asked to keep, trusting no
-        check it made before (see ``remote_host/host/held.py``).
+        Big frames go by the side channel first, when there is one. With ``verify``, the
+        agent fingerprints each value it is asked to keep, trusting no check it made
+        before (see ``remote_host/host/held.py``).
         """
         total = sum(v.nbytes for v in values.values())
         sent = 0
-        extra = {"op": "push", "id": batch.id, **({"verify": True} if verify else {})}
-        for data, buffers in pack(values, extra=extra):
+
+        def report(done: int, _: int) -> None:
+            if on_progress is not None and total >= PROGRESS_MIN_BYTES:
+                on_progress({"direction": "push", "done": done, "total": total})
+
+        extra: dict[str, Any] = {"op": "push", "id": batch.id,
+                                 **({"verify": True} if verify else {})}
+        picked = pick(values)
+        frames = list(values.values())
+        for _ in range(2 if picked else 0):  # a side channel that broke is opened once more
+            side = await self.side_channel()
+            if side is None:
+                break
+            try:
+                await side.send(batch.id, [frames[vi].frames[fi] for vi, fi in picked], report)
+            except SideError as e:
+                log.warning("Kernel %s: %s", self.kernel_id, e)
+                continue
+            extra["side"] = side.id
+            sent = sum(frames[vi].frames[fi].nbytes for vi, fi in picked)
+            break
+        if "side" not in extra:
+            picked = []  # the websocket carries them
+        for data, buffers in pack(values, extra=extra, side=picked):
             await self.agent_send(data, buffers)
             sent += sum(b.nbytes for b in buffers)
-            if on_progress is not None and total >= PROGRESS_MIN_BYTES:
-                on_progress({"direction": "push", "done": sent, "total": total})
+            report(sent, total)
 
     async def pull(self, names: list[str], batch: AgentBatch, only_if_ok: bool = True) -> None:
-        """Ask the agent for ``names``; they arrive in ``batch``'s assembler."""
-        await self.agent_send({"op": "pull", "id": batch.id, "names": names,
-                               "only_if_ok": only_if_ok})
+        """Ask the agent for ``names``; they arrive in ``batch``'s assembler (big frames by
+        the side channel, when there is one)."""
+        request = {"op": "pull", "id": batch.id, "names": names, "only_if_ok": only_if_ok}
+
+        async def ask(request: dict[str, Any], tries: int) -> None:
+            side = await self.side_channel() if tries else None
+            if side is None:
+                await self.agent_send(request)
+                return
+            # Asked again (once more by a new side channel, then by the websocket), the
+            # values come whole; the cell has run (the agent sent them), so it is not
+            # asked again whether it succeeded.
+            again = {**request, "only_if_ok": False}
+            batch.expect_side(side, lambda: ask(again, tries - 1))
+            await self.agent_send({**request, "side": side.id})
+
+        await ask(request, 2)
+
+    async def side_channel(self) -> SideChannel | None:
+        """The side channel to the agent, opened if need be; None where big frames take
+        the websocket (turned off, refused, not served, or the agent has not greeted us)."""
+        if self.side_off is not None or not self._hello.done() or \
+                self._hello.exception() is not None or not self._hello.result().get("side"):
+            return None
+        task = self._side_task
+        if task is not None and task.done():
+            side = task.result()
+            if side is not None and side.broken is None:
+                return side
+            task = None  # broke, or could not be opened the last time: try again
+        if task is None:
+            task = self._side_task = asyncio.ensure_future(self._open_side())
+        return await asyncio.shield(task)
+
+    async def _open_side(self) -> SideChannel | None:
+        try:
+            return await SideChannel.open(self.grant.host_url, self.grant.token,
+                                          self.kernel_id, tls_context)
+        except SideError as e:
+            self._side_failures += 1
+            if e.permanent or self._side_failures >= SIDE_TRIES:
+                self.side_off = str(e)
+            log.warning("Kernel %s: big values go by the websocket: %s", self.kernel_id, e)
+            return None
+
+    def _close_side(self) -> None:
+        task, self._side_task = self._side_task, None
+        if task is None:
+            return
+        if task.done():
+            side = task.result()
+            if side is not None:
+                side.close()
+        else:
+            task.add_done_callback(_close_opened)
 
     async def snapshot(self, timeout: float = 600.0) -> tuple[dict[str, Serialized],
                                                                 dict[str, str]]:
@@ -352,6 +483,8 @@ class RemoteKernel:
         if data.get("op") == "hello":
             if not self._hello.done():
                 self._hello.set_result(data)
+                if data.get("side") and self.side_off is None:  # open it before it is needed
+                    self._side_task = asyncio.ensure_future(self._open_side())
             return
         batch = self._batches.get(str(data.get("id")))
         if batch is not None:
@@ -389,6 +522,7 @@ class RemoteKernel:
         if self.lost.done():
             return
         self.lost.set_result(error)
+        self._close_side()
         for batch in list(self._batches.values()):
             batch.fail(error)
         if not self._hello.done():
@@ -403,6 +537,9 @@ class RemoteKernel:
         """Disconnect; with ``shutdown`` also stop the remote kernel (a provider usually does)."""
         self._closing = True
         await self.link.close()
+        task = self._side_task
+        if task is not None and not task.done():
+            await asyncio.wait([task])
         self._lose(RemoteKernelDiedError(f"The connection to the remote kernel "
                                          f"{self.kernel_id} was closed."))
         if shutdown:
@@ -422,3 +559,14 @@ def version_skew(local: dict[str, str], remote: dict[str, str]) -> list[str]:
                 f"Use the same {label} minor version on both sides."
             )
     return found
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Take a side receive's outcome, so that a failure nobody waited for is not reported."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _close_opened(task: asyncio.Task[SideChannel | None]) -> None:
+    if not task.cancelled() and task.exception() is None and (side := task.result()):
+        side.close()

@@ -122,17 +122,20 @@ class RemoteSession:
     async def open(cls, grant: Grant, *, wait: bool = True, forward: Forward | None = None,
                    check: Callable[[], Awaitable[str | None]] | None = None,
                    reconnect_timeout: float = RECONNECT_TIMEOUT,
-                   verify_unchanged: bool = False) -> RemoteSession:
+                   verify_unchanged: bool = False,
+                   side_channel: bool = True) -> RemoteSession:
         """Connect to the granted kernel and greet its agent with our versions.
 
         With ``wait=False`` the agent's answer is not awaited here: the first cell, sent
         right behind the greeting on the same channel, collects it, saving a round trip.
         ``forward`` receives the traffic that is not the session's own, ``check`` asks the
         provider whether the session ended (see ``RemoteKernel``); ``verify_unchanged`` is
-        the attribute's first value.
+        the attribute's first value. With ``side_channel`` False, big values take the
+        kernel websocket too (see ``cloudgpu._side``).
         """
         kernel = await RemoteKernel.open(grant, forward, check=check,
-                                         reconnect_timeout=reconnect_timeout)
+                                         reconnect_timeout=reconnect_timeout,
+                                         side_channel=side_channel)
         try:
             if wait:
                 await kernel.ready()

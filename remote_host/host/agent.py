@@ -14,7 +14,14 @@ buffers carry the frames (see ``cloudgpu._transfer``):
   hardware; what cannot move is named with the reason;
 - ``ran_on``: what the kernel runs on (GPUs, driver, CUDA, Python) and the versions of
   the packages the notebook imported, for ``metadata.cloudgpu.ran_on``;
-- ``hello`` (on comm open): both sides' Python and cloudpickle versions.
+- ``hello`` (on comm open): both sides' Python and cloudpickle versions, and whether
+  this agent serves the side channel (``side``).
+
+Big frames may come and go by the side channel instead of the comm (``cloudgpu._side``,
+``agent_side.py``): a ``push`` or ``pull`` naming a channel (``side``) moves the frames
+its headers list under ``side`` there. If that channel broke, a push's values are
+answered ``stale`` (the client sends them again), and a pull's answer says
+``side_failed`` (the client asks again).
 
 ``pushed`` and ``pulled`` answers also carry ``versions``: for each value whose type an
 installed package defines, that package and its version here, so that the client can name
@@ -39,6 +46,7 @@ from IPython.core.error import InputRejected
 from IPython.core.interactiveshell import InteractiveShell
 
 from cloudgpu import __version__
+from cloudgpu._side import pick
 from cloudgpu._transfer import Assembler, pack
 from cloudgpu.errors import SerializationError
 from cloudgpu.packages import type_versions
@@ -50,6 +58,7 @@ from cloudgpu.serialize import (
     versions,
 )
 
+from .agent_side import SideChannels, socket_path
 from .held import HeldValues
 from .ran_on import ran_on
 
@@ -85,6 +94,8 @@ class Agent:
         shell.events.register("pre_execute", self.held.execution_starts)
         shell.events.register("post_execute", self.held.execution_ended)
         self._incoming: dict[str, Assembler] = {}
+        #: Where big frames come and go off the comm path; None where it could not listen.
+        self.side: SideChannels | None = None
         # The packages the kernel itself uses (dill included, which the greeting imports),
         # so that only what the notebook imported counts as its packages.
         versions()
@@ -110,7 +121,8 @@ class Agent:
         comm.send({"op": "hello", "versions": versions(), "cloudgpu": __version__,
                    "hostname": platform.node(), "pid": _host_pid(),
                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-                   "simulated_gpus": os.environ.get("CLOUDGPU_SIMULATED_GPUS", "")})
+                   "simulated_gpus": os.environ.get("CLOUDGPU_SIMULATED_GPUS", ""),
+                   "side": self.side is not None})
 
     def on_msg(self, comm: Any, msg: dict[str, Any]) -> None:
         """Dispatch one comm message."""
@@ -139,7 +151,11 @@ class Agent:
         stale: list[str] = []
         loaded: dict[str, Any] = {}
         verify = bool(data.get("verify"))
-        for name, value in assembler.values().items():
+        lost = self._take_side(assembler, data.get("side"), batch)
+        for name in lost:
+            stale.append(name)
+            errors[name] = "its side channel broke before it arrived; it is being sent again"
+        for name, value in assembler.values(skip=lost).items():
             if value.codec == "keep":
                 if not self.held.unchanged(name, verify):
                     stale.append(name)
@@ -158,8 +174,10 @@ class Agent:
     def _on_pull(self, comm: Any, data: dict[str, Any]) -> None:
         batch = data["id"]
         if data.get("only_if_ok", True) and not self.shell.last_execution_succeeded:
+            _, failed = self._send_side({}, data.get("side"), batch)  # the client waits for it
             comm.send({"op": "pulled", "id": batch, "skipped": "the cell failed",
-                       "vars": [], "pieces": [], "final": True})
+                       "vars": [], "pieces": [], "final": True,
+                       **({"side_failed": failed} if failed else {})})
             return
         values: dict[str, Serialized] = {}
         errors: dict[str, str] = {}
@@ -176,10 +194,48 @@ class Agent:
                 continue
             self.held.sent(name, values[name])  # its fingerprint goes in the header
         moved = {name: self.shell.user_ns[name] for name in values}
-        for part, buffers in pack(values, extra={"op": "pulled", "id": batch}):
+        side, failed = self._send_side(values, data.get("side"), batch)
+        extra = {"op": "pulled", "id": batch, **({"side_failed": failed} if failed else {})}
+        for part, buffers in pack(values, extra=extra, side=side):
             if part.get("final"):
                 part.update(errors=errors, missing=missing, versions=type_versions(moved))
             comm.send(part, buffers=buffers)
+
+    def _take_side(self, assembler: Assembler, channel: str | None, batch: str) -> list[str]:
+        """Fill in the frames that came by side channel ``channel``; the names of the values
+        whose frames did not (the channel broke)."""
+        wanted = assembler.side()
+        if not wanted:
+            return []
+        try:
+            if self.side is None or channel is None:
+                raise OSError("this agent has no side channel")
+            assembler.fill_side(self.side.take(channel, batch))
+        except (OSError, ValueError) as e:
+            self.shell.log.warning("cloudgpu: batch %s did not come by the side channel: %s",
+                                   batch, e)
+            return assembler.side_names()
+        return []
+
+    def _send_side(self, values: dict[str, Serialized], channel: str | None,
+                   batch: str) -> tuple[list[tuple[int, int]], str | None]:
+        """Send the big frames of ``values`` by side channel ``channel`` when the client
+        asked for it: (the frames meant to go, why they did not).
+
+        When the channel broke, the answer still names them (with ``side_failed``): the
+        client asks again, by a new side channel if it can, rather than have them all
+        sent at once into a websocket that may be reconnecting too.
+        """
+        if channel is None or self.side is None:
+            return [], None
+        picked = pick(values)
+        frames = list(values.values())
+        try:
+            self.side.send(channel, batch, [frames[vi].frames[fi] for vi, fi in picked])
+        except OSError as e:
+            self.shell.log.warning("cloudgpu: the side channel broke sending %s: %s", batch, e)
+            return picked, str(e)
+        return picked, None
 
     def _on_snapshot(self, comm: Any, data: dict[str, Any]) -> None:
         """Send every user variable that can be pickled; name the others and say why.
@@ -278,4 +334,18 @@ def load_ipython_extension(shell: InteractiveShell) -> None:
     limits = os.environ.get("CLOUDGPU_LIMITS")
     if limits:
         _explain_limits(shell, json.loads(limits))
+    agent.side = _listen_side(shell)
     shell.cloudgpu_agent = agent  # type: ignore[attr-defined]
+
+
+def _listen_side(shell: InteractiveShell) -> SideChannels | None:
+    """The side channel's listener beside the kernel's connection file, where it can be."""
+    from ipykernel.kernelapp import IPKernelApp
+
+    if not IPKernelApp.initialized():
+        return None
+    try:
+        return SideChannels(socket_path(IPKernelApp.instance().abs_connection_file))
+    except OSError as e:  # a read-only folder, a path too long: the comm path still works
+        shell.log.warning("cloudgpu: no side channel for big values: %s", e)
+        return None

@@ -29,6 +29,7 @@ from .inventory import Inventory
 from .kernels import AgentKernelSpecManager, GPUKernelManager
 from .sandbox import BubblewrapSandbox, DockerSandbox, NoSandbox, PodmanSandbox, Sandbox
 from .sandbox import load_sandbox as _load_sandbox
+from .side import HANDLERS as SIDE_HANDLERS
 from .websocket import HostWebsocketConnection
 
 __all__ = ["HostApp"]
@@ -223,7 +224,8 @@ class HostApp(ServerApp):
                 rule.target = CheckedMainKernelHandler
         base = self.web_app.settings["base_url"]
         self.web_app.add_handlers(
-            ".*$", [(url_path_join(base, path), handler) for path, handler in HOST_HANDLERS]
+            ".*$", [(url_path_join(base, path), handler)
+                   for path, handler in [*HOST_HANDLERS, *SIDE_HANDLERS]]
         )
 
     def write_server_info_file(self) -> None:

@@ -2,7 +2,8 @@
 
 Two kinds of token open a host. The host token (``--token``) opens everything; a pool
 holds it. A scoped token, registered by the pool when it starts a kernel for a session,
-opens only that kernel: its REST resource, its websocket channels, interrupt and restart.
+opens only that kernel: its REST resource, its websocket channels, its side channel for
+big values, interrupt and restart.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ _DENIED = (
 )
 #: What a scoped token may open, after the base URL: its kernel's resource and actions.
 _KERNEL_ROUTE = re.compile(
-    r"api/(?:cloudgpu/)?kernels/(?P<id>[0-9a-fA-F-]+)(?:/channels|/interrupt|/restart)?/?"
+    r"api/(?:cloudgpu/)?kernels/(?P<id>[0-9a-fA-F-]+)(?:/channels|/side|/interrupt|/restart)?/?"
 )
 
 

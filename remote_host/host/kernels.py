@@ -14,7 +14,7 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_core.utils import ensure_async
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
-from traitlets import Float, Instance, Integer, Unicode, default
+from traitlets import Bool, Float, Instance, Integer, Unicode, default
 
 from cloudgpu._wire import KERNEL_DIED, KERNEL_STOPPED
 from cloudgpu.hardware import CPU, Catalog, HardwareSpec
@@ -118,6 +118,11 @@ class GPUKernelManager(AsyncMappingKernelManager):
     replay_max_bytes = Integer(
         64 * 2**20, help="Bytes of frames kept per client session for replay (the newest "
         "frame is always kept)."
+    ).tag(config=True)
+    side_channel = Bool(
+        True, help="Let clients move big values (frames of 1 MiB and more) on a connection "
+        "of their own, handed to the kernel's agent (GET /api/kernels/{id}/side), instead "
+        "of through the kernel websocket. Off: every byte takes the websocket.",
     ).tag(config=True)
     replay_sessions_per_kernel = Integer(
         4, help="Client sessions per kernel whose channels are kept while disconnected; "

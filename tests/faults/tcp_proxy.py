@@ -1,7 +1,8 @@
 """A TCP proxy on 127.0.0.1 that a test controls: it drops connections and refuses new ones.
 
 It stands where a network would: between a client and a host. ``drop()`` resets every
-connection through it at once (as a network that goes away does); ``block()`` also refuses
+connection through it at once (as a network that goes away does), ``drop_latest()`` only the
+newest one; ``block()`` also refuses
 new connections until ``unblock()`` (an outage). It runs on its own event loop in a thread,
 so a test can drive it from plain synchronous code.
 """
@@ -39,7 +40,8 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, name="tcp-proxy",
                                         daemon=True)
         self._server: asyncio.Server | None = None
-        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        # In the order they were accepted (a dict as an ordered set).
+        self._pairs: dict[tuple[asyncio.StreamWriter, asyncio.StreamWriter], None] = {}
         self._blocked = False
         self._thread.start()
         self.port = self._call(self._start())
@@ -67,16 +69,16 @@ class TcpProxy:
             _reset(writer)
             return
         pair = (writer, up_writer)
-        self._pairs.add(pair)
+        self._pairs[pair] = None
         try:
             await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
         finally:
-            self._pairs.discard(pair)
+            self._pairs.pop(pair, None)
             for w in pair:
                 w.close()
 
-    async def _drop(self) -> int:
-        pairs = list(self._pairs)
+    async def _drop(self, latest: bool = False) -> int:
+        pairs = list(self._pairs)[-1:] if latest else list(self._pairs)
         for pair in pairs:
             for writer in pair:
                 _reset(writer)
@@ -85,6 +87,10 @@ class TcpProxy:
     def drop(self) -> int:
         """Reset every connection through the proxy now; returns how many there were."""
         return int(self._call(self._drop()))
+
+    def drop_latest(self) -> int:
+        """Reset only the connection accepted last (if it is still open); returns 1 or 0."""
+        return int(self._call(self._drop(latest=True)))
 
     def block(self) -> int:
         """An outage: drop every connection and refuse new ones until ``unblock()``."""

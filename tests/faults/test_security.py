@@ -299,3 +299,32 @@ def test_tokens_are_never_logged_or_shown(pool: PoolProcess, host: HostProcess) 
     assert "127.0.0.1:9" in message and host.token not in message
     listed = json.dumps(pool.request("GET", "/api/sessions").json())
     assert str(session["token"]) not in listed  # listings never carry session tokens
+
+
+def test_the_side_channel_behind_tls_is_relayed_by_the_host_and_moves_values_exactly(
+        host_factory: HostFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        trust: None) -> None:
+    from test_side import SIDE_MIN, round_trip
+
+    ca, cert, key = make_certificates(tmp_path)
+    secure = host_factory.start(name="tls-side", args=[f"--certfile={cert}",
+                                                       f"--keyfile={key}"])
+    monkeypatch.setenv("CLOUDGPU_CA_FILE", str(ca))
+    _http.tls_context.cache_clear()
+
+    async def go() -> None:
+        async with HostClient(secure.url, secure.token) as admin:
+            kernel_id = str((await admin.start_kernel("cpu"))["id"])
+            session = await RemoteSession.open(Grant(secure.url, secure.token, kernel_id, "cpu"))
+            try:
+                watched, _ = await round_trip(session)
+                assert await session.kernel.side_channel() is not None, session.kernel.side_off
+                assert max(watched.sent) < SIDE_MIN and max(watched.received) < SIDE_MIN
+            finally:
+                await session.close()
+                await admin.shutdown(kernel_id)
+
+    try:
+        asyncio.run(go())
+    finally:
+        secure.stop()

@@ -1,0 +1,244 @@
+"""The side channel for big values (cloudgpu._side), against a real host and real kernels.
+
+Values of several sizes and dtypes go out and come back exactly; the frames of 1 MiB and
+more are seen to skip the comm messages. The host refuses a wrong token and another
+session's token, saying so; with the side channel off (client or host), or refused,
+values take the websocket as before. Dropped side connections: tests/faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from servers import HostFactory, HostProcess
+
+from cloudgpu._http import tls_context
+from cloudgpu._side import SIDE_MIN, SideChannel, SideError
+from cloudgpu.host_client import HostClient
+from cloudgpu.provider import Grant
+from cloudgpu.serialize import Serialized, dumps, loads
+from cloudgpu.session import RemoteSession
+
+pytestmark = pytest.mark.timeout(180)
+
+MIB = 2**20
+
+
+def values() -> dict[str, Any]:
+    """Several sizes and dtypes: under, at and over the side channel's 1 MiB, odd lengths,
+    several big frames in one value, and small values beside them."""
+    rng = np.random.default_rng(7)
+    return {
+        "f64": rng.standard_normal(3 * MIB // 8 + 5),
+        "i8": rng.integers(-128, 127, SIDE_MIN, dtype=np.int8),  # exactly at the threshold
+        "just_under": rng.integers(0, 255, SIDE_MIN - 1, dtype=np.uint8),
+        "c64": (rng.standard_normal(300_001) + 1j).astype(np.complex64),
+        "f16_2d": rng.standard_normal((1024, 777)).astype(np.float16),
+        "raw": rng.bytes(2 * MIB + 3),
+        "pair": (np.arange(400_000, dtype=np.int64), np.ones(200_000, dtype=np.float32)),
+        "small": {"a": 1, "b": [1.5, "x"]},
+    }
+
+
+def digest(value: Any) -> str:
+    """What the remote side computes too: the pickle of the value, hashed."""
+    return hashlib.sha256(repr(value).encode() if isinstance(value, dict) else
+                          b"".join(memoryview(np.ascontiguousarray(v)).cast("B").tobytes()
+                                   if isinstance(v, np.ndarray) else bytes(v)
+                                   for v in (value if isinstance(value, tuple) else [value]))
+                          ).hexdigest()
+
+
+DIGESTS_REMOTELY = """
+import hashlib, numpy as np
+def _digest(value):
+    if isinstance(value, dict):
+        return hashlib.sha256(repr(value).encode()).hexdigest()
+    parts = value if isinstance(value, tuple) else [value]
+    return hashlib.sha256(b"".join(memoryview(np.ascontiguousarray(v)).cast("B").tobytes()
+                                   if isinstance(v, np.ndarray) else bytes(v)
+                                   for v in parts)).hexdigest()
+digests = {name: _digest(globals()[name]) for name in NAMES}
+back = {name: globals()[name] for name in NAMES}
+"""
+
+
+def equal(a: Any, b: Any) -> bool:
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(map(equal, a, b))
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape \
+            and bool(np.array_equal(a, b))
+    return bool(a == b)
+
+
+class Watched:
+    """Records the biggest binary buffer of each comm message to or from the agent."""
+
+    def __init__(self, session: RemoteSession) -> None:
+        self.sent: list[int] = []
+        self.received: list[int] = []
+        kernel = session.kernel
+        send, on_agent = kernel.agent_send, kernel._on_agent
+
+        async def agent_send(data: dict[str, Any], buffers: list[Any] | None = None,
+                             **kw: Any) -> None:
+            self.sent.append(max((memoryview(b).nbytes for b in buffers or []), default=0))
+            await send(data, buffers, **kw)
+
+        def received(data: dict[str, Any], buffers: list[Any]) -> None:
+            self.received.append(max((memoryview(b).nbytes for b in buffers), default=0))
+            on_agent(data, buffers)
+
+        kernel.agent_send = agent_send  # type: ignore[method-assign]
+        kernel._on_agent = received  # type: ignore[method-assign]
+
+
+async def round_trip(session: RemoteSession) -> tuple[Watched, dict[str, Any]]:
+    """Push ``values()``, have the remote side hash them and send them back; check both."""
+    sent = values()
+    watched = Watched(session)
+    push = {name: dumps(v, name) for name, v in sent.items()}
+    push["NAMES"] = dumps(list(sent), "NAMES")
+    result = await session.run_cell(DIGESTS_REMOTELY, push, ["digests", "back"],
+                                    lambda kind, payload: None)
+    assert result.status == "ok", result.error
+    assert not result.push_errors and not result.pull_errors
+    remote_digests = _load(result.pulled["digests"])
+    assert remote_digests == {name: digest(v) for name, v in sent.items()}
+    back = _load(result.pulled["back"])
+    assert set(back) == set(sent)
+    for name, value in sent.items():
+        assert equal(value, back[name]), name
+    return watched, back
+
+
+def _load(value: Serialized) -> Any:
+    return loads(value.codec, value.frames)
+
+
+async def open_session(host: HostProcess, token: str | None = None, kernel_id: str | None = None,
+                       **kw: Any) -> tuple[RemoteSession, HostClient]:
+    admin = HostClient(host.url, host.token)
+    if kernel_id is None:
+        kernel_id = (await admin.start_kernel("cpu"))["id"]
+    session = await RemoteSession.open(Grant(host.url, token or host.token, kernel_id, "cpu"),
+                                       **kw)
+    return session, admin
+
+
+async def close(session: RemoteSession, admin: HostClient) -> None:
+    await session.close()
+    await admin.shutdown(session.kernel_id)
+    await admin.aclose()
+
+
+def run(coro: Callable[[], Any]) -> Any:
+    return asyncio.run(coro())
+
+
+def test_values_of_many_sizes_and_dtypes_round_trip_exactly_by_the_side_channel(
+        host: HostProcess) -> None:
+    async def go() -> None:
+        session, admin = await open_session(host)
+        try:
+            watched, _ = await round_trip(session)
+            side = await session.kernel.side_channel()
+            assert side is not None and side.broken is None
+            # Every frame of 1 MiB or more went by the side channel, both ways.
+            assert 0 < max(watched.sent) < SIDE_MIN
+            assert 0 < max(watched.received) < SIDE_MIN
+            await round_trip(session)  # and again, on the same side connection
+            assert await session.kernel.side_channel() is side
+        finally:
+            await close(session, admin)
+
+    run(go)
+
+
+def test_turned_off_in_the_client_big_values_take_the_websocket(host: HostProcess) -> None:
+    async def go() -> None:
+        session, admin = await open_session(host, side_channel=False)
+        try:
+            watched, _ = await round_trip(session)
+            assert await session.kernel.side_channel() is None
+            assert session.kernel.side_off == "turned off"
+            assert max(watched.sent) >= SIDE_MIN and max(watched.received) >= SIDE_MIN
+        finally:
+            await close(session, admin)
+
+    run(go)
+
+
+def test_a_host_with_it_turned_off_refuses_and_values_take_the_websocket(
+        host_factory: HostFactory) -> None:
+    off = host_factory.start(name="no-side", args=["--GPUKernelManager.side_channel=False"])
+
+    async def go() -> None:
+        session, admin = await open_session(off)
+        try:
+            watched, _ = await round_trip(session)
+            assert await session.kernel.side_channel() is None
+            assert "turned off on this host" in str(session.kernel.side_off)
+            assert max(watched.sent) >= SIDE_MIN and max(watched.received) >= SIDE_MIN
+        finally:
+            await close(session, admin)
+
+    try:
+        run(go)
+    finally:
+        off.stop()
+
+
+def test_the_side_channel_refuses_a_wrong_token_and_another_sessions_token(
+        host: HostProcess) -> None:
+    async def go() -> None:
+        admin = HostClient(host.url, host.token)
+        mine_token, other_token = secrets.token_hex(16), secrets.token_hex(16)
+        mine = (await admin.start_kernel("cpu", scoped_token=mine_token))["id"]
+        other = (await admin.start_kernel("cpu", scoped_token=other_token))["id"]
+        try:
+            # Its own token opens it (once its agent greeted us, it serves one).
+            session, _ = await open_session(host, mine_token, mine)
+            try:
+                (await SideChannel.open(host.url, mine_token, mine, tls_context)).close()
+                with pytest.raises(SideError, match=r"HTTP 403.*requires its token") as wrong:
+                    await SideChannel.open(host.url, "not-the-token", mine, tls_context)
+                assert wrong.value.permanent
+                with pytest.raises(SideError, match=r"HTTP 403.*scoped to one kernel"):
+                    await SideChannel.open(host.url, other_token, mine, tls_context)
+                # ... and the session on it moves values by it.
+                await round_trip(session)
+                assert await session.kernel.side_channel() is not None
+            finally:
+                await session.close()
+        finally:
+            for kernel_id in (mine, other):
+                await admin.shutdown(kernel_id)
+            await admin.aclose()
+
+    run(go)
+
+
+def test_a_session_refused_the_side_channel_still_moves_its_values(host: HostProcess) -> None:
+    """A session whose side channel is refused (here: a wrong token, as from a proxy that
+    rewrites headers) moves its values by the websocket, unharmed."""
+    async def go() -> None:
+        session, admin = await open_session(host)
+        try:
+            session.kernel.grant = Grant(session.grant.host_url, "wrong-token",
+                                         session.kernel_id, "cpu")
+            session.kernel._close_side()
+            watched, _ = await round_trip(session)
+            assert "HTTP 403" in str(session.kernel.side_off)
+            assert max(watched.sent) >= SIDE_MIN
+        finally:
+            await close(session, admin)
+
+    run(go)
