@@ -229,9 +229,18 @@ class HostApp(ServerApp):
         )
 
     def write_server_info_file(self) -> None:
-        """Write the --info-file (not Jupyter's server list: a host is not a notebook server)."""
-        if not self.info_file:
-            return
+        """Write the --info-file (not Jupyter's server list: a host is not a notebook server)
+        once the host listens.
+
+        Jupyter Server calls this before its port is bound: it binds in the first callback
+        of its event loop, and announces itself before starting that loop. A client that
+        read the file at once found nothing listening (connection refused, under load).
+        This callback runs after the bind; a failed bind exits before it.
+        """
+        if self.info_file:
+            self.io_loop.add_callback(self._write_info)
+
+    def _write_info(self) -> None:
         write_private_json(self.info_file, {
             "url": self.connection_url, "port": self.port, "pid": os.getpid(),
             "simulated": cast(GPUKernelManager, self.kernel_manager).inventory.simulated,
