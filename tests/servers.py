@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+from jupyter_core.paths import jupyter_runtime_dir
 
 from cloudgpu import _process
 
@@ -39,6 +42,33 @@ def wait_until(done: Callable[[], object], within: float = 20, what: str = "the 
     while not done():
         assert time.monotonic() < deadline, f"{what} did not happen within {within} s"
         time.sleep(0.05)
+
+
+def wait_for_jupyter_server(proc: subprocess.Popen[bytes], log: Path, what: str,
+                            timeout: float = 60) -> str:
+    """The URL of the Jupyter Server ``proc``, once it accepts connections.
+
+    Its ``jpserver-PID.json`` is not enough: Jupyter Server writes it before it binds its
+    port (in the first callback of its event loop), so a request sent at once can be
+    refused.
+    """
+    info = _process.wait_for_info(proc, Path(jupyter_runtime_dir()) /
+                                  f"jpserver-{proc.pid}.json", log_path=log, what=what,
+                                  timeout=timeout)
+    url = str(info["url"]).rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    address = (parts.hostname or "127.0.0.1", parts.port or 80)
+
+    def accepts() -> bool:
+        assert proc.poll() is None, f"{what} exited: {_process.log_tail(log)}"
+        try:
+            socket.create_connection(address, timeout=5).close()
+        except OSError:
+            return False
+        return True
+
+    wait_until(accepts, within=timeout, what=f"{what} listening on {url}")
+    return url
 
 
 def _server_env(**extra: str) -> dict[str, str]:
@@ -268,10 +298,7 @@ class LabProcess:
         settings.parent.mkdir(parents=True, exist_ok=True)
         settings.write_text('{"fetchNews": "false", "checkForUpdates": false}')
         self.proc = _process.start(cmd, log_path=self.log, env=env)
-        runtime = Path(env["JUPYTER_RUNTIME_DIR"])
-        info = _process.wait_for_info(self.proc, runtime / f"jpserver-{self.proc.pid}.json",
-                                      log_path=self.log, what="JupyterLab", timeout=90)
-        self.url = str(info["url"]).rstrip("/")
+        self.url = wait_for_jupyter_server(self.proc, self.log, "JupyterLab", timeout=90)
         return self
 
     def request(self, method: str, path: str, *, token: str | None = "",

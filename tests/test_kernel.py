@@ -35,7 +35,7 @@ from jupyter_client.manager import KernelManager
 from jupyter_core.paths import jupyter_runtime_dir
 from kernel_driver import HOST_PID, ok, run, shell_reply, start_kernel, stop_kernel, value
 from nbclient import NotebookClient
-from servers import wait_until
+from servers import wait_for_jupyter_server, wait_until
 
 from cloudgpu import _process
 
@@ -261,11 +261,8 @@ def test_jupyter_server_runs_the_kernel_as_jupyterlab_would(tmp_path: Path) -> N
         return mine, {**reply, "texts": texts}
 
     try:
-        # Jupyter Server's own info file, jpserver-<pid>.json in the runtime dir, once it listens.
-        info = _process.wait_for_info(
-            server, Path(jupyter_runtime_dir()) / f"jpserver-{server.pid}.json", log_path=log,
-            what="Jupyter Server")
-        types, reply = asyncio.run(drive(str(info["url"]).rstrip("/")))
+        url = wait_for_jupyter_server(server, log, "Jupyter Server")
+        types, reply = asyncio.run(drive(url))
         assert reply["status"] == "ok"
         assert "42\n" in reply["texts"]
         assert types[0] == "status" and types[-1] == "status" and "execute_input" in types
