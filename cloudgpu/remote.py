@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from . import _wire
 from ._http import tls_context
 from ._link import RECONNECT_TIMEOUT, KernelLink, Notice
-from ._side import SideChannel, SideError, pick
+from ._side import Buffer, SideChannel, SideError, pick
 from ._transfer import Assembler, pack
 from .errors import CloudGPUError, HostConnectionError, RemoteKernelDiedError
 from .host_client import HostClient
@@ -77,7 +77,7 @@ class AgentBatch:
         self.assembler = Assembler()
         self.done: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._on_progress = on_progress
-        self._side: asyncio.Task[list[bytearray]] | None = None
+        self._side: asyncio.Task[list[Buffer]] | None = None
         self._side_channel: SideChannel | None = None
         self._ask_again: Callable[[], Awaitable[None]] | None = None
         self._asking: asyncio.Task[None] | None = None
@@ -113,7 +113,7 @@ class AgentBatch:
         else:
             self._resolve(data)
 
-    def _side_arrived(self, side: asyncio.Task[list[bytearray]], data: dict[str, Any]) -> None:
+    def _side_arrived(self, side: asyncio.Task[list[Buffer]], data: dict[str, Any]) -> None:
         try:
             self.assembler.fill_side(side.result())
         except (SideError, ValueError, asyncio.CancelledError) as e:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from cloudgpu._side import IO_TIMEOUT, read_message, write_message
+from cloudgpu._side import IO_TIMEOUT, Buffer, read_message, write_message
 
 __all__ = ["SideChannels", "socket_path"]
 
@@ -44,7 +44,7 @@ class _Channel:
         self.writer = sock.dup()
         self.writer.settimeout(IO_TIMEOUT)
         self.closed: str | None = None
-        self.arrived: dict[str, list[bytearray]] = {}
+        self.arrived: dict[str, list[Buffer]] = {}
         self.progressed = time.monotonic()
 
 
@@ -126,7 +126,7 @@ class SideChannels:
                 self._changed.wait(left)
             return self._channels[channel_id]
 
-    def take(self, channel_id: str, batch: str) -> list[bytearray]:
+    def take(self, channel_id: str, batch: str) -> list[Buffer]:
         """The frames the client sent as ``batch`` on ``channel_id``, once they all arrived.
 
         Raises:
