@@ -90,7 +90,9 @@ class Agent:
         self.push_errors: dict[str, str] = {}
         # Big values as this side pickles them, recorded when they arrived or left: a `keep`
         # is honoured only if the value is still the same (see held.py).
-        self.held = HeldValues(shell.user_ns)
+        kernel = getattr(shell, "kernel", None)
+        loop = getattr(kernel, "io_loop", None)
+        self.held = HeldValues(shell.user_ns, later=loop.add_callback if loop else None)
         shell.events.register("pre_execute", self.held.execution_starts)
         shell.events.register("post_execute", self.held.execution_ended)
         self._incoming: dict[str, Assembler] = {}

@@ -13,9 +13,10 @@ ahead, when the agent knows code may have changed something:
   package fires around every comm message too). Until the next one starts, a value
   checked or recorded since the last one is unchanged. The agent's own comm messages run
   no code of the user's and do not count (``not_code``).
-- After every execution a thread fingerprints each held value whose pickling is cheap (its
-  bytes out of band: numpy arrays, CPU tensors, ``bytes``), in parallel chunks without the
-  GIL, so that a ``keep`` for the next cell finds the answer ready, or nearly.
+- After every execution, once its reply has gone out, a thread fingerprints each held value
+  whose pickling is cheap (its bytes out of band: numpy arrays, CPU tensors, ``bytes``),
+  without the GIL and on one core, so that a ``keep`` for the next cell finds the answer
+  ready, or nearly (a ``keep`` that comes first does the check itself, on every core).
 - A name bound to another object than the one recorded has changed, without hashing.
   Anything else is fingerprinted when the ``keep`` comes, as it is asked with ``verify``.
 
@@ -27,6 +28,7 @@ on the client makes every ``keep`` fingerprint the value there and then.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -55,8 +57,12 @@ class _Held:
 class HeldValues:
     """Fingerprints of the big values in ``namespace``, kept current across executions."""
 
-    def __init__(self, namespace: dict[str, Any]) -> None:
+    def __init__(self, namespace: dict[str, Any],
+                 later: Callable[[Callable[[], None]], object] | None = None) -> None:
+        """``later`` runs a function once the kernel has answered the execution that
+        ended (the kernel's event loop's ``add_callback``); by default, at once."""
         self.namespace = namespace
+        self._later = later or (lambda fn: fn())
         #: Executions started so far; a check is good until the next one starts.
         self.epoch = 0
         self._before = 0
@@ -125,8 +131,14 @@ class HeldValues:
             self.epoch = self._before
 
     def execution_ended(self) -> None:
-        """Code stopped running: check the cheap values now, in the background."""
+        """Code stopped running: check the cheap values in the background, once the
+        execution's reply is on its way."""
         epoch = self.epoch
+        self._later(lambda: self._start_check(epoch))
+
+    def _start_check(self, epoch: int) -> None:
+        if self.epoch != epoch:
+            return  # code runs again already: the check after it will do
         names = [name for name, held in self._held.items()
                  if held.cheap and (held.checked is None or held.checked[0] != epoch)]
         if not names:
@@ -140,9 +152,9 @@ class HeldValues:
         for name in names:
             if self.epoch != epoch:
                 return  # code runs again: these answers would be stale at once
-            self._check(name, epoch)
+            self._check(name, epoch, parallel=False)  # one core: the other is the reply's
 
-    def _check(self, name: str, epoch: int) -> bool:
+    def _check(self, name: str, epoch: int, parallel: bool = True) -> bool:
         held = self._held.get(name)
         if held is None:
             return False
@@ -151,7 +163,7 @@ class HeldValues:
             same = False  # another object now: sent again rather than hashed
         else:
             try:
-                same = dumps(obj, name).fingerprint == held.digest
+                same = dumps(obj, name).take_fingerprint(parallel) == held.digest
             except Exception:  # a value changing under a background pickle, say
                 same = False
         with self._lock:
