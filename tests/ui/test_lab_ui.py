@@ -10,6 +10,7 @@ dark themes) are saved under tests/ui/screenshots/ for a person to look at.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 from cloudgpu.kernel import install_kernelspecs
 from servers import LabProcess
+
+from cloudgpu import _process
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).parent / "screenshots"
@@ -160,6 +163,12 @@ def test_pick_h100_run_a_cell_watch_cost_and_stop_it_in_the_panel_simulated(
     except Exception:
         page.screenshot(path=SCREENSHOTS / "failure.png")
         print("\n".join(page.console_lines))  # type: ignore[attr-defined]
+        # What the server side knew (a switch once hung here under load, cause unknown):
+        # the sessions the extension saw, and the end of the server's log, where the
+        # Cloud GPU kernel's own stderr goes.
+        with contextlib.suppress(Exception):
+            print("status:", lab.request("GET", "/cloudgpu/api/status").text[:4000])
+        print("lab.log ends with:\n" + _process.log_tail(lab.log, 60))
         raise
 
 
