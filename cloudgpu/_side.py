@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .serialize import Serialized
+from .serialize import Serialized, flat
 
 __all__ = [
     "PROTOCOL",
@@ -88,9 +88,9 @@ def write_message(sock: socket.socket, batch: str, frames: Sequence[memoryview],
     sock.sendall(len(header).to_bytes(4, "big") + header)
     total, done = sum(f.nbytes for f in frames), 0
     for frame in frames:
-        flat = frame.cast("B") if frame.ndim != 1 or frame.format != "B" else frame
-        for offset in range(0, flat.nbytes, SLICE):
-            part = flat[offset: offset + SLICE]
+        data = flat(frame)
+        for offset in range(0, data.nbytes, SLICE):
+            part = data[offset: offset + SLICE]
             sock.sendall(part)
             done += part.nbytes
             if report is not None:

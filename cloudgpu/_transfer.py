@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator
 from typing import Any
 
-from .serialize import Serialized
+from .serialize import Serialized, flat
 
 CHUNK = 4 * 2**20
 
@@ -44,18 +44,18 @@ def pack(values: dict[str, Serialized], chunk: int = CHUNK,
         for fi, frame in enumerate(s.frames):
             if (vi, fi) in skip:
                 continue
-            flat = frame.cast("B") if frame.ndim != 1 or frame.format != "B" else frame
+            raw = flat(frame)
             offset = 0
-            while offset < flat.nbytes or (offset == 0 and flat.nbytes == 0):
+            while offset < raw.nbytes or (offset == 0 and raw.nbytes == 0):
                 if room == 0:
                     yield data, buffers
                     data, buffers, room = {**(extra or {}), "pieces": []}, [], chunk
-                take = min(room, flat.nbytes - offset)
+                take = min(room, raw.nbytes - offset)
                 data["pieces"].append([vi, fi, offset])
-                buffers.append(flat[offset: offset + take])
+                buffers.append(raw[offset: offset + take])
                 offset += take
                 room -= take
-                if flat.nbytes == 0:
+                if raw.nbytes == 0:
                     break
     data["final"] = True
     yield data, buffers

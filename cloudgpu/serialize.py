@@ -23,12 +23,18 @@ import xxhash
 
 from .errors import SerializationError
 
-__all__ = ["FINGERPRINT_MIN", "Serialized", "describe_type", "dumps", "loads", "versions"]
+__all__ = ["FINGERPRINT_MIN", "Serialized", "describe_type", "dumps", "flat", "loads",
+           "versions"]
 
 #: Values at least this big are fingerprinted, and not sent again while unchanged.
 FINGERPRINT_MIN = 1 << 20
 #: Frames this big are hashed in chunks of this size, in parallel.
 HASH_CHUNK = 16 << 20
+
+
+def flat(frame: memoryview) -> memoryview:
+    """``frame`` as one-dimensional bytes (a numpy array's buffer has its shape and dtype)."""
+    return frame.cast("B") if frame.ndim != 1 or frame.format != "B" else frame
 
 
 def _digest(chunk: memoryview) -> bytes:
@@ -72,12 +78,12 @@ class Serialized:
         if self.digest is None:
             h = xxhash.xxh3_128(self.codec.encode())
             for frame in self.frames:
-                flat = frame.cast("B") if frame.ndim != 1 or frame.format != "B" else frame
-                h.update(flat.nbytes.to_bytes(8, "little"))
-                if flat.nbytes < HASH_CHUNK:
-                    h.update(flat)
+                data = flat(frame)
+                h.update(data.nbytes.to_bytes(8, "little"))
+                if data.nbytes < HASH_CHUNK:
+                    h.update(data)
                     continue
-                chunks = [flat[i: i + HASH_CHUNK] for i in range(0, flat.nbytes, HASH_CHUNK)]
+                chunks = [data[i: i + HASH_CHUNK] for i in range(0, data.nbytes, HASH_CHUNK)]
                 for digest in (_hashers().map if parallel else map)(_digest, chunks):
                     h.update(digest)
             self.digest = h.hexdigest()

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from cloudgpu.errors import SerializationError
-from cloudgpu.serialize import FINGERPRINT_MIN, Serialized, dumps
+from cloudgpu.serialize import FINGERPRINT_MIN, Serialized, dumps, flat
 
 __all__ = ["HeldValues"]
 
@@ -72,9 +72,6 @@ class HeldValues:
         self._lock = threading.Lock()
         self._checker: threading.Thread | None = None
         self._checker_epoch = -1
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._held
 
     def digest(self, name: str) -> str | None:
         """The fingerprint recorded for ``name``, if it is held."""
@@ -213,7 +210,6 @@ def _same_frames(arrived: Serialized, mine: Serialized) -> bool:
 
 def _address(frame: memoryview) -> int | None:
     try:
-        return int(np.frombuffer(frame.cast("B") if frame.format != "B" else frame,
-                                 np.uint8).ctypes.data)
+        return int(np.frombuffer(flat(frame), np.uint8).ctypes.data)
     except (TypeError, ValueError):
         return None
