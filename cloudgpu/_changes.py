@@ -62,12 +62,13 @@ class NotebookChanges:
         if _remote_only(getattr(info, "raw_cell", "") or ""):
             self.generation = self._before
 
-    def remember(self, name: str, obj: Any, digest: str) -> None:
-        """``obj``, bound to ``name``, fingerprints to ``digest`` now."""
-        self._known[name] = _Known(obj, self.generation, digest)
-
-    def forget(self, name: str) -> None:
-        self._known.pop(name, None)
+    def remember(self, name: str, obj: Any, digest: str | None) -> None:
+        """``obj``, bound to ``name``, fingerprints to ``digest`` now (None: unknown, so
+        the next cell takes it)."""
+        if digest is None:
+            self._known.pop(name, None)
+        else:
+            self._known[name] = _Known(obj, self.generation, digest)
 
     def fingerprint(self, name: str, obj: Any) -> str | None:
         """The fingerprint of ``obj`` (bound to ``name``) if nothing can have changed it

@@ -175,10 +175,8 @@ class RemoteMagics(Magics):
         for name, value in push.items():
             if name in result.pulled or name in result.push_errors or name not in ns:
                 continue
-            if value.digest and value.nbytes >= FINGERPRINT_MIN:
-                self.changes.remember(name, ns[name], value.digest)
-            else:
-                self.changes.forget(name)
+            big = value.nbytes >= FINGERPRINT_MIN
+            self.changes.remember(name, ns[name], value.digest if big else None)
 
     def _session(self, core: SessionCore, new: bool) -> RemoteSession:
         if new or not core.adopt():
@@ -189,10 +187,8 @@ class RemoteMagics(Magics):
         ns = self._shell.user_ns
         for name, value in result.pulled.items():
             ns[name] = loads(value.codec, value.frames, name)
-            if value.digest:  # as the agent fingerprinted it on its way out
-                self.changes.remember(name, ns[name], value.digest)
-            else:
-                self.changes.forget(name)
+            # As the agent fingerprinted it on its way out (None: too small to be).
+            self.changes.remember(name, ns[name], value.digest)
         for name, why in result.pull_errors.items():
             print(f"cloudgpu: `{name}` stayed remote: {why}", file=sys.stderr)
         grant = session.grant
