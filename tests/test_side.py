@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -19,9 +20,10 @@ import pytest
 from servers import HostFactory, HostProcess
 
 from cloudgpu._http import tls_context
-from cloudgpu._side import SIDE_MIN, SideChannel, SideError
+from cloudgpu._side import POPULATE_MIN, SIDE_MIN, SideChannel, SideError, receive_buffer
 from cloudgpu.host_client import HostClient
 from cloudgpu.provider import Grant
+from cloudgpu.remote import AgentBatch
 from cloudgpu.serialize import Serialized, dumps, loads
 from cloudgpu.session import RemoteSession
 
@@ -242,3 +244,41 @@ def test_a_session_refused_the_side_channel_still_moves_its_values(host: HostPro
             await close(session, admin)
 
     run(go)
+
+
+@pytest.mark.parametrize("size", [0, 5, POPULATE_MIN - 1, POPULATE_MIN, 3 * MIB + 7])
+def test_receive_buffers_are_writable_zeroed_and_exactly_the_size(size: int) -> None:
+    buffer = receive_buffer(size)
+    view = memoryview(buffer)
+    assert view.nbytes == size and not view.readonly
+    assert not any(view[::4096]) and (size == 0 or view[-1] == 0)
+    if size:
+        view[-1] = 255  # written at the very end: no page of it is missing
+        assert buffer[-1] == 255
+    view.release()
+
+
+def test_a_side_failed_message_stops_the_wait_only_on_the_channel_it_names() -> None:
+    """The agent answers a pull on the comm first and sends its big frames after; if they
+    could not go, it says so, naming the channel. A late word about a channel that was
+    already replaced (the client asked again on a new one) must not break the new one."""
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        ends = [socket.socketpair() for _ in range(2)]
+        old, new = (SideChannel(a, f"channel-{i}") for i, (a, _) in enumerate(ends))
+        batch = AgentBatch(loop, None)
+        asked: list[str] = []
+
+        async def ask_again() -> None:
+            asked.append("again")
+
+        batch.expect_side(new, ask_again)
+        batch.feed({"op": "side_failed", "id": batch.id, "side": old.id, "why": "reset"}, [])
+        assert new.broken is None and not asked
+        batch.feed({"op": "side_failed", "id": batch.id, "side": new.id, "why": "reset"}, [])
+        assert new.broken is not None
+        for a, b in ends:
+            a.close()
+            b.close()
+
+    asyncio.run(go())
