@@ -99,6 +99,10 @@ class AgentBatch:
         if data.get("op") in ("pushed", "ran_on"):
             self._resolve(data)
             return
+        if data.get("op") == "side_failed":  # the big frames the answer named will not come
+            if self._side_channel is not None and self._side_channel.id == data.get("side"):
+                self._side_channel.close()  # its receive fails: the values are asked again
+            return
         self.assembler.feed(data, buffers)
         if self._on_progress is not None and self.assembler.total >= PROGRESS_MIN_BYTES:
             self._on_progress({"direction": "pull", "done": self.assembler.received,

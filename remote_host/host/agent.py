@@ -20,8 +20,9 @@ buffers carry the frames (see ``cloudgpu._transfer``):
 Big frames may come and go by the side channel instead of the comm (``cloudgpu._side``,
 ``agent_side.py``): a ``push`` or ``pull`` naming a channel (``side``) moves the frames
 its headers list under ``side`` there. If that channel broke, a push's values are
-answered ``stale`` (the client sends them again), and a pull's answer says
-``side_failed`` (the client asks again).
+answered ``stale`` (the client sends them again). A pull's answer goes on the comm first
+and its big frames after it, so that the two travel at once; if the channel broke, a
+``side_failed`` message for the batch follows (the client asks again).
 
 ``pushed`` and ``pulled`` answers also carry ``versions``: for each value whose type an
 installed package defines, that package and its version here, so that the client can name
@@ -175,8 +176,9 @@ class Agent:
 
     def _on_pull(self, comm: Any, data: dict[str, Any]) -> None:
         batch = data["id"]
+        channel = data.get("side") if self.side is not None else None
         if data.get("only_if_ok", True) and not self.shell.last_execution_succeeded:
-            _, failed = self._send_side({}, data.get("side"), batch)  # the client waits for it
+            failed = self._send_side([], channel, batch)  # the client waits for it
             comm.send({"op": "pulled", "id": batch, "skipped": "the cell failed",
                        "vars": [], "pieces": [], "final": True,
                        **({"side_failed": failed} if failed else {})})
@@ -196,12 +198,17 @@ class Agent:
                 continue
             self.held.sent(name, values[name])  # its fingerprint goes in the header
         moved = {name: self.shell.user_ns[name] for name in values}
-        side, failed = self._send_side(values, data.get("side"), batch)
-        extra = {"op": "pulled", "id": batch, **({"side_failed": failed} if failed else {})}
-        for part, buffers in pack(values, extra=extra, side=side):
+        picked = pick(values) if channel is not None else []
+        for part, buffers in pack(values, extra={"op": "pulled", "id": batch}, side=picked):
             if part.get("final"):
                 part.update(errors=errors, missing=missing, versions=type_versions(moved))
             comm.send(part, buffers=buffers)
+        if channel is not None:
+            frames = list(values.values())
+            failed = self._send_side([frames[vi].frames[fi] for vi, fi in picked], channel,
+                                     batch)
+            if failed:
+                comm.send({"op": "side_failed", "id": batch, "side": channel, "why": failed})
 
     def _take_side(self, assembler: Assembler, channel: str | None, batch: str) -> list[str]:
         """Fill in the frames that came by side channel ``channel``; the names of the values
@@ -219,25 +226,22 @@ class Agent:
             return assembler.side_names()
         return []
 
-    def _send_side(self, values: dict[str, Serialized], channel: str | None,
-                   batch: str) -> tuple[list[tuple[int, int]], str | None]:
-        """Send the big frames of ``values`` by side channel ``channel`` when the client
-        asked for it: (the frames meant to go, why they did not).
+    def _send_side(self, frames: list[memoryview], channel: str | None, batch: str
+                   ) -> str | None:
+        """Send ``frames`` by side channel ``channel`` as ``batch``: why they did not go.
 
-        When the channel broke, the answer still names them (with ``side_failed``): the
-        client asks again, by a new side channel if it can, rather than have them all
-        sent at once into a websocket that may be reconnecting too.
+        When the channel broke, the client is told so and asks again, by a new side
+        channel if it can, rather than have them all sent at once into a websocket that
+        may be reconnecting too.
         """
         if channel is None or self.side is None:
-            return [], None
-        picked = pick(values)
-        frames = list(values.values())
+            return None
         try:
-            self.side.send(channel, batch, [frames[vi].frames[fi] for vi, fi in picked])
+            self.side.send(channel, batch, frames)
         except OSError as e:
             self.shell.log.warning("cloudgpu: the side channel broke sending %s: %s", batch, e)
-            return picked, str(e)
-        return picked, None
+            return str(e)
+        return None
 
     def _on_snapshot(self, comm: Any, data: dict[str, Any]) -> None:
         """Send every user variable that can be pickled; name the others and say why.
