@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import mmap
 import socket
@@ -64,7 +65,7 @@ MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE",
 #: What a frame is received into (see :func:`receive_buffer`).
 Buffer = bytearray | mmap.mmap
 
-#: Told (bytes done, bytes in all) as a message moves.
+#: Told (bytes done, bytes in all) as a message moves: every ``SLICE`` bytes and at the end.
 Report = Callable[[int, int], None]
 
 
@@ -127,6 +128,7 @@ def read_message(sock: socket.socket, report: Report | None = None,
         raise OSError(f"a malformed side channel header: {e}") from e
     total, done = sum(sizes), 0
     frames = [receive_buffer(n) for n in sizes]
+    reported = 0
     for frame in frames:
         view = memoryview(frame)
         offset = 0
@@ -136,7 +138,8 @@ def read_message(sock: socket.socket, report: Report | None = None,
                 raise OSError(f"the side connection closed {total - done:,} bytes short")
             offset += got
             done += got
-            if report is not None:
+            if report is not None and (done - reported >= SLICE or done == total):
+                reported = done
                 report(done, total)
     return batch, frames
 
@@ -154,7 +157,12 @@ def receive_buffer(size: int) -> Buffer:
     """
     if size < POPULATE_MIN or not hasattr(mmap, "MAP_ANONYMOUS"):
         return bytearray(size)
-    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:
+        if e.errno == errno.ENOMEM:
+            raise MemoryError(f"no room for {size:,} bytes: {e.strerror}") from e
+        raise
     for advice in (getattr(mmap, "MADV_HUGEPAGE", None), MADV_POPULATE_WRITE):
         if advice is not None:
             with contextlib.suppress(OSError):  # not offered by this kernel
@@ -270,6 +278,7 @@ class SideChannel:
 
         Raises:
             SideError: the connection broke or closed first, or carried another batch.
+            MemoryError: the frames do not fit in this process (the channel is closed).
         """
         async with self._lock:
             self._check()
@@ -278,6 +287,9 @@ class SideChannel:
                                                       self._threadsafe(report))
             except (OSError, EOFError) as e:
                 raise self._break(f"receiving {batch}: {type(e).__name__}: {e}") from e
+            except MemoryError as e:  # what was not read is still on the way: it is spent
+                self._break(f"receiving {batch}: out of memory ({e})")
+                raise
             if got != batch:
                 raise self._break(f"expected batch {batch}, the agent sent {got}")
             return frames
