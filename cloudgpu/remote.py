@@ -39,7 +39,7 @@ from ._http import tls_context
 from ._link import RECONNECT_TIMEOUT, KernelLink, Notice
 from ._side import Buffer, SideChannel, SideError, pick
 from ._transfer import Assembler, pack
-from .errors import CloudGPUError, HostConnectionError, RemoteKernelDiedError
+from .errors import CloudGPUError, HostConnectionError, RemoteKernelDiedError, SerializationError
 from .host_client import HostClient
 from .provider import Grant
 from .serialize import Serialized, versions
@@ -127,6 +127,15 @@ class AgentBatch:
             if self._ask_again is not None:
                 self._asking = asyncio.ensure_future(self._ask_again())
                 self._asking.add_done_callback(self._asked)
+            return
+        except MemoryError as e:  # asked again, they would not fit either
+            self.fail(SerializationError(
+                f"The values pulled do not fit in this process's memory ({e}); they stay in "
+                "the remote kernel. Pull a smaller part of them, or free memory here first."))
+            return
+        except Exception as e:  # a fault of ours: the cell fails rather than wait for ever
+            log.exception("Batch %s: receiving its side channel frames failed", self.id)
+            self.fail(e)
             return
         self._resolve(data)
 

@@ -21,6 +21,7 @@ from servers import HostFactory, HostProcess
 
 from cloudgpu._http import tls_context
 from cloudgpu._side import POPULATE_MIN, SIDE_MIN, SideChannel, SideError, receive_buffer
+from cloudgpu.errors import SerializationError
 from cloudgpu.host_client import HostClient
 from cloudgpu.provider import Grant
 from cloudgpu.remote import AgentBatch
@@ -282,3 +283,32 @@ def test_a_side_failed_message_stops_the_wait_only_on_the_channel_it_names() -> 
             b.close()
 
     asyncio.run(go())
+
+
+def test_a_pull_too_big_for_this_process_fails_clearly_and_loses_nothing(
+        host: HostProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No room here for the frames the side channel brings: the cell fails saying so,
+    instead of waiting for ever, and the value stays remote, to be pulled later."""
+    import cloudgpu._side as side_module
+    room = side_module.receive_buffer
+
+    def no_room(size: int) -> Any:
+        if size >= SIDE_MIN:
+            raise MemoryError(f"no room for {size:,} bytes")
+        return room(size)
+
+    async def go() -> None:
+        session, admin = await open_session(host)
+        try:
+            made = "import numpy as np\ny = np.arange(3 * 2**20 // 8, dtype=np.float64)"
+            monkeypatch.setattr(side_module, "receive_buffer", no_room)
+            with pytest.raises(SerializationError, match="do not fit in this process's memory"):
+                await session.run_cell(made, {}, ["y"], lambda kind, payload: None)
+            monkeypatch.setattr(side_module, "receive_buffer", room)
+            result = await session.run_cell("", {}, ["y"], lambda kind, payload: None)
+            assert result.status == "ok", result.error
+            assert equal(_load(result.pulled["y"]), np.arange(3 * MIB // 8, dtype=np.float64))
+        finally:
+            await close(session, admin)
+
+    run(go)
