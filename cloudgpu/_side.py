@@ -26,12 +26,10 @@ and the caller moves the frames as comm messages instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import mmap
 import socket
-import sys
 import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
@@ -57,10 +55,7 @@ SLICE = 8 * 2**20  # bytes per send or receive call: progress, and a timeout per
 CONNECT_TIMEOUT = 10.0
 IO_TIMEOUT = 60.0  # seconds a started message may stall before the connection is given up
 MAX_HEADER = 1 << 20
-POPULATE_MIN = 2 << 20  # receive buffers this big are mapped, in huge pages, made present
-#: madvise(2)'s "prefault page tables writable" (Linux 5.14), which not every Python names.
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE",
-                              23 if sys.platform == "linux" else None)
+POPULATE_MIN = 8 << 20  # receive buffers this big are mapped with their pages present
 
 #: What a frame is received into (see :func:`receive_buffer`).
 Buffer = bytearray | mmap.mmap
@@ -147,27 +142,24 @@ def read_message(sock: socket.socket, report: Report | None = None,
 def receive_buffer(size: int) -> Buffer:
     """A writable buffer to receive ``size`` bytes into.
 
-    A big one is a private anonymous mapping in transparent huge pages, as numpy asks for
-    its own arrays of 4 MiB and more, made present in one go (``MADV_POPULATE_WRITE``)
-    before the bytes arrive. Faulting fresh memory in was the biggest cost of a pull on
-    the VM of ``bench/RESULTS.md``: 800 MB took 330-450 ms in 4 KiB pages and 90-160 ms in
-    huge pages (there, memory idle for a few seconds goes back to the hypervisor, and
-    taking it again costs more, for these buffers as for numpy's). Without huge pages, or
-    populating on request (Linux 5.14), the pages come in as the bytes do.
+    A big one is mapped with its pages made present in one go (``MAP_POPULATE``): on the
+    VM of ``bench/RESULTS.md`` faulting 800 MB in page by page (as ``bytearray``'s zero
+    fill does) took 460 ms, populating them 230-450 ms. Transparent huge pages (as numpy
+    asks for) were 3x faster still while the memory was warm, but 2-6x slower once the VM
+    had taken freed memory back, which it does within seconds: not used.
+
+    Raises:
+        MemoryError: there is no room for it.
     """
-    if size < POPULATE_MIN or not hasattr(mmap, "MAP_ANONYMOUS"):
-        return bytearray(size)
-    try:
-        buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    except OSError as e:
-        if e.errno == errno.ENOMEM:
-            raise MemoryError(f"no room for {size:,} bytes: {e.strerror}") from e
-        raise
-    for advice in (getattr(mmap, "MADV_HUGEPAGE", None), MADV_POPULATE_WRITE):
-        if advice is not None:
-            with contextlib.suppress(OSError):  # not offered by this kernel
-                buffer.madvise(advice)
-    return buffer
+    if size >= POPULATE_MIN and hasattr(mmap, "MAP_POPULATE"):
+        try:
+            return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS |
+                             mmap.MAP_POPULATE)
+        except OSError as e:
+            if e.errno == errno.ENOMEM:
+                raise MemoryError(f"no room for {size:,} bytes: {e.strerror}") from e
+            raise
+    return bytearray(size)
 
 
 def _read_exact(sock: socket.socket, n: int, at_start: bool = False) -> bytes:
