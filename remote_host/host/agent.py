@@ -22,7 +22,9 @@ Big frames may come and go by the side channel instead of the comm (``cloudgpu._
 its headers list under ``side`` there. If that channel broke, a push's values are
 answered ``stale`` (the client sends them again). A pull's answer goes on the comm first
 and its big frames after it, so that the two travel at once; if the channel broke, a
-``side_failed`` message for the batch follows (the client asks again).
+``side_failed`` message for the batch follows (the client asks again). A pull skipped
+because its cell failed sends an empty side message first and says ``side_failed`` in
+its answer, since the client forgets the batch once that answer arrives.
 
 ``pushed`` and ``pulled`` answers also carry ``versions``: for each value whose type an
 installed package defines, that package and its version here, so that the client can name
