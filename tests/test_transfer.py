@@ -260,6 +260,86 @@ def test_verify_sees_a_write_made_after_the_check() -> None:
     assert held.hashed_on_keep == 1
 
 
+def _watched(ns: dict[str, object], name: str = "x") -> HeldValues:
+    """``name`` held, checked unchanged once, then watched for writes (writes.py)."""
+    held = _held(ns, name)
+    if held.writes is None:
+        pytest.skip("this kernel offers no asynchronous write-protect tracking (Linux 6.7); "
+                    "the agent fingerprints after every execution instead")
+    _execute(held)
+    assert held.unchanged(name)  # fingerprinted after it: as recorded
+    _execute(held)
+    assert held.unchanged(name)  # watched from then on, and fingerprinted
+    return held
+
+
+@pytest.mark.timeout(30)
+def test_a_value_seen_unchanged_is_then_watched_for_writes_and_not_fingerprinted() -> None:
+    ns: dict[str, object] = {"x": np.arange(400_000, dtype=np.float64)}
+    held = _watched(ns)
+    hashed = held.hashed
+    for _ in range(3):
+        _execute(held, lambda: ns.update(m=float(np.asarray(ns["x"])[:10].sum())))  # reads
+        assert held.unchanged("x")
+    assert held.hashed == hashed  # the scans of its pages answered
+    assert held.scanned >= 3 and held.hashed_on_keep == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_write_to_a_watched_value_is_seen_however_it_was_made() -> None:
+    def last(x: np.ndarray) -> None:
+        x[-1] = -1.0
+
+    def by_the_kernel(x: np.ndarray) -> None:  # recv-like: no Python-level store
+        with open("/dev/urandom", "rb") as source:
+            source.readinto(memoryview(x).cast("B")[1_600_000:1_600_008])
+
+    def inside(x: np.ndarray) -> None:
+        x[200_000:200_002] += 1.0
+
+    for write in (last, by_the_kernel, inside):
+        ns: dict[str, object] = {"x": np.arange(400_000, dtype=np.float64)}
+        held = _watched(ns)
+        alias = ns["x"]
+        assert isinstance(alias, np.ndarray)
+        _execute(held, lambda: write(alias))  # noqa: B023 (called at once)
+        assert not held.unchanged("x"), write.__name__
+        hashed = held.hashed
+        _execute(held)
+        assert not held.unchanged("x") and held.hashed == hashed  # changed stays changed
+
+
+@pytest.mark.timeout(30)
+def test_a_watched_value_is_only_trusted_over_the_same_live_buffers() -> None:
+    ns: dict[str, object] = {"x": np.arange(400_000, dtype=np.float64)}
+    held = _watched(ns)
+    x = ns["x"]
+    assert isinstance(x, np.ndarray)
+    hashed = held.hashed
+    _execute(held, lambda: x.__setitem__(200_000, x[200_000]))  # written with what was there
+    assert held.unchanged("x") and held.hashed == hashed + 1  # fingerprinted, still equal
+
+    box: dict[str, object] = {"d": {"a": np.arange(400_000, dtype=np.float64)}}
+    held = _watched(box, "d")
+    inner = box["d"]
+    assert isinstance(inner, dict)
+    hashed = held.hashed
+    _execute(held, lambda: inner.update(a=np.array(inner["a"])))  # an equal copy, elsewhere
+    assert held.unchanged("d") and held.hashed == hashed + 1  # not taken from a scan
+
+
+@pytest.mark.timeout(30)
+def test_a_keep_sees_a_write_to_a_watched_value_made_after_the_check() -> None:
+    """What test_verify_sees_a_write_made_after_the_check says is not seen, is, once watched."""
+    ns: dict[str, object] = {"x": np.arange(400_000, dtype=np.float64)}
+    held = _watched(ns)
+    _execute(held)
+    x = ns["x"]
+    assert isinstance(x, np.ndarray)
+    x[3] = 1e9  # between executions, as a thread would
+    assert not held.unchanged("x")
+
+
 def test_the_notebook_trusts_a_fingerprint_until_code_runs() -> None:
     changes = NotebookChanges()
     x = np.arange(10)
