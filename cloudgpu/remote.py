@@ -406,11 +406,15 @@ class RemoteKernel:
 
         await ask(request, 2)
 
+    def greeted(self, feature: str) -> bool:
+        """Whether the agent has greeted us and serves ``feature`` (a flag of its hello)."""
+        hello = self._hello
+        return hello.done() and hello.exception() is None and bool(hello.result().get(feature))
+
     async def side_channel(self) -> SideChannel | None:
         """The side channel to the agent, opened if need be; None where big frames take
         the websocket (turned off, refused, not served, or the agent has not greeted us)."""
-        if self.side_off is not None or not self._hello.done() or \
-                self._hello.exception() is not None or not self._hello.result().get("side"):
+        if self.side_off is not None or not self.greeted("side"):
             return None
         task = self._side_task
         if task is not None and task.done():

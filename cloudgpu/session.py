@@ -71,8 +71,12 @@ class CellResult:
 class _CellRun:
     """Bookkeeping for one cell in flight: its reply, its idle, its push and pull."""
 
-    def __init__(self, kernel: RemoteKernel, sink: Sink, pushing: bool, pulling: bool) -> None:
+    def __init__(self, kernel: RemoteKernel, sink: Sink, pushing: bool, pulling: bool,
+                 kept_on_execute: bool = False) -> None:
+        """``kept_on_execute``: the inputs are all kept, named on the execute request; the
+        agent answers only if one changed, before the cell's idle."""
         loop = asyncio.get_running_loop()
+        self.kept_on_execute = kept_on_execute
         self.sink = sink
         self.reply: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.idle: asyncio.Future[None] = loop.create_future()
@@ -91,6 +95,8 @@ class _CellRun:
                 self.reply.set_result(msg["content"])
         elif channel == "iopub":
             if msg_type == "status" and msg["content"].get("execution_state") == "idle":
+                if self.kept_on_execute and not self.pushed.done.done():
+                    self.pushed.done.set_result({"errors": {}})  # all still as sent
                 if not self.idle.done():
                     self.idle.set_result(None)
             elif msg_type in OUTPUT_TYPES:
@@ -222,16 +228,21 @@ class RemoteSession:
             raise kernel.lost.result() if kernel.lost.done() else RemoteKernelDiedError(
                 f"The remote kernel {self.kernel_id} is gone (the connection was closed).")
         started = time.perf_counter()
-        run = _CellRun(kernel, sink, bool(push), bool(pull))
+        # Inputs that are all kept need no push: the execute request names them.
+        kept = bool(push) and all(v.codec == "keep" for v in push.values()) and \
+            kernel.greeted("keep_on_execute")
+        run = _CellRun(kernel, sink, bool(push), bool(pull), kept_on_execute=kept)
         execute = kernel.message("execute_request", {
             "code": code, "silent": False, "store_history": True, "user_expressions": {},
             "allow_stdin": False, "stop_on_error": False,
-        })
+        }, metadata={"cloudgpu": {
+            "keep": list(push), "id": run.pushed.id, "comm": kernel.comm_id,
+            **({"verify": True} if self.verify_unchanged else {})}} if kept else None)
         exec_id = execute["header"]["msg_id"]
         kernel.route(exec_id, run.on_message)
         quiet = kernel.on_notice(lambda text: sink("notice", {"text": text}))
         try:
-            if push:
+            if push and not kept:
                 await kernel.push(push, run.pushed, lambda info: sink("progress", info),
                                   verify=self.verify_unchanged)
             await kernel.send("shell", execute)

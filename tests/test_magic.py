@@ -375,23 +375,28 @@ def test_unchanged_inputs_are_trusted_only_while_nothing_can_have_changed_them(
     """Neither side fingerprints an input no code touched since; any code that may have
     touched it, here or there, makes it be checked, and a changed one is sent again."""
     agent = "get_ipython().cloudgpu_agent.held.hashed_on_keep"
+    kept = "get_ipython().cloudgpu_agent.kept_on_execute"
     ok(kc, "import numpy as np\ntrusted_in = np.arange(3_000_000, dtype=np.float64)")
     cell = "%%remote gpu=cpu\ns = float(trusted_in.sum())"
     ok(kc, cell)
-    ok(kc, f"%%remote gpu=cpu\nk0 = {agent}")
+    ok(kc, f"%%remote gpu=cpu\nk0 = {agent}\nkept0 = {kept}")
     trusted = value(kc, f"{MAGIC}.changes.trusted")
     ok(kc, cell)
     assert value(kc, f"{MAGIC}.last_result.sent['trusted_in']['bytes']") == 0
     assert value(kc, f"{MAGIC}.changes.trusted") == trusted + 1  # no local fingerprint
-    ok(kc, f"%%remote gpu=cpu\nk1 = {agent}")
+    ok(kc, f"%%remote gpu=cpu\nk1 = {agent}\nkept = {kept}")
     assert value(kc, "k1") == value(kc, "k0")  # nor a remote one at the keep
+    assert value(kc, "kept") == value(kc, "kept0") + 1  # named on its execute request: no push
 
     # Written remotely through another name, by a cell that never names it.
     ok(kc, "%%remote gpu=cpu --no-pull\nalias = trusted_in")
     ok(kc, "%%remote gpu=cpu --no-pull\nalias[0] = -1.0")
-    ok(kc, cell)
+    ok(kc, f"%%remote gpu=cpu\nkept0 = {kept}")
+    ok(kc, cell)  # refused as its request starts, then sent with the value
     assert value(kc, f"{MAGIC}.last_result.stale") == ["trusted_in"]
     assert value(kc, "s") == 3_000_000 * 2_999_999 / 2
+    ok(kc, f"%%remote gpu=cpu\nkept1 = {kept}")
+    assert value(kc, "kept1") == value(kc, "kept0") + 1
 
     # Written locally by a widget callback (a comm message: no cell ran).
     ok(kc, "def _poke(comm, msg):\n"

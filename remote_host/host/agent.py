@@ -15,7 +15,14 @@ buffers carry the frames (see ``cloudgpu._transfer``):
 - ``ran_on``: what the kernel runs on (GPUs, driver, CUDA, Python) and the versions of
   the packages the notebook imported, for ``metadata.cloudgpu.ran_on``;
 - ``hello`` (on comm open): both sides' Python and cloudpickle versions, and whether
-  this agent serves the side channel (``side``).
+  this agent serves the side channel (``side``) and reads kept inputs from an execute
+  request (``keep_on_execute``).
+
+A cell whose inputs are all kept needs no ``push``: its execute request names them in its
+metadata (``{"cloudgpu": {"keep": [...], "id", "comm", "verify"}}``), and the agent checks
+them as the request starts, before any code of it runs. Only if one changed does it answer
+``pushed`` (with ``stale``) for the batch ``id`` on the comm ``comm``, and reject the cell,
+as for a push. This saves a comm message, and the kernel's handling of it, per cell.
 
 Big frames may come and go by the side channel instead of the comm (``cloudgpu._side``,
 ``agent_side.py``): a ``push`` or ``pull`` naming a channel (``side``) moves the frames
@@ -96,6 +103,13 @@ class Agent:
         kernel = getattr(shell, "kernel", None)
         loop = getattr(kernel, "io_loop", None)
         self.held = HeldValues(shell.user_ns, later=loop.add_callback if loop else None)
+        #: The comms of our clients, by id (an execute request's kept inputs are answered
+        #: on the comm it names).
+        self._comms: dict[str, Any] = {}
+        #: Cells whose kept inputs came named on their execute request, for tests.
+        self.kept_on_execute = 0
+        # Before the held values' epoch moves on: the check after the last execution holds.
+        shell.events.register("pre_execute", self._check_kept_inputs)
         shell.events.register("pre_execute", self.held.execution_starts)
         shell.events.register("post_execute", self.held.execution_ended)
         self._incoming: dict[str, Assembler] = {}
@@ -123,11 +137,35 @@ class Agent:
     def open(self, comm: Any, msg: dict[str, Any]) -> None:
         """A client connected: answer its hello with our versions."""
         comm.on_msg(lambda m: self.on_msg(comm, m))
+        self._comms[comm.comm_id] = comm
+        comm.on_close(lambda m: self._comms.pop(comm.comm_id, None))
         comm.send({"op": "hello", "versions": versions(), "cloudgpu": __version__,
                    "hostname": platform.node(), "pid": _host_pid(),
                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                    "simulated_gpus": os.environ.get("CLOUDGPU_SIMULATED_GPUS", ""),
-                   "side": self.side is not None})
+                   "side": self.side is not None, "keep_on_execute": True})
+
+    def _check_kept_inputs(self) -> None:
+        """``pre_execute``: if the request about to run names kept inputs, check them; a
+        changed one is answered ``stale`` and the cell is rejected before it runs."""
+        kernel = getattr(self.shell, "kernel", None)
+        parent = kernel.get_parent() if kernel is not None else {}
+        if parent.get("header", {}).get("msg_type") != "execute_request":
+            return  # a comm message, which the comm package runs as an execution
+        asked = (parent.get("metadata") or {}).get("cloudgpu")
+        if not isinstance(asked, dict) or not asked.get("keep"):
+            return
+        self.kept_on_execute += 1
+        verify = bool(asked.get("verify"))
+        errors = {name: "changed here since it was sent; it is being sent again"
+                  for name in asked["keep"] if not self.held.unchanged(name, verify)}
+        if not errors:
+            return
+        self.push_errors.update(errors)
+        comm = self._comms.get(str(asked.get("comm")))
+        if comm is not None:
+            comm.send({"op": "pushed", "id": asked.get("id"), "errors": errors,
+                       "stale": list(errors), "versions": {}})
 
     def on_msg(self, comm: Any, msg: dict[str, Any]) -> None:
         """Dispatch one comm message."""
