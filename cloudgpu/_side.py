@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ._prefault import Prefault
 from .serialize import Serialized, flat
 
 __all__ = [
@@ -55,7 +56,7 @@ SLICE = 8 * 2**20  # bytes per send or receive call: progress, and a timeout per
 CONNECT_TIMEOUT = 10.0
 IO_TIMEOUT = 60.0  # seconds a started message may stall before the connection is given up
 MAX_HEADER = 1 << 20
-POPULATE_MIN = 8 << 20  # receive buffers this big are mapped with their pages present
+MAPPED_MIN = 1 << 20  # receive buffers this big are mappings, populated ahead (_prefault.py)
 
 #: What a frame is received into (see :func:`receive_buffer`).
 Buffer = bytearray | mmap.mmap
@@ -123,6 +124,7 @@ def read_message(sock: socket.socket, report: Report | None = None,
         raise OSError(f"a malformed side channel header: {e}") from e
     total, done = sum(sizes), 0
     frames = [receive_buffer(n) for n in sizes]
+    ahead = Prefault(frames)
     reported = 0
     for frame in frames:
         view = memoryview(frame)
@@ -133,6 +135,7 @@ def read_message(sock: socket.socket, report: Report | None = None,
                 raise OSError(f"the side connection closed {total - done:,} bytes short")
             offset += got
             done += got
+            ahead.reached(done)
             if report is not None and (done - reported >= SLICE or done == total):
                 reported = done
                 report(done, total)
@@ -142,19 +145,18 @@ def read_message(sock: socket.socket, report: Report | None = None,
 def receive_buffer(size: int) -> Buffer:
     """A writable buffer to receive ``size`` bytes into.
 
-    A big one is mapped with its pages made present in one go (``MAP_POPULATE``): on the
-    VM of ``bench/RESULTS.md`` faulting 800 MB in page by page (as ``bytearray``'s zero
-    fill does) took 460 ms, populating them 230-450 ms. Transparent huge pages (as numpy
-    asks for) were 3x faster still while the memory was warm, but 2-6x slower once the VM
-    had taken freed memory back, which it does within seconds: not used.
+    A big one is a fresh mapping, whose pages :class:`~._prefault.Prefault` makes present
+    while the bytes arrive (``bytearray`` zero-fills all of it first: 460 ms for 800 MB
+    on the VM of ``bench/RESULTS.md``). Transparent huge pages (as numpy asks for) were
+    3x faster to fault in while the memory was warm, but 2-6x slower once the VM had taken
+    freed memory back, which it does within seconds: not used.
 
     Raises:
         MemoryError: there is no room for it.
     """
-    if size >= POPULATE_MIN and hasattr(mmap, "MAP_POPULATE"):
+    if size >= MAPPED_MIN:
         try:
-            return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS |
-                             mmap.MAP_POPULATE)
+            return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except OSError as e:
             if e.errno == errno.ENOMEM:
                 raise MemoryError(f"no room for {size:,} bytes: {e.strerror}") from e

@@ -20,7 +20,8 @@ import pytest
 from servers import HostFactory, HostProcess
 
 from cloudgpu._http import tls_context
-from cloudgpu._side import POPULATE_MIN, SIDE_MIN, SideChannel, SideError, receive_buffer
+from cloudgpu._prefault import Prefault
+from cloudgpu._side import MAPPED_MIN, SIDE_MIN, SideChannel, SideError, receive_buffer
 from cloudgpu.errors import SerializationError
 from cloudgpu.host_client import HostClient
 from cloudgpu.provider import Grant
@@ -247,7 +248,7 @@ def test_a_session_refused_the_side_channel_still_moves_its_values(host: HostPro
     run(go)
 
 
-@pytest.mark.parametrize("size", [0, 5, POPULATE_MIN - 1, POPULATE_MIN, 3 * MIB + 7])
+@pytest.mark.parametrize("size", [0, 5, MAPPED_MIN - 1, MAPPED_MIN, 3 * MIB + 7])
 def test_receive_buffers_are_writable_zeroed_and_exactly_the_size(size: int) -> None:
     buffer = receive_buffer(size)
     view = memoryview(buffer)
@@ -257,6 +258,27 @@ def test_receive_buffers_are_writable_zeroed_and_exactly_the_size(size: int) -> 
         view[-1] = 255  # written at the very end: no page of it is missing
         assert buffer[-1] == 255
     view.release()
+
+
+@pytest.mark.timeout(60)
+def test_populating_ahead_of_the_reader_never_changes_what_it_wrote() -> None:
+    buffers = [receive_buffer(n) for n in (3 * MIB + 5, 100, 9 * MIB)]
+    views = [memoryview(b) for b in buffers]
+    views[0][:2 * MIB] = b"\x07" * (2 * MIB)  # received before the populating began
+    ahead = Prefault(buffers)
+    assert ahead.thread is not None
+    ahead.reached(2 * MIB)
+    for at in range(0, 9 * MIB, MIB // 2):  # received while it runs, in order
+        views[2][at: at + 3] = b"abc"
+        ahead.reached(3 * MIB + 105 + at + 3)
+    ahead.thread.join()
+    assert bytes(views[0][:2 * MIB]) == b"\x07" * (2 * MIB)
+    assert not any(views[0][2 * MIB:]) and not any(views[1])
+    for at in range(0, 9 * MIB, MIB // 2):
+        assert bytes(views[2][at: at + 3]) == b"abc"
+        assert not any(views[2][at + 3: at + MIB // 2])
+    for view in views:
+        view.release()
 
 
 def test_a_side_failed_message_stops_the_wait_only_on_the_channel_it_names() -> None:
