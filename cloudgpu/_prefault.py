@@ -26,11 +26,18 @@ __all__ = ["Prefault"]
 CHUNK = 4 << 20
 
 _MADV_POPULATE_WRITE = 23
-try:
-    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-except (OSError, AttributeError):  # not Linux
-    _libc = None
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):  # not Linux
+        return None
+    return libc
+
+
+_libc = _load_libc()
 
 
 class Prefault:
