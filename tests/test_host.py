@@ -122,6 +122,49 @@ def test_any_jupyter_client_can_drive_a_host_kernel(host: HostProcess) -> None:
     assert run(go()).strip() == "gpus=[]"
 
 
+def test_the_kernel_model_follows_what_the_kernel_does(host: HostProcess,
+                                                      tmp_path: Path) -> None:
+    """``execution_state`` and ``last_activity``, which the pool culls idle sessions by, come
+    from the host's own watcher of each kernel's IOPub messages (kernels.py)."""
+    go_on = tmp_path / "go-on"
+
+    async def model_until(http: httpx.AsyncClient, kernel_id: str, state: str) -> Any:
+        for _ in range(600):  # the watcher sees the message a moment after the client
+            model = (await http.get(f"/api/kernels/{kernel_id}")).json()
+            if model["execution_state"] == state:
+                return model
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the kernel never read as {state}: {model}")
+
+    async def go() -> None:
+        headers = {"Authorization": f"token {host.token}"}
+        async with httpx.AsyncClient(base_url=host.url, headers=headers) as http:
+            kernel = (await http.post("/api/kernels", json={})).json()
+            ws_url = host.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
+            async with connect(ws_url, additional_headers=headers) as ws:
+                msg_id = secrets.token_hex(8)
+                await ws.send(json.dumps({
+                    "channel": "shell",
+                    "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t",
+                               "session": "s", "version": "5.3"},
+                    "parent_header": {}, "metadata": {},
+                    "content": {"code": "import pathlib, time\nprint('running', flush=True)\n"
+                                        f"while not pathlib.Path({str(go_on)!r}).exists():\n"
+                                        "    time.sleep(0.01)", "silent": False},
+                }))
+                while True:
+                    msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                    if msg["msg_type"] == "stream" and msg["parent_header"]["msg_id"] == msg_id:
+                        break
+                busy = await model_until(http, kernel["id"], "busy")
+                go_on.touch()
+                idle = await model_until(http, kernel["id"], "idle")
+                assert idle["last_activity"] > busy["last_activity"]
+            await http.delete(f"/api/kernels/{kernel['id']}")
+
+    run(go())
+
+
 def test_gpu_kernels_get_their_own_devices_and_free_them(host: HostProcess) -> None:
     async def go() -> None:
         async with HostClient(host.url, host.token) as client:

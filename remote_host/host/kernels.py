@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
+from jupyter_client.session import DELIM as DELIMITER
+from jupyter_client.utils import utcnow
 from jupyter_core.utils import ensure_async
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 from traitlets import Bool, Float, Instance, Integer, Unicode, default
@@ -193,6 +196,44 @@ class GPUKernelManager(AsyncMappingKernelManager):
             self.log.info("Not interrupting kernel %s: it is still starting", kernel_id)
             return
         await ensure_async(super().interrupt_kernel(kernel_id))
+
+    def start_watching_activity(self, kernel_id: str) -> None:
+        """Keep each kernel's ``last_activity`` and ``execution_state``, as Jupyter does,
+        from the two or three small frames that say them.
+
+        Jupyter's watcher verifies and deserializes every IOPub message a second time, its
+        dates parsed too, on the loop that relays the same messages to the clients: a third
+        of the host's work per message on a cell's path, by py-spy. The kernel alone
+        publishes on its IOPub socket, so the signature is not checked here.
+        """
+        kernel = self._kernels[kernel_id]
+        kernel.reason = ""
+        kernel.last_activity = utcnow()
+        kernel._activity_stream = kernel.connect_iopub()
+        tracked = self.track_message_type
+
+        def record(parts: list[bytes]) -> None:
+            try:
+                at = parts.index(DELIMITER)
+                header = json.loads(parts[at + 2])
+                parent_type = json.loads(parts[at + 3]).get("msg_type")
+                msg_type = header["msg_type"]
+            except (ValueError, IndexError, KeyError, TypeError, AttributeError):
+                return  # not a Jupyter message
+            if tracked(msg_type) or tracked(parent_type) or kernel.execution_state == "busy":
+                self.last_kernel_activity = kernel.last_activity = utcnow()
+            if msg_type != "status":
+                return
+            try:
+                state = json.loads(parts[at + 5])["execution_state"]
+            except (ValueError, IndexError, KeyError, TypeError):
+                return
+            if tracked(parent_type):
+                kernel.execution_state = state
+            elif kernel.execution_state == "starting" and state != "starting":
+                kernel.execution_state = "idle"  # Jupyter's rule: idle once started
+
+        kernel._activity_stream.on_recv(record)
 
     def open_replay_session(self, kernel_id: str, key: str,
                             channels: dict[str, Any]) -> ReplaySession:
