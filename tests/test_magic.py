@@ -94,6 +94,10 @@ def test_second_cell_reuses_the_remote_kernel_and_new_starts_afresh(
     ex = ok(kc, "%%remote gpu=cpu\nprint(remote_json.dumps(remote_only + 1))\n")
     assert ex.stream() == "42\n"
     assert remote_pid(kc) == first_pid
+    # Its history is kept in memory only (kernels.py), and works as in any kernel.
+    ex = ok(kc, "%%remote gpu=cpu --no-pull\nprint(_i.strip(), len(In) >= 3)\n%history -l 1")
+    assert ex.stream().splitlines() == ["print(remote_json.dumps(remote_only + 1)) True",
+                                        "print(remote_json.dumps(remote_only + 1))"]
 
     ex = run(kc, "%%remote gpu=cpu --new\nprint(remote_only)\n", timeout=60)
     assert ex.status == "error", ex.describe()

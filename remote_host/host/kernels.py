@@ -59,6 +59,9 @@ class AgentKernelSpecManager(KernelSpecManager):
         argv = [
             python, "-m", "ipykernel_launcher", "-f", "{connection_file}",
             "--ext=cloudgpu.remote_host.host.agent",
+            # The remote kernel is the notebook's for a session: its history needs no
+            # file, whose SQLite writes after each cell competed with the cells.
+            "--HistoryManager.hist_file=:memory:",
         ]
         # ipykernel's OutStream is not configurable from the command line: the agent
         # applies this when it loads.
