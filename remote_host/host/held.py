@@ -79,6 +79,8 @@ class _Watched:
         #: Whether the value was as recorded when protection began (None until its
         #: fingerprint, taken after, says; good while no page was written since).
         self.baseline: bool | None = None
+        if not self.still_there():
+            raise ValueError("an exporter whose own buffer is not the one pickled")
 
     def same_memory(self, value: Serialized) -> bool:
         """Whether ``value`` pickles to this stream over these very buffers, still alive,
@@ -89,7 +91,6 @@ class _Watched:
                         and _edges(frame, span[0] or 0) == edge
                         for frame, ref, span, edge in zip(frames, self.exporters, self.spans,
                                                           self.edges, strict=True)))
-
 
     def still_there(self) -> bool:
         """Whether each buffer's exporter is alive and still exports the same memory, with
