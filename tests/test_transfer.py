@@ -329,6 +329,23 @@ def test_a_watched_value_is_only_trusted_over_the_same_live_buffers() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_without_write_tracking_every_check_is_a_fingerprint_and_still_sees_writes() -> None:
+    ns: dict[str, object] = {"x": np.arange(400_000, dtype=np.float64)}
+    value = _arrived(ns["x"])
+    ns["x"] = loads(value.codec, value.frames)
+    held = HeldValues(ns, writes=False)  # as where the kernel has no such tracking
+    held.received("x", value)
+    for _ in range(3):
+        _execute(held)
+        assert held.unchanged("x")
+    assert held.hashed == 3 and held.scanned == 0
+    x = ns["x"]
+    assert isinstance(x, np.ndarray)
+    _execute(held, lambda: x.__setitem__(200_000, -1.0))
+    assert not held.unchanged("x")
+
+
+@pytest.mark.timeout(30)
 def test_a_keep_sees_a_write_to_a_watched_value_made_after_the_check() -> None:
     """What test_verify_sees_a_write_made_after_the_check says is not seen, is, once watched."""
     ns: dict[str, object] = {"x": np.arange(400_000, dtype=np.float64)}

@@ -217,8 +217,8 @@ class WriteWatch:
 
     def close(self) -> None:
         """Let go of the kernel objects; armed ranges stop being protected."""
-        for fd in (self._uffd, self._pagemap):
-            if fd >= 0:
+        for fd in (getattr(self, "_uffd", -1), getattr(self, "_pagemap", -1)):
+            if fd >= 0:  # (either may be unset, where the constructor failed early)
                 os.close(fd)
         self._uffd = self._pagemap = -1
 
