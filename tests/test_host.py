@@ -91,6 +91,23 @@ def test_client_reports_a_wrong_token_clearly(host: HostProcess) -> None:
     run(go())
 
 
+async def _first_stream(ws: Any, code: str) -> str:
+    """Execute ``code`` over the default (JSON) websocket protocol; the first text it prints."""
+    msg_id = secrets.token_hex(8)
+    await ws.send(json.dumps({
+        "channel": "shell",
+        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t",
+                   "session": "s", "version": "5.3"},
+        "parent_header": {}, "metadata": {},
+        "content": {"code": code, "silent": False},
+    }))
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        if msg["msg_type"] == "stream" and msg["parent_header"]["msg_id"] == msg_id:
+            text: str = msg["content"]["text"]
+            return text
+
+
 def test_any_jupyter_client_can_drive_a_host_kernel(host: HostProcess) -> None:
     """The standard kernel API with the default (JSON) websocket protocol, no cloudgpu client."""
 
@@ -100,21 +117,8 @@ def test_any_jupyter_client_can_drive_a_host_kernel(host: HostProcess) -> None:
             kernel = (await http.post("/api/kernels", json={})).json()
             ws_url = host.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
             async with connect(ws_url, additional_headers=headers) as ws:
-                msg_id = secrets.token_hex(8)
-                await ws.send(json.dumps({
-                    "channel": "shell",
-                    "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t",
-                               "session": "s", "version": "5.3"},
-                    "parent_header": {}, "metadata": {},
-                    "content": {"code": "import os; print('gpus=[' + os.environ.get("
-                                        "'CUDA_VISIBLE_DEVICES', '?') + ']')",
-                                "silent": False},
-                }))
-                while True:
-                    msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
-                    if msg["msg_type"] == "stream" and msg["parent_header"]["msg_id"] == msg_id:
-                        text: str = msg["content"]["text"]
-                        break
+                text = await _first_stream(ws, "import os; print('gpus=[' + os.environ.get("
+                                               "'CUDA_VISIBLE_DEVICES', '?') + ']')")
             await http.delete(f"/api/kernels/{kernel['id']}")
             return text
 
@@ -142,20 +146,9 @@ def test_the_kernel_model_follows_what_the_kernel_does(host: HostProcess,
             kernel = (await http.post("/api/kernels", json={})).json()
             ws_url = host.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
             async with connect(ws_url, additional_headers=headers) as ws:
-                msg_id = secrets.token_hex(8)
-                await ws.send(json.dumps({
-                    "channel": "shell",
-                    "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t",
-                               "session": "s", "version": "5.3"},
-                    "parent_header": {}, "metadata": {},
-                    "content": {"code": "import pathlib, time\nprint('running', flush=True)\n"
+                await _first_stream(ws, "import pathlib, time\nprint('running', flush=True)\n"
                                         f"while not pathlib.Path({str(go_on)!r}).exists():\n"
-                                        "    time.sleep(0.01)", "silent": False},
-                }))
-                while True:
-                    msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
-                    if msg["msg_type"] == "stream" and msg["parent_header"]["msg_id"] == msg_id:
-                        break
+                                        "    time.sleep(0.01)")
                 busy = await model_until(http, kernel["id"], "busy")
                 go_on.touch()
                 idle = await model_until(http, kernel["id"], "idle")

@@ -191,8 +191,8 @@ def _arrived(value: object, name: str = "x") -> Serialized:
     return assembler.values()[name]
 
 
-def _held(ns: dict[str, object], name: str = "x") -> HeldValues:
-    held = HeldValues(ns)
+def _held(ns: dict[str, object], name: str = "x", writes: bool = True) -> HeldValues:
+    held = HeldValues(ns, writes=writes)
     value = _arrived(ns[name], name)
     ns[name] = loads(value.codec, value.frames)
     held.received(name, value)
@@ -331,10 +331,7 @@ def test_a_watched_value_is_only_trusted_over_the_same_live_buffers() -> None:
 @pytest.mark.timeout(30)
 def test_without_write_tracking_every_check_is_a_fingerprint_and_still_sees_writes() -> None:
     ns: dict[str, object] = {"x": np.arange(400_000, dtype=np.float64)}
-    value = _arrived(ns["x"])
-    ns["x"] = loads(value.codec, value.frames)
-    held = HeldValues(ns, writes=False)  # as where the kernel has no such tracking
-    held.received("x", value)
+    held = _held(ns, writes=False)  # as where the kernel has no such tracking
     for _ in range(3):
         _execute(held)
         assert held.unchanged("x")

@@ -88,9 +88,9 @@ class _Watched:
         frames = value.frames[1:]
         return (len(frames) == len(self.exporters) and bytes(value.frames[0]) == self.stream
                 and all(frame.obj is ref() and (_address(frame), frame.nbytes) == span
-                        and _edges(frame, span[0] or 0) == edge
-                        for frame, ref, span, edge in zip(frames, self.exporters, self.spans,
-                                                          self.edges, strict=True)))
+                        for frame, ref, span in zip(frames, self.exporters, self.spans,
+                                                    strict=True))
+                and self.still_there())
 
     def still_there(self) -> bool:
         """Whether each buffer's exporter is alive and still exports the same memory, with
