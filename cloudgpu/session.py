@@ -232,12 +232,16 @@ class RemoteSession:
         kept = bool(push) and all(v.codec == "keep" for v in push.values()) and \
             kernel.greeted("keep_on_execute")
         run = _CellRun(kernel, sink, bool(push), bool(pull), kept_on_execute=kept)
+        # Nothing here reads execute_input: the agent publishes none for this request.
+        asked: dict[str, Any] = {"echo": False}
+        if kept:
+            asked.update(keep=list(push), id=run.pushed.id, comm=kernel.comm_id)
+            if self.verify_unchanged:
+                asked["verify"] = True
         execute = kernel.message("execute_request", {
             "code": code, "silent": False, "store_history": True, "user_expressions": {},
             "allow_stdin": False, "stop_on_error": False,
-        }, metadata={"cloudgpu": {
-            "keep": list(push), "id": run.pushed.id, "comm": kernel.comm_id,
-            **({"verify": True} if self.verify_unchanged else {})}} if kept else None)
+        }, metadata={"cloudgpu": asked})
         exec_id = execute["header"]["msg_id"]
         kernel.route(exec_id, run.on_message)
         quiet = kernel.on_notice(lambda text: sink("notice", {"text": text}))

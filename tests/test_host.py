@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import secrets
 import subprocess
@@ -91,21 +92,41 @@ def test_client_reports_a_wrong_token_clearly(host: HostProcess) -> None:
     run(go())
 
 
-async def _first_stream(ws: Any, code: str) -> str:
-    """Execute ``code`` over the default (JSON) websocket protocol; the first text it prints."""
+async def _execute(ws: Any, code: str, metadata: dict[str, Any] | None = None) -> str:
+    """Send an execute request over the default (JSON) websocket protocol; its msg_id."""
     msg_id = secrets.token_hex(8)
     await ws.send(json.dumps({
         "channel": "shell",
         "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t",
                    "session": "s", "version": "5.3"},
-        "parent_header": {}, "metadata": {},
+        "parent_header": {}, "metadata": metadata or {},
         "content": {"code": code, "silent": False},
     }))
+    return msg_id
+
+
+async def _first_stream(ws: Any, code: str) -> str:
+    """Execute ``code`` over the default (JSON) websocket protocol; the first text it prints."""
+    msg_id = await _execute(ws, code)
     while True:
         msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
         if msg["msg_type"] == "stream" and msg["parent_header"]["msg_id"] == msg_id:
             text: str = msg["content"]["text"]
             return text
+
+
+async def _iopub_until_idle(ws: Any, code: str,
+                            metadata: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Execute ``code``; its IOPub messages, the final idle status included."""
+    msg_id = await _execute(ws, code, metadata)
+    seen: list[dict[str, Any]] = []
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        if msg["channel"] != "iopub" or msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        seen.append(msg)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return seen
 
 
 def test_any_jupyter_client_can_drive_a_host_kernel(host: HostProcess) -> None:
@@ -124,6 +145,33 @@ def test_any_jupyter_client_can_drive_a_host_kernel(host: HostProcess) -> None:
 
     # A kernel started through the plain API holds no GPU.
     assert run(go()).strip() == "gpus=[]"
+
+
+def test_the_agent_echoes_inputs_unless_asked_not_to(host: HostProcess) -> None:
+    """cloudgpu's clients ask for no ``execute_input`` (they ignore it: one message fewer
+    through the host per cell); any other client gets it. The kernel's logger builds no
+    debug records its handlers would drop."""
+
+    async def go() -> tuple[list[str], list[str], str]:
+        headers = {"Authorization": f"token {host.token}"}
+        async with httpx.AsyncClient(base_url=host.url, headers=headers) as http:
+            kernel = (await http.post("/api/kernels", json={})).json()
+            ws_url = host.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
+            async with connect(ws_url, additional_headers=headers) as ws:
+                plain = await _iopub_until_idle(ws, "pass")
+                quiet = await _iopub_until_idle(ws, "pass", {"cloudgpu": {"echo": False}})
+                levels = await _iopub_until_idle(
+                    ws, "import logging\nlog = get_ipython().kernel.log\n"
+                        "print(log.getEffectiveLevel(), min(h.level for h in log.handlers))")
+            await http.delete(f"/api/kernels/{kernel['id']}")
+        printed = "".join(m["content"]["text"] for m in levels if m["msg_type"] == "stream")
+        return [m["msg_type"] for m in plain], [m["msg_type"] for m in quiet], printed
+
+    plain, quiet, printed = run(go())
+    assert plain == ["status", "execute_input", "status"]
+    assert quiet == ["status", "status"]
+    level, lowest_handler = printed.split()
+    assert level == lowest_handler and int(level) > logging.DEBUG
 
 
 def test_the_kernel_model_follows_what_the_kernel_does(host: HostProcess,
