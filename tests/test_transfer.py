@@ -7,13 +7,17 @@ import pickle
 import socket
 import threading
 import types
+from typing import cast
 
 import numpy as np
 import pytest
-from cloudgpu.magics._names import analyze
+from cloudgpu.magics._names import CellNames, analyze
+from cloudgpu.magics.remote import _cell_names
 from cloudgpu.remote_host.host.held import HeldValues
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from IPython.core.inputtransformer2 import TransformerManager
+from IPython.core.interactiveshell import InteractiveShell
 
 from cloudgpu import _wire
 from cloudgpu._changes import NotebookChanges
@@ -155,6 +159,35 @@ def test_cell_names(code: str, reads: list[str], writes: list[str]) -> None:
 
 def test_imports_are_marked_so_they_are_not_pulled() -> None:
     assert analyze("import os, numpy.linalg\nfrom x import y as z").imports == {"os", "numpy", "z"}
+
+
+@pytest.mark.parametrize(("cell", "transformed"), [
+    ("y = x + 1", False),
+    ("total = sum(v for v in values)\nprint(total);", False),
+    ("print('100% done?')\nz = w", True),  # escapes in a string: the slow path, same names
+    ("files = !ls\ncount = len(files)", True),
+    ("%time y = x\nz = y", True),
+    ("a = %env HOME", True),
+    ("x?", True),
+    ("  y = x\n  z = y", True),  # IPython dedents it
+    (">>> y = x", True),  # a pasted prompt
+    ("def f(:", True),
+])
+def test_a_magic_cell_is_read_as_ipython_would_run_it(cell: str, transformed: bool) -> None:
+    transform = TransformerManager().transform_cell
+    calls: list[str] = []
+
+    def counted(code: str) -> str:
+        calls.append(code)
+        return transform(code)
+
+    shell = cast(InteractiveShell, types.SimpleNamespace(transform_cell=counted))
+    try:
+        expected: CellNames | None = analyze(transform(cell))
+    except SyntaxError:
+        expected = None
+    assert _cell_names(shell, cell) == expected
+    assert calls == ([cell] if transformed else [])  # plain Python skips IPython's transform
 
 
 def test_a_v1_message_with_a_lying_offset_count_is_refused_at_once() -> None:
