@@ -445,3 +445,26 @@ def test_remote_stdout_is_not_held_back_200_ms(kc: BlockingKernelClient) -> None
     ok(kc, "%%remote gpu=cpu\nimport sys\nintervals = (sys.stdout.flush_interval, "
            "sys.stderr.flush_interval)")
     assert value(kc, "intervals") == (0.02, 0.02)
+
+
+@pytest.mark.timeout(60)
+def test_a_status_line_comes_after_what_was_printed_and_flushes_only_then(
+        kc: BlockingKernelClient) -> None:
+    """Each display flushes stdout and stderr first, and each flush waits for the kernel's
+    IOPub thread; cloudgpu's status lines skip that only while nothing waits to be sent."""
+    ex = ok(kc, "import sys\n"
+                "from cloudgpu._output import publish_status\n"
+                "slow, sys.stdout.flush_interval = sys.stdout.flush_interval, 3600\n"
+                "publish_status('first')\n"
+                "wrapper, flushes = get_ipython().display_pub._flush_streams, []\n"
+                "real = wrapper.flush\n"
+                "wrapper.flush = lambda: (flushes.append(1), real())\n"
+                "publish_status('nothing waits')\n"
+                "print('printed', end='')\n"  # held in the buffer: the interval is an hour
+                "publish_status('after the print')\n"
+                "wrapper.flush, sys.stdout.flush_interval = real, slow\n"
+                "print('', len(flushes))")
+    order = [m.content["text"] if m.msg_type == "stream" else m.content["data"]["text/plain"]
+             for m in ex.of("stream", "display_data")]
+    assert order == ["first", "nothing waits", "printed", "after the print", " 1\n"], \
+        ex.describe()
