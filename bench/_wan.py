@@ -130,8 +130,11 @@ class DelayRelay:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer),
-                             return_exceptions=True)
+        try:
+            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer),
+                                 return_exceptions=True)
+        except asyncio.CancelledError:
+            pass  # the relay shuts down: asyncio's server would log a cancelled handler
         for w in (writer, up_writer):
             w.close()
 
