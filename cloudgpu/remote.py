@@ -387,24 +387,27 @@ class RemoteKernel:
             sent += sum(b.nbytes for b in buffers)
             report(sent, total)
 
-    async def pull(self, names: list[str], batch: AgentBatch, only_if_ok: bool = True) -> None:
+    async def pull(self, names: list[str], batch: AgentBatch, only_if_ok: bool = True,
+                   send: Callable[[dict[str, Any]], Awaitable[None]] | None = None) -> None:
         """Ask the agent for ``names``; they arrive in ``batch``'s assembler (big frames by
-        the side channel, when there is one)."""
+        the side channel, when there is one). ``send`` carries the first request (by
+        default a comm message; an execute request can, see ``pull_on_execute``)."""
         request = {"op": "pull", "id": batch.id, "names": names, "only_if_ok": only_if_ok}
 
-        async def ask(request: dict[str, Any], tries: int) -> None:
+        async def ask(request: dict[str, Any], tries: int,
+                      send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
             side = await self.side_channel() if tries else None
             if side is None:
-                await self.agent_send(request)
+                await send(request)
                 return
             # Asked again (once more by a new side channel, then by the websocket), the
             # values come whole; the cell has run (the agent sent them), so it is not
             # asked again whether it succeeded.
             again = {**request, "only_if_ok": False}
-            batch.expect_side(side, lambda: ask(again, tries - 1))
-            await self.agent_send({**request, "side": side.id})
+            batch.expect_side(side, lambda: ask(again, tries - 1, self.agent_send))
+            await send({**request, "side": side.id})
 
-        await ask(request, 2)
+        await ask(request, 2, send or self.agent_send)
 
     def greeted(self, feature: str) -> bool:
         """Whether the agent has greeted us and serves ``feature`` (a flag of its hello)."""

@@ -238,19 +238,28 @@ class RemoteSession:
             asked.update(keep=list(push), id=run.pushed.id, comm=kernel.comm_id)
             if self.verify_unchanged:
                 asked["verify"] = True
-        execute = kernel.message("execute_request", {
-            "code": code, "silent": False, "store_history": True, "user_expressions": {},
-            "allow_stdin": False, "stop_on_error": False,
-        }, metadata={"cloudgpu": asked})
-        exec_id = execute["header"]["msg_id"]
-        kernel.route(exec_id, run.on_message)
+        # The outputs are asked for on the execute request too, where the agent can.
+        pull_on_execute = bool(pull) and kernel.greeted("pull_on_execute")
+
+        async def carry(request: dict[str, Any]) -> None:
+            asked.update(pull=request, comm=kernel.comm_id)
+
         quiet = kernel.on_notice(lambda text: sink("notice", {"text": text}))
+        exec_id = ""
         try:
+            if pull_on_execute:
+                await kernel.pull(pull, run.pulled, send=carry)
+            execute = kernel.message("execute_request", {
+                "code": code, "silent": False, "store_history": True, "user_expressions": {},
+                "allow_stdin": False, "stop_on_error": False,
+            }, metadata={"cloudgpu": asked})
+            exec_id = execute["header"]["msg_id"]
+            kernel.route(exec_id, run.on_message)
             if push and not kept:
                 await kernel.push(push, run.pushed, lambda info: sink("progress", info),
                                   verify=self.verify_unchanged)
             await kernel.send("shell", execute)
-            if pull:
+            if pull and not pull_on_execute:
                 await kernel.pull(pull, run.pulled)
             waits: list[Any] = [kernel.wait(f, None, "answer") for f in run.futures()]
             if not kernel.remote:  # the greeting was pipelined in front of this cell

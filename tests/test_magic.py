@@ -373,6 +373,25 @@ def test_an_unchanged_big_input_is_not_sent_again(kc: BlockingKernelClient) -> N
     assert value(kc, f"{MAGIC}.last_result.stale") == ["big_in"]
 
 
+@pytest.mark.timeout(120)
+def test_outputs_are_asked_for_on_the_execute_request(kc: BlockingKernelClient) -> None:
+    """A cell's pull rides on its execute request, no comm message of its own; the agent
+    answers it as the cell ends, even for a cell that is only whitespace (IPython runs no
+    ``pre_execute`` for one), and not for a cell that failed."""
+    counter = "get_ipython().cloudgpu_agent.pulled_on_execute"
+    ok(kc, f"%%remote gpu=cpu\nbefore = {counter}")
+    ok(kc, "%%remote gpu=cpu\nanswer = 6 * 7")
+    assert value(kc, "answer") == 42
+    ok(kc, "answer = 0")
+    ok(kc, "%%remote gpu=cpu --pull answer\n   ")
+    assert value(kc, "answer") == 42
+    failed = run(kc, "%%remote gpu=cpu\nanswer = 1\nraise ValueError('no')")
+    assert failed.status == "error" and value(kc, "answer") == 42
+    ok(kc, f"%%remote gpu=cpu\nafter = {counter}")
+    # before's own, answer's, the whitespace cell's and the failed cell's (answered: skipped)
+    assert value(kc, "after") == value(kc, "before") + 4
+
+
 @pytest.mark.timeout(180)
 def test_unchanged_inputs_are_trusted_only_while_nothing_can_have_changed_them(
         kc: BlockingKernelClient) -> None:

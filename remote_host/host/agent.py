@@ -15,16 +15,20 @@ buffers carry the frames (see ``cloudgpu._transfer``):
 - ``ran_on``: what the kernel runs on (GPUs, driver, CUDA, Python) and the versions of
   the packages the notebook imported, for ``metadata.cloudgpu.ran_on``;
 - ``hello`` (on comm open): both sides' Python and cloudpickle versions, and whether
-  this agent serves the side channel (``side``) and reads kept inputs from an execute
-  request (``keep_on_execute``).
+  this agent serves the side channel (``side``) and reads kept inputs and pulls from an
+  execute request (``keep_on_execute``, ``pull_on_execute``).
 
 A cell whose inputs are all kept needs no ``push``: its execute request names them in its
 metadata (``{"cloudgpu": {"keep": [...], "id", "comm", "verify"}}``), and the agent checks
 them as the request starts, before any code of it runs. Only if one changed does it answer
 ``pushed`` (with ``stale``) for the batch ``id`` on the comm ``comm``, and reject the cell,
 as for a push. This saves a comm message, and the kernel's handling of it, per cell.
-cloudgpu's clients also ask for no echo of the cell (``{"cloudgpu": {"echo": false}}``):
-they ignore ``execute_input``, so the agent publishes none for such a request.
+Likewise a cell's outputs: the request may carry the ``pull`` the client would have sent
+(``{"cloudgpu": {"pull": {...}, "comm"}}``), which the agent answers as the cell ends, on
+the comm ``comm``, exactly as the comm message (``pull_on_execute`` in the hello): one
+message fewer each way, and one execution fewer in the kernel. cloudgpu's clients also ask
+for no echo of the cell (``{"cloudgpu": {"echo": false}}``): they ignore
+``execute_input``, so the agent publishes none for such a request.
 
 Big frames may come and go by the side channel instead of the comm (``cloudgpu._side``,
 ``agent_side.py``): a ``push`` or ``pull`` naming a channel (``side``) moves the frames
@@ -112,9 +116,12 @@ class Agent:
         #: Cells whose kept inputs came named on their execute request, for tests.
         self.kept_on_execute = 0
         # Before the held values' epoch moves on: the check after the last execution holds.
+        #: Cells whose outputs were asked for on their execute request, for tests.
+        self.pulled_on_execute = 0
         shell.events.register("pre_execute", self._check_kept_inputs)
         shell.events.register("pre_execute", self.held.execution_starts)
         shell.events.register("post_execute", self.held.execution_ended)
+        shell.events.register("post_run_cell", self._pull_on_execute)
         self._incoming: dict[str, Assembler] = {}
         #: Where big frames come and go off the comm path; None where it could not listen.
         self.side: SideChannels | None = None
@@ -146,17 +153,25 @@ class Agent:
                    "hostname": platform.node(), "pid": _host_pid(),
                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                    "simulated_gpus": os.environ.get("CLOUDGPU_SIMULATED_GPUS", ""),
-                   "side": self.side is not None, "keep_on_execute": True})
+                   "side": self.side is not None, "keep_on_execute": True,
+                   "pull_on_execute": True})
+
+    def _asked(self) -> dict[str, Any]:
+        """What the execute request running now asks of the agent (its metadata's
+        ``cloudgpu``); empty for a comm message, which the comm package runs as an
+        execution, and for other clients' requests."""
+        kernel = getattr(self.shell, "kernel", None)
+        parent = kernel.get_parent() if kernel is not None else {}
+        if parent.get("header", {}).get("msg_type") != "execute_request":
+            return {}
+        asked = (parent.get("metadata") or {}).get("cloudgpu")
+        return asked if isinstance(asked, dict) else {}
 
     def _check_kept_inputs(self) -> None:
         """``pre_execute``: if the request about to run names kept inputs, check them; a
         changed one is answered ``stale`` and the cell is rejected before it runs."""
-        kernel = getattr(self.shell, "kernel", None)
-        parent = kernel.get_parent() if kernel is not None else {}
-        if parent.get("header", {}).get("msg_type") != "execute_request":
-            return  # a comm message, which the comm package runs as an execution
-        asked = (parent.get("metadata") or {}).get("cloudgpu")
-        if not isinstance(asked, dict) or not asked.get("keep"):
+        asked = self._asked()
+        if not asked.get("keep"):
             return
         self.kept_on_execute += 1
         verify = bool(asked.get("verify"))
@@ -169,6 +184,16 @@ class Agent:
         if comm is not None:
             comm.send({"op": "pushed", "id": asked.get("id"), "errors": errors,
                        "stale": list(errors), "versions": {}})
+
+    def _pull_on_execute(self, result: Any) -> None:
+        """``post_run_cell``: answer the pull the request that just ran carried, as the
+        comm message would have been (skipped if the cell failed). Read here, not before
+        the cell: IPython runs no ``pre_execute`` for a cell that is only whitespace."""
+        asked = self._asked()
+        pull, comm = asked.get("pull"), self._comms.get(str(asked.get("comm")))
+        if isinstance(pull, dict) and comm is not None:
+            self.pulled_on_execute += 1
+            self._on_pull(comm, pull)
 
     def on_msg(self, comm: Any, msg: dict[str, Any]) -> None:
         """Dispatch one comm message."""
