@@ -84,9 +84,9 @@ def _no_needless_flush() -> Iterator[None]:
     VM of ``bench/RESULTS.md``. Where the streams are not ipykernel's, or it cannot tell,
     everything flushes as usual. Only this thread's displays skip; another thread that
     prints while it happens may see its text arrive just after the status line."""
-    pub = getattr(_shell(), "display_pub", None)
+    pub: Any = getattr(_shell(), "display_pub", None)
     flush = vars(pub).get("_flush_streams") if hasattr(pub, "__dict__") else None
-    if flush is None and callable(getattr(pub, "_flush_streams", None)):
+    if flush is None and pub is not None and callable(getattr(pub, "_flush_streams", None)):
         flush = pub._flush_streams = _FlushUnlessSkipping(pub._flush_streams)
     if not isinstance(flush, _FlushUnlessSkipping) or _unsent_output():
         yield
