@@ -61,6 +61,10 @@ Forward = Callable[[str, _wire.Message], None]
 Route = Callable[[str, _wire.Message], None]
 #: Receives transfer progress: {"direction": "push"|"pull", "done": bytes, "total": bytes}.
 Progress = Callable[[dict[str, Any]], None]
+#: Takes an agent message (its data and buffers) that another message carries.
+Carry = Callable[[dict[str, Any], list[memoryview]], Awaitable[None]]
+#: Buffers an execute request may carry for a push: bigger ones go as comm messages.
+CARRY_MAX = 1 << 20
 
 
 class AgentBatch:
@@ -350,12 +354,15 @@ class RemoteKernel:
                 "comm_msg", {"comm_id": self.comm_id, "data": data}, buffers=buffers))
 
     async def push(self, values: dict[str, Serialized], batch: AgentBatch,
-                   on_progress: Progress | None = None, verify: bool = False) -> None:
+                   on_progress: Progress | None = None, verify: bool = False,
+                   carry: Carry | None = None) -> None:
         """Send ``values`` to the agent as batch ``batch``; its ``pushed`` answer resolves it.
 
         Big frames go by the side channel first, when there is one. With ``verify``, the
         agent fingerprints each value it is asked to keep, trusting no check it made
-        before (see ``remote_host/host/held.py``).
+        before (see ``remote_host/host/held.py``). What is left fits one message of at most
+        ``CARRY_MAX`` bytes of buffers, ``carry`` takes it (an execute request carries it,
+        see ``push_on_execute``) instead of a comm message.
         """
         total = sum(v.nbytes for v in values.values())
         sent = 0
@@ -382,7 +389,13 @@ class RemoteKernel:
             break
         if "side" not in extra:
             picked = []  # the websocket carries them
-        for data, buffers in pack(values, extra=extra, side=picked):
+        parts = list(pack(values, extra=extra, side=picked))
+        if carry is not None and len(parts) == 1 and \
+                sum(b.nbytes for b in parts[0][1]) <= CARRY_MAX:
+            await carry(*parts[0])
+            report(total, total)
+            return
+        for data, buffers in parts:
             await self.agent_send(data, buffers)
             sent += sum(b.nbytes for b in buffers)
             report(sent, total)

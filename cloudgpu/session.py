@@ -238,26 +238,34 @@ class RemoteSession:
             asked.update(keep=list(push), id=run.pushed.id, comm=kernel.comm_id)
             if self.verify_unchanged:
                 asked["verify"] = True
-        # The outputs are asked for on the execute request too, where the agent can.
+        # The inputs (what the side channel does not carry) and the outputs are asked for on
+        # the execute request too, where the agent can: one message, one execution there.
+        push_on_execute = kernel.greeted("push_on_execute")
         pull_on_execute = bool(pull) and kernel.greeted("pull_on_execute")
+        carried: list[memoryview] = []
 
-        async def carry(request: dict[str, Any]) -> None:
+        async def carry_pull(request: dict[str, Any]) -> None:
             asked.update(pull=request, comm=kernel.comm_id)
+
+        async def carry_push(data: dict[str, Any], buffers: list[memoryview]) -> None:
+            asked.update(push=data, comm=kernel.comm_id)
+            carried.extend(buffers)
 
         quiet = kernel.on_notice(lambda text: sink("notice", {"text": text}))
         exec_id = ""
         try:
+            if push and not kept:
+                await kernel.push(push, run.pushed, lambda info: sink("progress", info),
+                                  verify=self.verify_unchanged,
+                                  carry=carry_push if push_on_execute else None)
             if pull_on_execute:
-                await kernel.pull(pull, run.pulled, send=carry)
+                await kernel.pull(pull, run.pulled, send=carry_pull)
             execute = kernel.message("execute_request", {
                 "code": code, "silent": False, "store_history": True, "user_expressions": {},
                 "allow_stdin": False, "stop_on_error": False,
-            }, metadata={"cloudgpu": asked})
+            }, metadata={"cloudgpu": asked}, buffers=carried)
             exec_id = execute["header"]["msg_id"]
             kernel.route(exec_id, run.on_message)
-            if push and not kept:
-                await kernel.push(push, run.pushed, lambda info: sink("progress", info),
-                                  verify=self.verify_unchanged)
             await kernel.send("shell", execute)
             if pull and not pull_on_execute:
                 await kernel.pull(pull, run.pulled)

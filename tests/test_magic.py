@@ -374,6 +374,30 @@ def test_an_unchanged_big_input_is_not_sent_again(kc: BlockingKernelClient) -> N
 
 
 @pytest.mark.timeout(120)
+def test_inputs_come_on_the_execute_request(kc: BlockingKernelClient) -> None:
+    """A cell's push rides on its execute request (its small frames as the request's
+    buffers); the agent loads it before the code runs, or after a cell that is only
+    whitespace, and a value that fails to load there still stops the cell."""
+    counter = "get_ipython().cloudgpu_agent.pushed_on_execute"
+    ok(kc, f"%%remote gpu=cpu\nbefore = {counter}")
+    ok(kc, "fresh = [1, 2, 3]")
+    ok(kc, "%%remote gpu=cpu\ntotal = sum(fresh)")
+    assert value(kc, "total") == 6
+    ok(kc, "fresh = [4]")
+    ok(kc, "%%remote gpu=cpu --push fresh\n   ")
+    ok(kc, "%%remote gpu=cpu\nseen = globals()['fresh']")  # names no input: nothing pushed
+    assert value(kc, "seen") == [4]
+    ok(kc, "class Boom:\n    def __reduce__(self):\n        return (eval, ('1/0',))\n"
+           "boom = Boom()")
+    failed = run(kc, "%%remote gpu=cpu\nran = repr(boom)")
+    assert failed.status == "error", failed.describe()
+    said = failed.error_text()
+    assert "could not be loaded remotely" in said and "ZeroDivisionError" in said, said
+    ok(kc, f"%%remote gpu=cpu\nafter = {counter}")
+    assert value(kc, "after") == value(kc, "before") + 3
+
+
+@pytest.mark.timeout(120)
 def test_outputs_are_asked_for_on_the_execute_request(kc: BlockingKernelClient) -> None:
     """A cell's pull rides on its execute request, no comm message of its own; the agent
     answers it as the cell ends, even for a cell that is only whitespace (IPython runs no

@@ -15,18 +15,20 @@ buffers carry the frames (see ``cloudgpu._transfer``):
 - ``ran_on``: what the kernel runs on (GPUs, driver, CUDA, Python) and the versions of
   the packages the notebook imported, for ``metadata.cloudgpu.ran_on``;
 - ``hello`` (on comm open): both sides' Python and cloudpickle versions, and whether
-  this agent serves the side channel (``side``) and reads kept inputs and pulls from an
-  execute request (``keep_on_execute``, ``pull_on_execute``).
+  this agent serves the side channel (``side``) and reads kept inputs, pushes and pulls
+  from an execute request (``keep_on_execute``, ``push_on_execute``, ``pull_on_execute``).
 
 A cell whose inputs are all kept needs no ``push``: its execute request names them in its
 metadata (``{"cloudgpu": {"keep": [...], "id", "comm", "verify"}}``), and the agent checks
 them as the request starts, before any code of it runs. Only if one changed does it answer
 ``pushed`` (with ``stale``) for the batch ``id`` on the comm ``comm``, and reject the cell,
 as for a push. This saves a comm message, and the kernel's handling of it, per cell.
-Likewise a cell's outputs: the request may carry the ``pull`` the client would have sent
-(``{"cloudgpu": {"pull": {...}, "comm"}}``), which the agent answers as the cell ends, on
-the comm ``comm``, exactly as the comm message (``pull_on_execute`` in the hello): one
-message fewer each way, and one execution fewer in the kernel. cloudgpu's clients also ask
+Likewise a cell's inputs and outputs: the request may carry the ``push`` (its small
+frames as the request's buffers; big ones came by the side channel) and the ``pull`` the
+client would have sent (``{"cloudgpu": {"push": {...}, "pull": {...}, "comm"}}``), which
+the agent handles exactly as those comm messages, on the comm ``comm``: the push before
+the cell's code runs, the pull as it ends (``push_on_execute``, ``pull_on_execute`` in the
+hello). Each saves a message each way, and an execution in the kernel. cloudgpu's clients also ask
 for no echo of the cell (``{"cloudgpu": {"echo": false}}``): they ignore
 ``execute_input``, so the agent publishes none for such a request.
 
@@ -116,8 +118,11 @@ class Agent:
         #: Cells whose kept inputs came named on their execute request, for tests.
         self.kept_on_execute = 0
         # Before the held values' epoch moves on: the check after the last execution holds.
-        #: Cells whose outputs were asked for on their execute request, for tests.
+        #: Cells whose inputs and outputs came on their execute request, for tests.
+        self.pushed_on_execute = 0
         self.pulled_on_execute = 0
+        self._pushed_for = ""  # the execute request whose carried push was loaded
+        shell.events.register("pre_execute", self._push_on_execute)
         shell.events.register("pre_execute", self._check_kept_inputs)
         shell.events.register("pre_execute", self.held.execution_starts)
         shell.events.register("post_execute", self.held.execution_ended)
@@ -154,18 +159,38 @@ class Agent:
                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                    "simulated_gpus": os.environ.get("CLOUDGPU_SIMULATED_GPUS", ""),
                    "side": self.side is not None, "keep_on_execute": True,
-                   "pull_on_execute": True})
+                   "push_on_execute": True, "pull_on_execute": True})
 
-    def _asked(self) -> dict[str, Any]:
-        """What the execute request running now asks of the agent (its metadata's
-        ``cloudgpu``); empty for a comm message, which the comm package runs as an
-        execution, and for other clients' requests."""
+    def _parent(self) -> dict[str, Any]:
+        """The execute request running now; empty for a comm message, which the comm
+        package runs as an execution."""
         kernel = getattr(self.shell, "kernel", None)
         parent = kernel.get_parent() if kernel is not None else {}
         if parent.get("header", {}).get("msg_type") != "execute_request":
             return {}
-        asked = (parent.get("metadata") or {}).get("cloudgpu")
+        return dict(parent)
+
+    def _asked(self) -> dict[str, Any]:
+        """What the execute request running now asks of the agent (its metadata's
+        ``cloudgpu``); empty for a comm message and for other clients' requests."""
+        asked = (self._parent().get("metadata") or {}).get("cloudgpu")
         return asked if isinstance(asked, dict) else {}
+
+    def _push_on_execute(self) -> None:
+        """``pre_execute`` (and ``post_run_cell`` for a cell IPython ran no
+        ``pre_execute`` for): load the push the request carries, its small frames in the
+        request's buffers, as the comm message would have been, before the code runs."""
+        parent = self._parent()
+        asked = (parent.get("metadata") or {}).get("cloudgpu")
+        if not isinstance(asked, dict) or not isinstance(asked.get("push"), dict):
+            return
+        msg_id = str(parent.get("header", {}).get("msg_id"))
+        comm = self._comms.get(str(asked.get("comm")))
+        if comm is None or msg_id == self._pushed_for:
+            return
+        self._pushed_for = msg_id
+        self.pushed_on_execute += 1
+        self._on_push(comm, asked["push"], list(parent.get("buffers") or []))
 
     def _check_kept_inputs(self) -> None:
         """``pre_execute``: if the request about to run names kept inputs, check them; a
@@ -188,7 +213,9 @@ class Agent:
     def _pull_on_execute(self, result: Any) -> None:
         """``post_run_cell``: answer the pull the request that just ran carried, as the
         comm message would have been (skipped if the cell failed). Read here, not before
-        the cell: IPython runs no ``pre_execute`` for a cell that is only whitespace."""
+        the cell: IPython runs no ``pre_execute`` for a cell that is only whitespace, so
+        such a cell's push is loaded here too."""
+        self._push_on_execute()
         asked = self._asked()
         pull, comm = asked.get("pull"), self._comms.get(str(asked.get("comm")))
         if isinstance(pull, dict) and comm is not None:
