@@ -61,6 +61,8 @@ Forward = Callable[[str, _wire.Message], None]
 Route = Callable[[str, _wire.Message], None]
 #: Receives transfer progress: {"direction": "push"|"pull", "done": bytes, "total": bytes}.
 Progress = Callable[[dict[str, Any]], None]
+#: Sends a request to the agent some other way than its own comm message.
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 #: Takes an agent message (its data and buffers) that another message carries.
 Carry = Callable[[dict[str, Any], list[memoryview]], Awaitable[None]]
 #: Buffers an execute request may carry for a push: bigger ones go as comm messages.
@@ -360,9 +362,9 @@ class RemoteKernel:
 
         Big frames go by the side channel first, when there is one. With ``verify``, the
         agent fingerprints each value it is asked to keep, trusting no check it made
-        before (see ``remote_host/host/held.py``). What is left fits one message of at most
-        ``CARRY_MAX`` bytes of buffers, ``carry`` takes it (an execute request carries it,
-        see ``push_on_execute``) instead of a comm message.
+        before (see ``remote_host/host/held.py``). Where what is left fits one message
+        with at most ``CARRY_MAX`` bytes of buffers, ``carry`` takes it instead of a comm
+        message (an execute request carries it, see ``push_on_execute``).
         """
         total = sum(v.nbytes for v in values.values())
         sent = 0
@@ -401,14 +403,13 @@ class RemoteKernel:
             report(sent, total)
 
     async def pull(self, names: list[str], batch: AgentBatch, only_if_ok: bool = True,
-                   send: Callable[[dict[str, Any]], Awaitable[None]] | None = None) -> None:
+                   send: Send | None = None) -> None:
         """Ask the agent for ``names``; they arrive in ``batch``'s assembler (big frames by
         the side channel, when there is one). ``send`` carries the first request (by
         default a comm message; an execute request can, see ``pull_on_execute``)."""
         request = {"op": "pull", "id": batch.id, "names": names, "only_if_ok": only_if_ok}
 
-        async def ask(request: dict[str, Any], tries: int,
-                      send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        async def ask(request: dict[str, Any], tries: int, send: Send) -> None:
             side = await self.side_channel() if tries else None
             if side is None:
                 await send(request)

@@ -28,8 +28,8 @@ frames as the request's buffers; big ones came by the side channel) and the ``pu
 client would have sent (``{"cloudgpu": {"push": {...}, "pull": {...}, "comm"}}``), which
 the agent handles exactly as those comm messages, on the comm ``comm``: the push before
 the cell's code runs, the pull as it ends (``push_on_execute``, ``pull_on_execute`` in the
-hello). Each saves a message each way, and an execution in the kernel. cloudgpu's clients also ask
-for no echo of the cell (``{"cloudgpu": {"echo": false}}``): they ignore
+hello). Each saves a message each way, and an execution in the kernel. cloudgpu's clients
+also ask for no echo of the cell (``{"cloudgpu": {"echo": false}}``): they ignore
 ``execute_input``, so the agent publishes none for such a request.
 
 Big frames may come and go by the side channel instead of the comm (``cloudgpu._side``,
@@ -117,16 +117,16 @@ class Agent:
         self._comms: dict[str, Any] = {}
         #: Cells whose kept inputs came named on their execute request, for tests.
         self.kept_on_execute = 0
-        # Before the held values' epoch moves on: the check after the last execution holds.
         #: Cells whose inputs and outputs came on their execute request, for tests.
         self.pushed_on_execute = 0
         self.pulled_on_execute = 0
         self._pushed_for = ""  # the execute request whose carried push was loaded
-        shell.events.register("pre_execute", self._push_on_execute)
+        # Before the held values' epoch moves on: the check after the last execution holds.
+        shell.events.register("pre_execute", self._load_carried_push)
         shell.events.register("pre_execute", self._check_kept_inputs)
         shell.events.register("pre_execute", self.held.execution_starts)
         shell.events.register("post_execute", self.held.execution_ended)
-        shell.events.register("post_run_cell", self._pull_on_execute)
+        shell.events.register("post_run_cell", self._answer_carried_pull)
         self._incoming: dict[str, Assembler] = {}
         #: Where big frames come and go off the comm path; None where it could not listen.
         self.side: SideChannels | None = None
@@ -170,23 +170,26 @@ class Agent:
             return {}
         return dict(parent)
 
-    def _asked(self) -> dict[str, Any]:
-        """What the execute request running now asks of the agent (its metadata's
-        ``cloudgpu``); empty for a comm message and for other clients' requests."""
-        asked = (self._parent().get("metadata") or {}).get("cloudgpu")
+    @staticmethod
+    def _asked_by(parent: dict[str, Any]) -> dict[str, Any]:
+        """What an execute request asks of the agent (its metadata's ``cloudgpu``); empty
+        for other clients' requests."""
+        asked = (parent.get("metadata") or {}).get("cloudgpu")
         return asked if isinstance(asked, dict) else {}
 
-    def _push_on_execute(self) -> None:
+    def _asked(self) -> dict[str, Any]:
+        """What the execute request running now asks of the agent."""
+        return self._asked_by(self._parent())
+
+    def _load_carried_push(self) -> None:
         """``pre_execute`` (and ``post_run_cell`` for a cell IPython ran no
         ``pre_execute`` for): load the push the request carries, its small frames in the
         request's buffers, as the comm message would have been, before the code runs."""
         parent = self._parent()
-        asked = (parent.get("metadata") or {}).get("cloudgpu")
-        if not isinstance(asked, dict) or not isinstance(asked.get("push"), dict):
-            return
-        msg_id = str(parent.get("header", {}).get("msg_id"))
+        asked = self._asked_by(parent)
         comm = self._comms.get(str(asked.get("comm")))
-        if comm is None or msg_id == self._pushed_for:
+        msg_id = str(parent.get("header", {}).get("msg_id"))
+        if not isinstance(asked.get("push"), dict) or comm is None or msg_id == self._pushed_for:
             return
         self._pushed_for = msg_id
         self.pushed_on_execute += 1
@@ -210,12 +213,12 @@ class Agent:
             comm.send({"op": "pushed", "id": asked.get("id"), "errors": errors,
                        "stale": list(errors), "versions": {}})
 
-    def _pull_on_execute(self, result: Any) -> None:
+    def _answer_carried_pull(self, result: Any) -> None:
         """``post_run_cell``: answer the pull the request that just ran carried, as the
         comm message would have been (skipped if the cell failed). Read here, not before
         the cell: IPython runs no ``pre_execute`` for a cell that is only whitespace, so
         such a cell's push is loaded here too."""
-        self._push_on_execute()
+        self._load_carried_push()
         asked = self._asked()
         pull, comm = asked.get("pull"), self._comms.get(str(asked.get("comm")))
         if isinstance(pull, dict) and comm is not None:
