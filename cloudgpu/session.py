@@ -232,10 +232,11 @@ class RemoteSession:
         kept = bool(push) and all(v.codec == "keep" for v in push.values()) and \
             kernel.greeted("keep_on_execute")
         run = _CellRun(kernel, sink, bool(push), bool(pull), kept_on_execute=kept)
-        # Nothing here reads execute_input: the agent publishes none for this request.
-        asked: dict[str, Any] = {"echo": False}
+        # Nothing here reads execute_input: the agent publishes none for this request. What
+        # the agent answers for it (stale kept inputs, a carried push or pull) goes on `comm`.
+        asked: dict[str, Any] = {"echo": False, "comm": kernel.comm_id}
         if kept:
-            asked.update(keep=list(push), id=run.pushed.id, comm=kernel.comm_id)
+            asked.update(keep=list(push), id=run.pushed.id)
             if self.verify_unchanged:
                 asked["verify"] = True
         # The inputs (what the side channel does not carry) and the outputs are asked for on
@@ -245,10 +246,10 @@ class RemoteSession:
         carried: list[memoryview] = []
 
         async def carry_pull(request: dict[str, Any]) -> None:
-            asked.update(pull=request, comm=kernel.comm_id)
+            asked["pull"] = request
 
         async def carry_push(data: dict[str, Any], buffers: list[memoryview]) -> None:
-            asked.update(push=data, comm=kernel.comm_id)
+            asked["push"] = data
             carried.extend(buffers)
 
         quiet = kernel.on_notice(lambda text: sink("notice", {"text": text}))

@@ -181,13 +181,17 @@ class Agent:
         """What the execute request running now asks of the agent."""
         return self._asked_by(self._parent())
 
+    def _comm_asked(self, asked: dict[str, Any]) -> Any:
+        """The comm of ours a request's answers go on (None: that client is gone)."""
+        return self._comms.get(str(asked.get("comm")))
+
     def _load_carried_push(self) -> None:
         """``pre_execute`` (and ``post_run_cell`` for a cell IPython ran no
         ``pre_execute`` for): load the push the request carries, its small frames in the
         request's buffers, as the comm message would have been, before the code runs."""
         parent = self._parent()
         asked = self._asked_by(parent)
-        comm = self._comms.get(str(asked.get("comm")))
+        comm = self._comm_asked(asked)
         msg_id = str(parent.get("header", {}).get("msg_id"))
         if not isinstance(asked.get("push"), dict) or comm is None or msg_id == self._pushed_for:
             return
@@ -208,7 +212,7 @@ class Agent:
         if not errors:
             return
         self.push_errors.update(errors)
-        comm = self._comms.get(str(asked.get("comm")))
+        comm = self._comm_asked(asked)
         if comm is not None:
             comm.send({"op": "pushed", "id": asked.get("id"), "errors": errors,
                        "stale": list(errors), "versions": {}})
@@ -220,7 +224,7 @@ class Agent:
         such a cell's push is loaded here too."""
         self._load_carried_push()
         asked = self._asked()
-        pull, comm = asked.get("pull"), self._comms.get(str(asked.get("comm")))
+        pull, comm = asked.get("pull"), self._comm_asked(asked)
         if isinstance(pull, dict) and comm is not None:
             self.pulled_on_execute += 1
             self._on_pull(comm, pull)
