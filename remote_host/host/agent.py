@@ -248,10 +248,24 @@ class Agent:
     def _on_push(self, comm: Any, data: dict[str, Any], buffers: list[Any]) -> None:
         batch = data["id"]
         assembler = self._incoming.setdefault(batch, Assembler())
-        assembler.feed(data, buffers)
-        if not assembler.done:
-            return
-        del self._incoming[batch]
+        try:
+            assembler.feed(data, buffers)
+            if not assembler.done:
+                return
+            del self._incoming[batch]
+            answer = self._load(assembler, data)
+        except Exception as e:  # a fault of ours: say so, and run no cell without its inputs
+            self._incoming.pop(batch, None)
+            self.shell.log.exception("cloudgpu: loading push %s failed", batch)
+            why = f"the cloudgpu agent failed to load it ({type(e).__name__}: {e})"
+            names = [str(h.get("name")) for h in assembler.headers] or ["the cell's inputs"]
+            answer = {"errors": dict.fromkeys(names, why), "stale": [], "versions": {}}
+        self.push_errors.update(answer["errors"])
+        comm.send({"op": "pushed", "id": batch, **answer})
+
+    def _load(self, assembler: Assembler, data: dict[str, Any]) -> dict[str, Any]:
+        """Bind a whole push's values: the ``pushed`` answer's errors, stale and versions."""
+        batch = data["id"]
         errors: dict[str, str] = {}
         stale: list[str] = []
         loaded: dict[str, Any] = {}
@@ -272,23 +286,41 @@ class Agent:
                 errors[name] = str(e)
                 continue
             self.held.received(name, value)
-        self.push_errors.update(errors)
-        comm.send({"op": "pushed", "id": batch, "errors": errors, "stale": stale,
-                   "versions": type_versions(loaded)})
+        return {"errors": errors, "stale": stale, "versions": type_versions(loaded)}
 
     def _on_pull(self, comm: Any, data: dict[str, Any]) -> None:
         batch = data["id"]
         channel = data.get("side") if self.side is not None else None
         if data.get("only_if_ok", True) and not self.shell.last_execution_succeeded:
-            failed = self._send_side([], channel, batch)  # the client waits for it
-            comm.send({"op": "pulled", "id": batch, "skipped": "the cell failed",
-                       "vars": [], "pieces": [], "final": True,
-                       **({"side_failed": failed} if failed else {})})
+            self._answer_no_values(comm, batch, channel, skipped="the cell failed")
             return
+        try:
+            values, answer = self._pickle(list(data["names"]))
+        except Exception as e:  # a fault of ours: say so, rather than leave the client waiting
+            self.shell.log.exception("cloudgpu: pickling pull %s failed", batch)
+            why = f"the cloudgpu agent failed to send it ({type(e).__name__}: {e})"
+            self._answer_no_values(comm, batch, channel,
+                                   errors=dict.fromkeys(data["names"], why))
+            return
+        picked = pick(values) if channel is not None else []
+        for part, buffers in pack(values, extra={"op": "pulled", "id": batch}, side=picked):
+            if part.get("final"):
+                part.update(answer)
+            comm.send(part, buffers=buffers)
+        if channel is not None:
+            frames = list(values.values())
+            failed = self._send_side([frames[vi].frames[fi] for vi, fi in picked], channel,
+                                     batch)
+            if failed:
+                comm.send({"op": "side_failed", "id": batch, "side": channel, "why": failed})
+
+    def _pickle(self, names: list[str]) -> tuple[dict[str, Serialized], dict[str, Any]]:
+        """The values a pull asked for, and its ``pulled`` answer's errors, missing and
+        versions."""
         values: dict[str, Serialized] = {}
         errors: dict[str, str] = {}
         missing = []
-        for name in data["names"]:
+        for name in names:
             if name not in self.shell.user_ns:
                 missing.append(name)
                 continue
@@ -300,17 +332,14 @@ class Agent:
                 continue
             self.held.sent(name, values[name])  # its fingerprint goes in the header
         moved = {name: self.shell.user_ns[name] for name in values}
-        picked = pick(values) if channel is not None else []
-        for part, buffers in pack(values, extra={"op": "pulled", "id": batch}, side=picked):
-            if part.get("final"):
-                part.update(errors=errors, missing=missing, versions=type_versions(moved))
-            comm.send(part, buffers=buffers)
-        if channel is not None:
-            frames = list(values.values())
-            failed = self._send_side([frames[vi].frames[fi] for vi, fi in picked], channel,
-                                     batch)
-            if failed:
-                comm.send({"op": "side_failed", "id": batch, "side": channel, "why": failed})
+        return values, {"errors": errors, "missing": missing, "versions": type_versions(moved)}
+
+    def _answer_no_values(self, comm: Any, batch: str, channel: str | None,
+                          **answer: Any) -> None:
+        """Answer a pull with no values (the client waits for its side message too)."""
+        failed = self._send_side([], channel, batch)
+        comm.send({"op": "pulled", "id": batch, "vars": [], "pieces": [], "final": True,
+                   **answer, **({"side_failed": failed} if failed else {})})
 
     def _take_side(self, assembler: Assembler, channel: str | None, batch: str) -> list[str]:
         """Fill in the frames that came by side channel ``channel``; the names of the values
