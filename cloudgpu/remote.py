@@ -76,12 +76,14 @@ class AgentBatch:
         id: the batch id.
         assembler: rebuilds the values a ``pulled`` or ``snapshot`` answer carries.
         done: resolves with the answer's final part (``errors``, ``stale``, ...).
+        answered: whether that final part came (big frames may still be on the way).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_progress: Progress | None) -> None:
         self.id = uuid.uuid4().hex
         self.assembler = Assembler()
         self.done: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.answered = False
         self._on_progress = on_progress
         self._side: asyncio.Task[list[Buffer]] | None = None
         self._side_channel: SideChannel | None = None
@@ -103,6 +105,7 @@ class AgentBatch:
     def feed(self, data: dict[str, Any], buffers: list[Any]) -> None:
         """Take one message of the answer."""
         if data.get("op") in ("pushed", "ran_on"):
+            self.answered = True
             self._resolve(data)
             return
         if data.get("op") == "side_failed":  # the big frames the answer named will not come
@@ -115,6 +118,7 @@ class AgentBatch:
                                "total": self.assembler.total})
         if not self.assembler.done:
             return
+        self.answered = True
         side = self._side
         if data.get("side_failed") and self._side_channel is not None:
             self._side_channel.close()  # the agent could not send: stop waiting for it

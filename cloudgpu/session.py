@@ -17,9 +17,9 @@ from typing import Any
 
 from ._link import RECONNECT_TIMEOUT
 from ._move import MoveReport, carry_over
-from .errors import RemoteExecutionError, RemoteKernelDiedError
+from .errors import CloudGPUError, RemoteExecutionError, RemoteKernelDiedError
 from .provider import Grant
-from .remote import Forward, RemoteKernel
+from .remote import AgentBatch, Forward, RemoteKernel
 from .serialize import FINGERPRINT_MIN, Serialized
 
 __all__ = ["CellResult", "RemoteSession", "Sink"]
@@ -82,6 +82,8 @@ class _CellRun:
         self.idle: asyncio.Future[None] = loop.create_future()
         self.pushed = kernel.batch()
         self.pulled = kernel.batch(lambda info: sink("progress", info))
+        #: The exchanges the agent answers before the cell's idle, or never.
+        self.answered_by_idle: list[AgentBatch] = []
         if not pushing:
             self.pushed.done.set_result({"errors": {}})
         if not pulling:
@@ -97,6 +99,13 @@ class _CellRun:
             if msg_type == "status" and msg["content"].get("execution_state") == "idle":
                 if self.kept_on_execute and not self.pushed.done.done():
                     self.pushed.done.set_result({"errors": {}})  # all still as sent
+                for batch in self.answered_by_idle:
+                    if not batch.answered:  # its answer would have come first, on IOPub
+                        batch.fail(CloudGPUError(
+                            "The cloudgpu agent in the remote kernel did not answer for this "
+                            "cell's variables before the cell ended there (the remote "
+                            "kernel's log may say why); no variable here was changed. Run "
+                            "the cell again."))
                 if not self.idle.done():
                     self.idle.set_result(None)
             elif msg_type in OUTPUT_TYPES:
@@ -243,6 +252,12 @@ class RemoteSession:
         # the execute request too, where the agent can: one message, one execution there.
         push_on_execute = kernel.greeted("push_on_execute")
         pull_on_execute = bool(pull) and kernel.greeted("pull_on_execute")
+        # Its answers come on IOPub before the cell's idle: a push's, sent ahead of the
+        # request or on it, and a pull's on it. One still missing then will not come.
+        if push and not kept:
+            run.answered_by_idle.append(run.pushed)
+        if pull_on_execute:
+            run.answered_by_idle.append(run.pulled)
         carried: list[memoryview] = []
 
         async def carry_pull(request: dict[str, Any]) -> None:

@@ -416,6 +416,51 @@ def test_outputs_are_asked_for_on_the_execute_request(kc: BlockingKernelClient) 
     assert value(kc, "after") == value(kc, "before") + 4
 
 
+# Run in the remote kernel: the agent's module, where a fault is injected.
+AGENT_MODULE = "import sys\n_agent = sys.modules[type(get_ipython().cloudgpu_agent).__module__]\n"
+
+
+@pytest.mark.timeout(120)
+def test_a_fault_of_the_agent_fails_the_cell_clearly_and_changes_nothing(
+        kc: BlockingKernelClient) -> None:
+    """Where the agent itself fails loading an input or pickling an output (injected in
+    the remote kernel), the cell says so and does not run on an old value; where it does
+    not answer at all, the cell fails once it is over there, rather than wait for ever."""
+    ok(kc, "%%remote gpu=cpu --no-pull\n" + AGENT_MODULE +
+       "_loads, _dumps, _on_push = _agent.loads, _agent.dumps, _agent.Agent._on_push\n"
+       "def _failing(real):\n"
+       "    def call(codec_or_value, *rest):\n"
+       "        if rest[-1] == 'faulty':\n"
+       "            raise RuntimeError('injected fault')\n"
+       "        return real(codec_or_value, *rest)\n"
+       "    return call\n"
+       "faulty = 'old'")
+    ok(kc, "faulty = 'new'")
+    ok(kc, "%%remote gpu=cpu --no-pull\n" + AGENT_MODULE + "_agent.loads = _failing(_loads)")
+    failed = run(kc, "%%remote gpu=cpu\nfault_seen = faulty")
+    said = failed.error_text()
+    assert failed.status == "error", failed.describe()
+    assert "faulty" in said and "failed to load it (RuntimeError: injected fault)" in said, said
+    ok(kc, "%%remote gpu=cpu --no-pull\n_agent.loads = _loads\n_agent.dumps = _failing(_dumps)")
+    ok(kc, "%%remote gpu=cpu\nthere = globals()['faulty']")  # names no input: no push
+    assert value(kc, "there") == "old"  # the cell that failed did not run
+    ok(kc, "faulty = 'here'")
+    pulled = ok(kc, "%%remote gpu=cpu\nfaulty = 'there'")
+    assert "`faulty` stayed remote: the cloudgpu agent failed to send it (RuntimeError: " \
+        "injected fault)" in pulled.stream("stderr"), pulled.describe()
+    assert value(kc, "faulty") == "here"
+    ok(kc, "%%remote gpu=cpu --no-pull\n_agent.dumps = _dumps\n"
+       "_agent.Agent._on_push = lambda self, comm, data, buffers: None")
+    ok(kc, "faulty = 'unanswered'")
+    failed = run(kc, "%%remote gpu=cpu\nfault_seen = faulty")
+    assert failed.status == "error", failed.describe()
+    assert "did not answer for this cell's variables" in failed.error_text(), failed.describe()
+    assert value(kc, "'fault_seen' in globals()") is False
+    ok(kc, "%%remote gpu=cpu --no-pull\n_agent.Agent._on_push = _on_push")
+    ok(kc, "%%remote gpu=cpu\nfault_seen = faulty")
+    assert value(kc, "fault_seen") == "unanswered"
+
+
 @pytest.mark.timeout(180)
 def test_unchanged_inputs_are_trusted_only_while_nothing_can_have_changed_them(
         kc: BlockingKernelClient) -> None:
