@@ -4,18 +4,22 @@ Sizes: 8 MB, 80 MB and 800 MB (``--quick``: 8 and 80 MB). Push is a cell that re
 freshly made local array (new contents every repetition, so the fingerprint cache cannot
 skip it); pull is a cell that binds a new remote name to a freshly made remote array (made
 in an untimed cell before, so the timed cell only moves it). Throughput is
-size / (cell time - an empty `%%remote` cell's time), cell time as a notebook frontend
-sees it (jupyter_client execute request to idle).
+size / median(cell time - the time of an empty `%%remote` cell run just before it), cell
+time as a notebook frontend sees it (jupyter_client execute request to idle). Pairing each
+cell with an empty one, rather than subtracting one median taken at the start, keeps the
+slow and fast spells of a shared machine out of the difference, which for 8 MB is a
+few milliseconds between two cells of 20-30.
 
 Baselines, measured in the same run on the same path: raw websocket throughput (a
 `websockets` client and server on 127.0.0.1, 4 MiB binary messages, no compression; for
 pull the server sends), raw TCP (``sendall`` to a sink; for pull the server sends), and
 ipyparallel ``view.push({'x': a}, block=True)`` / ``view.pull('x', block=True)`` with one
-local engine, called from this process. The raw baselines only count the bytes they
-receive; ours and ipyparallel's also rebuild the array. Memory: the peak RSS of the local
-kernel, the remote kernel (and the host server between them) during the timed cell, as
-(peak - RSS before) / size; the side that
-receives the value must hold it once, so its "extra copies" are that minus one.
+local engine, called from this process right after each of ours (its cluster idles
+beside ours throughout). The raw baselines only count the bytes they receive; ours and
+ipyparallel's also rebuild the array. Memory: the peak RSS of the local kernel, the remote
+kernel (and the host server between them) during the timed cell, as (peak - RSS before) /
+size; the side that receives the value must hold it once, so its "extra copies" are that
+minus one.
 
 On the emulated WAN link (see _wan.py: 1 Gbit/s, 50 ms round trip; host inside the
 namespace behind the DelayRelay, pool on loopback): push and pull of 80 MB against raw
@@ -58,7 +62,7 @@ from _util import (
 MB = 1_000_000
 SIZES_MB = (8, 80) if QUICK else (8, 80, 800)
 REPS = {8: 3, 80: 2, 800: 2} if QUICK else {8: 10, 80: 5, 800: 3}
-N_EMPTY = 10 if QUICK else 30
+N_EMPTY = 5 if QUICK else 10  # warm-up cells before the first size
 WAN_MB = 80
 WAN_REPS = 2 if QUICK else 4
 LINK_MB_S = 125.0  # 1 Gbit/s
@@ -220,9 +224,9 @@ class RawWebsocket:
         self.loop.close()
 
 
-def rate(size_mb: float, seconds: Sequence[float], minus: float = 0.0) -> float | str:
-    """MB/s from the median time, less ``minus`` seconds of fixed overhead."""
-    net = statistics.median(seconds) - minus
+def rate(size_mb: float, seconds: Sequence[float]) -> float | str:
+    """MB/s from the median time."""
+    net = statistics.median(seconds)
     return size_mb / net if net > 0 else "n/a (below the empty-cell time)"
 
 
@@ -239,43 +243,50 @@ def raw_rates(client: RawTCP | RawWebsocket, size_mb: int, reps: int, warmup: in
     return rate(size_mb, push), rate(size_mb, pull)
 
 
-def ipyparallel_rates(sizes: Sequence[int]) -> dict[int, tuple[float | str, float | str]] | str:
-    """{size: (push MB/s, pull MB/s)} with one local engine, or why it could not run."""
-    try:
-        import ipyparallel as ipp
-    except ImportError:
-        return "ipyparallel is not installed"
-    cluster = ipp.Cluster(n=1, controller_ip="127.0.0.1", log_level=40)
-    try:
-        rc = cluster.start_and_connect_sync()
-    except Exception as e:
-        with contextlib.suppress(Exception):
-            cluster.stop_cluster_sync()
-        return f"ipyparallel did not start: {type(e).__name__}: {e}"
-    try:
-        rc.wait_for_engines(1, timeout=60)
-        view = rc[0]
-        found: dict[int, tuple[float | str, float | str]] = {}
-        for size in sizes:
-            pushes, pulls = [], []
-            for k in range(REPS[size] + 1):
-                a = np.full(size * MB // 8, float(k))
-                start = time.perf_counter()
-                view.push({"x": a}, block=True)
-                pushes.append(time.perf_counter() - start)
-                del a
-                start = time.perf_counter()
-                back = view.pull("x", block=True)
-                pulls.append(time.perf_counter() - start)
-                if back.nbytes != size * MB:
-                    raise RuntimeError("ipyparallel pulled the wrong size")
-                del back
-            view.execute("x = None", block=True)
-            found[size] = (rate(size, pushes[1:]), rate(size, pulls[1:]))
-        return found
-    finally:
-        rc.close()
-        cluster.stop_cluster_sync()
+class Ipyparallel:
+    """One local ipyparallel engine, driven from this process: the baseline, timed in the
+    same loop as ours so that both see the same moment of a noisy machine."""
+
+    def __init__(self) -> None:
+        #: Why it could not run, or None.
+        self.unavailable: str | None = None
+        try:
+            import ipyparallel as ipp
+        except ImportError:
+            self.unavailable = "ipyparallel is not installed"
+            return
+        self._cluster = ipp.Cluster(n=1, controller_ip="127.0.0.1", log_level=40)
+        try:
+            self._rc = self._cluster.start_and_connect_sync()
+            self._rc.wait_for_engines(1, timeout=60)
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                self._cluster.stop_cluster_sync()
+            self.unavailable = f"ipyparallel did not start: {type(e).__name__}: {e}"
+            return
+        self._view = self._rc[0]
+
+    def push(self, size_mb: int, fill: float) -> float:
+        """Seconds to push a fresh array of ``size_mb`` MB as ``x``."""
+        a = np.full(size_mb * MB // 8, fill)
+        start = time.perf_counter()
+        self._view.push({"x": a}, block=True)
+        return time.perf_counter() - start
+
+    def pull(self, size_mb: int) -> float:
+        """Seconds to pull ``x`` back (the array the last push sent)."""
+        start = time.perf_counter()
+        back = self._view.pull("x", block=True)
+        seconds = time.perf_counter() - start
+        if back.nbytes != size_mb * MB:
+            raise RuntimeError("ipyparallel pulled the wrong size")
+        self._view.execute("x = None", block=True)
+        return seconds
+
+    def close(self) -> None:
+        if self.unavailable is None:
+            self._rc.close()
+            self._cluster.stop_cluster_sync()
 
 
 # ---------------------------------------------------------------- cloudgpu in a local kernel
@@ -303,11 +314,15 @@ class Ours:
         """(cell seconds, CellResult.seconds) of ``n`` empty cells after two warm-ups."""
         outer, inner = [], []
         for i in range(n + 2):
-            t = self.kernel.run("%%remote gpu=cpu\npass")
+            t, t_inner = self.empty_once()
             if i >= 2:
                 outer.append(t)
-                inner.append(self.inner())
+                inner.append(t_inner)
         return outer, inner
+
+    def empty_once(self) -> tuple[float, float]:
+        """(cell seconds, CellResult.seconds) of one empty cell."""
+        return self.kernel.run("%%remote gpu=cpu\npass"), self.inner()
 
     def _measured(self, code: str) -> tuple[float, dict[str, int]]:
         """Run ``code``; (seconds, {process: peak RSS growth in bytes})."""
@@ -319,29 +334,31 @@ class Ours:
         seconds = self.kernel.run(code)
         return seconds, {name: peak_rss(pid) - before[name] for name, pid in pids.items()}
 
-    def push(self, size_mb: int) -> tuple[float, float, dict[str, int]]:
-        """Push a fresh local array; (cell seconds, CellResult.seconds, RSS growth)."""
+    def push(self, size_mb: int) -> Timed:
+        """Push a fresh local array, an empty cell just before it."""
         self.fill += 1
         self.kernel.run("%%remote gpu=cpu --no-pull\nx = None")  # the old copy goes first
         self.kernel.run(f"x = None\nx = np.full({size_mb * MB // 8}, {self.fill})")
+        empty = self.empty_once()
         seconds, grown = self._measured("%%remote gpu=cpu --no-pull\nn_ = x.size")
         sent = self.kernel.value("_magic.last_result.sent['x']['bytes']")
         if sent < size_mb * MB:
             raise RuntimeError(f"x was not sent whole: {sent} bytes (fingerprint cache?)")
-        return seconds, self.inner(), grown
+        return Timed(seconds - empty[0], self.inner() - empty[1], empty[0], grown)
 
-    def pull(self, size_mb: int) -> tuple[float, float, dict[str, int]]:
-        """Pull a fresh remote array; (cell seconds, CellResult.seconds, RSS growth)."""
+    def pull(self, size_mb: int) -> Timed:
+        """Pull a fresh remote array, an empty cell just before it."""
         self.fill += 1
         self.kernel.run(f"%%remote gpu=cpu --no-pull\ny = None\n"
                         f"z = np.full({size_mb * MB // 8}, {self.fill})")
         self.kernel.run("y = None")
+        empty = self.empty_once()
         seconds, grown = self._measured("%%remote gpu=cpu\ny = z")
         got = self.kernel.value("_magic.last_result.received['y']['bytes']")
         ok = self.kernel.value(f"bool(y.nbytes == {size_mb * MB} and y[-1] == {self.fill})")
         if got < size_mb * MB or not ok:
             raise RuntimeError(f"y did not come back whole: {got} bytes received")
-        return seconds, self.inner(), grown
+        return Timed(seconds - empty[0], self.inner() - empty[1], empty[0], grown)
 
     def clear(self) -> None:
         self.kernel.run("%%remote gpu=cpu --no-pull\nx = y = z = None")
@@ -352,25 +369,52 @@ class Ours:
 
 
 @dataclass
-class Measured:
-    """One size through cloudgpu: per direction, cell seconds, CellResult.seconds, growth."""
+class Timed:
+    """One timed transfer cell, less the empty cell run just before it."""
 
-    cell: dict[str, list[float]] = field(default_factory=lambda: {"push": [], "pull": []})
-    inner: dict[str, list[float]] = field(default_factory=lambda: {"push": [], "pull": []})
+    net: float  # cell seconds - the empty cell's
+    inner: float  # CellResult.seconds - the empty cell's
+    empty: float  # the empty cell's seconds
+    grown: dict[str, int]  # {process: peak RSS growth in bytes}
+
+
+def _directions() -> dict[str, list[float]]:
+    return {"push": [], "pull": []}
+
+
+@dataclass
+class Measured:
+    """One size: per direction, our net seconds, CellResult.seconds and the paired empty
+    cells', RSS growth, and ipyparallel's seconds in the same loop."""
+
+    net: dict[str, list[float]] = field(default_factory=_directions)
+    inner: dict[str, list[float]] = field(default_factory=_directions)
+    empty: dict[str, list[float]] = field(default_factory=_directions)
+    ipp: dict[str, list[float]] = field(default_factory=_directions)
     growth: dict[str, list[int]] = field(default_factory=dict)
 
 
-def measure(ours: Ours, size_mb: int, reps: int, warmup: int) -> Measured:
-    """Alternate push and pull of ``size_mb`` MB, ``warmup + reps`` times each."""
+def measure(ours: Ours, size_mb: int, reps: int, warmup: int,
+            ipp: Ipyparallel | None = None) -> Measured:
+    """Alternate push and pull of ``size_mb`` MB, ``warmup + reps`` times each, each of
+    ours right after an empty cell and right before ipyparallel's (where given)."""
     found = Measured()
     for i in range(warmup + reps):
-        for direction, fn in (("push", ours.push), ("pull", ours.pull)):
-            seconds, inner, grown = fn(size_mb)
-            if i >= warmup:
-                found.cell[direction].append(seconds)
-                found.inner[direction].append(inner)
-                for side, value in grown.items():
-                    found.growth.setdefault(f"{direction} {side}", []).append(value)
+        for direction in ("push", "pull"):
+            timed = ours.push(size_mb) if direction == "push" else ours.pull(size_mb)
+            theirs = None
+            if ipp is not None:
+                theirs = ipp.push(size_mb, ours.fill) if direction == "push" \
+                    else ipp.pull(size_mb)
+            if i < warmup:
+                continue
+            found.net[direction].append(timed.net)
+            found.inner[direction].append(timed.inner)
+            found.empty[direction].append(timed.empty)
+            if theirs is not None:
+                found.ipp[direction].append(theirs)
+            for side, value in timed.grown.items():
+                found.growth.setdefault(f"{direction} {side}", []).append(value)
     ours.clear()
     return found
 
@@ -393,15 +437,20 @@ UNDER_MMAP = "not measured: under glibc's mmap threshold, freed heap pages are r
 
 def loopback(throughput: Table, memory: Table) -> None:
     results: dict[int, Measured] = {}
-    with host() as (url, token, host_pid), pool([(url, token)]) as (pool_url, pool_token):
-        ours = Ours(pool_url, pool_token, host_pid)
-        try:
-            outer, inner = ours.empty(N_EMPTY)
-            empty, empty_inner = statistics.median(outer), statistics.median(inner)
-            for i, size in enumerate(SIZES_MB):
-                results[size] = measure(ours, size, REPS[size], warmup=1 if i == 0 else 0)
-        finally:
-            ours.close()
+    ipp = Ipyparallel()
+    try:
+        with host() as (url, token, host_pid), \
+                pool([(url, token)]) as (pool_url, pool_token):
+            ours = Ours(pool_url, pool_token, host_pid)
+            try:
+                ours.empty(N_EMPTY)  # warm-up
+                for i, size in enumerate(SIZES_MB):
+                    results[size] = measure(ours, size, REPS[size], warmup=1 if i == 0 else 0,
+                                            ipp=ipp if ipp.unavailable is None else None)
+            finally:
+                ours.close()
+    finally:
+        ipp.close()
     raw: dict[str, dict[int, tuple[float | str, ...]]] = {"ws": {}, "tcp": {}}
     with baseline_server() as ports:
         for kind, cls in (("ws", RawWebsocket), ("tcp", RawTCP)):
@@ -411,17 +460,16 @@ def loopback(throughput: Table, memory: Table) -> None:
                     raw[kind][size] = raw_rates(client, size, REPS[size])
             finally:
                 client.close()
-    ipp = ipyparallel_rates(SIZES_MB)
-    inner_note = f"CellResult.seconds {empty_inner * 1000:.1f} ms (the rest: local kernel, magic)"
-    throughput.rows.append(["empty `%%remote` cell (subtracted)", f"{empty * 1000:.1f} ms",
-                            "-", "-", "-", "-", "-", inner_note])
+    empties = [t for found in results.values() for d in found.empty.values() for t in d]
+    throughput.rows.append(["empty `%%remote` cell (subtracted, each just before)",
+                            f"{median_ms(empties):.1f} ms", "-", "-", "-", "-", "-",
+                            f"{min(empties) * 1000:.1f}-{max(empties) * 1000:.1f} ms over the run"])
     for size in SIZES_MB:
         found = results[size]
         for d, direction in enumerate(("push", "pull")):
-            times = found.cell[direction]
-            mine = rate(size, times, minus=empty)
-            inner = rate(size, found.inner[direction], minus=empty_inner)
-            ipp_rate = ipp[size][d] if isinstance(ipp, dict) else "skipped"
+            mine = rate(size, found.net[direction])
+            inner = rate(size, found.inner[direction])
+            ipp_rate = rate(size, found.ipp[direction]) if found.ipp[direction] else "skipped"
             ws, tcp = raw["ws"][size][d], raw["tcp"][size][d]
             met = []
             if isinstance(mine, float) and isinstance(ipp_rate, float):
@@ -431,7 +479,7 @@ def loopback(throughput: Table, memory: Table) -> None:
             throughput.rows.append([
                 f"{direction} {size} MB", fmt_rate(mine), fmt_rate(ipp_rate), fmt_rate(ws),
                 fmt_rate(tcp), ratio(mine, ipp_rate), ratio(mine, ws),
-                f"cell {median_ms(times):,.0f} ms; by CellResult.seconds "
+                f"cell - empty {median_ms(found.net[direction]):,.1f} ms; by CellResult.seconds "
                 f"{fmt_rate(inner)}; " + ", ".join(met)])
             if size < MIN_MEMORY_MB:
                 memory.rows.append([f"{direction} {size} MB", "-", "-", "-", UNDER_MMAP])
@@ -446,8 +494,9 @@ def loopback(throughput: Table, memory: Table) -> None:
             memory.rows.append([f"{direction} {size} MB", f"{extra['local']:.2f}",
                                 f"{extra['remote']:.2f}", f"{extra['host']:.2f}",
                                 f"<= 1 each side: {verdict}"])
-    if isinstance(ipp, str):
-        throughput.rows.append(["ipyparallel", "skipped", "-", "-", "-", "-", "-", ipp])
+    if ipp.unavailable is not None:
+        throughput.rows.append(["ipyparallel", "skipped", "-", "-", "-", "-", "-",
+                                ipp.unavailable])
 
 
 DRAIN = 0.5  # seconds for connections through a DelayRelay to close before it stops
@@ -471,8 +520,7 @@ def wan(table: Table) -> None:
                     with pool([(f"http://127.0.0.1:{relay.port}", token)]) as (pool_url, ptok):
                         ours = Ours(pool_url, ptok, host_pid)
                         try:
-                            outer, _ = ours.empty(3 if QUICK else 10)
-                            empty = statistics.median(outer)
+                            ours.empty(3)  # warm-up
                             found = measure(ours, WAN_MB, WAN_REPS, warmup=0)
                         finally:
                             ours.close()
@@ -482,14 +530,16 @@ def wan(table: Table) -> None:
             table.add(f"{direction} {WAN_MB} MB, 50 ms / 1 Gbit/s link", "skipped", None,
                       note=str(e))
         return
-    table.add("empty `%%remote` cell on the link (subtracted)", empty * 1000, None)
+    empties = found.empty["push"] + found.empty["pull"]
+    table.add("empty `%%remote` cell on the link (subtracted, each just before)",
+              median_ms(empties), None)
     for d, direction in enumerate(("push", "pull")):
-        times = found.cell[direction]
-        mine = rate(WAN_MB, times, minus=empty)
+        times = found.net[direction]
+        mine = rate(WAN_MB, times)
         share = f"{mine / LINK_MB_S:.0%} of the link rate" if isinstance(mine, float) else ""
         met = "met" if isinstance(mine, float) and mine >= 0.9 * LINK_MB_S else "MISSED"
         table.add(f"{direction} {WAN_MB} MB vs raw TCP through the same relay", mine, tcp[d],
-                  unit="MB/s", note=f"cell {median_ms(times):,.0f} ms")
+                  unit="MB/s", note=f"cell - empty {median_ms(times):,.0f} ms")
         table.add(f"{direction} {WAN_MB} MB vs the link rate (1 Gbit/s)", mine, LINK_MB_S,
                   unit="MB/s", note=f"{share}; target >= 90%: {met}")
 
