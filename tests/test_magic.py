@@ -395,6 +395,14 @@ def test_inputs_come_on_the_execute_request(kc: BlockingKernelClient) -> None:
     assert "could not be loaded remotely" in said and "ZeroDivisionError" in said, said
     ok(kc, f"%%remote gpu=cpu\nafter = {counter}")
     assert value(kc, "after") == value(kc, "before") + 3
+    # A cell that runs no code over there (only whitespace, or not Python) fails by its own
+    # inputs, and leaves the next cell alone.
+    for body in ("   ", "this is not python"):
+        failed = run(kc, f"%%remote gpu=cpu --push boom\n{body}")
+        assert failed.status == "error", failed.describe()
+        assert "ZeroDivisionError" in failed.error_text(), failed.describe()
+        ok(kc, f"%%remote gpu=cpu\nnext_ran = {body!r}")
+        assert value(kc, "next_ran") == body
 
 
 @pytest.mark.timeout(120)

@@ -221,8 +221,10 @@ class Agent:
         """``post_run_cell``: answer the pull the request that just ran carried, as the
         comm message would have been (skipped if the cell failed). Read here, not before
         the cell: IPython runs no ``pre_execute`` for a cell that is only whitespace, so
-        such a cell's push is loaded here too."""
+        such a cell's push is loaded here too. Whatever inputs failed were this cell's:
+        one that ran no code (only whitespace, or not Python) must not reject the next."""
         self._load_carried_push()
+        self.push_errors = {}
         asked = self._asked()
         pull, comm = asked.get("pull"), self._comm_asked(asked)
         if isinstance(pull, dict) and comm is not None:
