@@ -475,10 +475,14 @@ class RemoteKernel:
 
         Raises:
             HostConnectionError: the agent sent nothing within ``timeout`` seconds.
+            SerializationError: the agent failed taking them (a fault of its own).
         """
         batch = self.batch()
         await self.agent_send({"op": "snapshot", "id": batch.id})
         final = await self.wait(batch.done, timeout, "send its variables")
+        if final.get("failed"):
+            raise SerializationError(f"The old kernel's variables could not be taken: "
+                                     f"{final['failed']}.")
         return batch.assembler.values(), dict(final.get("errors", {}))
 
     async def ran_on(self, timeout: float = 60.0) -> dict[str, Any]:

@@ -393,6 +393,23 @@ def test_switch_carries_variables_to_simulated_a100_and_names_what_stays(
     assert "Nothing changed: still on CPU" in ex.tracebacks()
     assert value(kc, "p.norm()") == 5.0
 
+    # The old kernel's agent fails taking the variables (a fault injected there): the same,
+    # at once, rather than a wait for an answer that never comes.
+    ok(kc, "_agent_type = type(get_ipython().cloudgpu_agent)\n"
+           "_real_snapshot = _agent_type._snapshot\n"
+           "def _broken(self):\n"
+           "    raise RuntimeError('injected fault')\n"
+           "_agent_type._snapshot = _broken")
+    try:
+        ex = run(kc, "%cloudgpu switch gpu=A100-80GB", timeout=60)
+    finally:
+        ok(kc, "_agent_type._snapshot = _real_snapshot\ndel _agent_type, _real_snapshot, _broken")
+    assert ex.status == "error", ex.describe()
+    said = ex.tracebacks()
+    assert "variables could not be taken" in said and "RuntimeError: injected fault" in said, said
+    assert "Nothing changed: still on CPU" in said, said
+    assert status(kc)["hardware"] == "CPU" and value(kc, "p.norm()") == 5.0
+
     before = ok(kc, "'numbered'").reply["execution_count"]
     ex = ok(kc, "%cloudgpu switch gpu=A100-80GB", timeout=90)
     out = ex.stream("stdout")

@@ -381,8 +381,25 @@ class Agent:
 
         IPython's own names (``In``, ``Out``, ``_i1``, ...) and hidden names are left out;
         modules travel by name. Replies like ``pull``, as ``op: snapshot``, with ``errors``
-        in the final part.
+        in the final part; a fault of the agent's own is answered as ``failed``, with no
+        values, so that the switch fails and leaves the session where it was.
         """
+        batch = data.get("id")
+        try:
+            values, errors = self._snapshot()
+        except Exception as e:  # a fault of ours: say so, rather than leave the client waiting
+            self.shell.log.exception("cloudgpu: snapshot %s failed", batch)
+            comm.send({"op": "snapshot", "id": batch, "vars": [], "pieces": [], "final": True,
+                       "failed": f"the cloudgpu agent failed to take the variables "
+                                 f"({type(e).__name__}: {e})"})
+            return
+        for part, buffers in pack(values, extra={"op": "snapshot", "id": batch}):
+            if part.get("final"):
+                part["errors"] = errors
+            comm.send(part, buffers=buffers)
+
+    def _snapshot(self) -> tuple[dict[str, Serialized], dict[str, str]]:
+        """Every user variable that can move, pickled, and why each of the others cannot."""
         ns = self.shell.user_ns
         hidden = self.shell.user_ns_hidden
         values: dict[str, Serialized] = {}
@@ -399,10 +416,7 @@ class Agent:
                     reason = (f"{describe_type(value)} cannot be pickled; "
                               f"create it again on the new kernel")
             errors[name] = reason
-        for part, buffers in pack(values, extra={"op": "snapshot", "id": data.get("id")}):
-            if part.get("final"):
-                part["errors"] = errors
-            comm.send(part, buffers=buffers)
+        return values, errors
 
 
 def _host_pid() -> int:
