@@ -12,7 +12,9 @@ few milliseconds between two cells of 20-30.
 
 Baselines, measured in the same run on the same path: raw websocket throughput (a
 `websockets` client and server on 127.0.0.1, 4 MiB binary messages, no compression; for
-pull the server sends), raw TCP (``sendall`` to a sink; for pull the server sends), and
+pull the server sends), raw TCP (``sendall`` to a sink; for pull the server sends; both
+receive into buffers they use over and over, so for pull the note adds raw TCP into fresh
+memory, which a receiver that keeps the value cannot avoid), and
 ipyparallel ``view.push({'x': a}, block=True)`` / ``view.pull('x', block=True)`` with one
 local engine, called from this process right after each of ours (its cluster idles
 beside ours throughout). The raw baselines only count the bytes they receive; ours and
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import mmap
 import socket
 import statistics
 import subprocess
@@ -173,12 +176,17 @@ class RawTCP:
             raise RuntimeError("raw TCP sink did not acknowledge")
         return time.perf_counter() - start
 
-    def pull(self, nbytes: int) -> float:
+    def pull(self, nbytes: int, fresh: bool = False) -> float:
+        """Seconds to receive ``nbytes``: into one small buffer used over and over, or
+        (``fresh``) into a new mapping of them all, as a receiver that keeps the value
+        must (its pages fault in as the bytes arrive; unmapping it is not timed)."""
         start = time.perf_counter()
+        whole = memoryview(mmap.mmap(-1, nbytes)) if fresh else None
         self.sock.sendall(b"G" + nbytes.to_bytes(8, "little"))
         left = nbytes
         while left:
-            got = self.sock.recv_into(self.buf, min(left, CHUNK))
+            into = self.buf if whole is None else whole[nbytes - left:]
+            got = self.sock.recv_into(into, min(left, CHUNK))
             if not got:
                 raise RuntimeError("raw TCP source closed early")
             left -= got
@@ -452,12 +460,17 @@ def loopback(throughput: Table, memory: Table) -> None:
     finally:
         ipp.close()
     raw: dict[str, dict[int, tuple[float | str, ...]]] = {"ws": {}, "tcp": {}}
+    fresh: dict[int, float | str] = {}  # raw TCP pulls into new memory: a pull's floor
     with baseline_server() as ports:
         for kind, cls in (("ws", RawWebsocket), ("tcp", RawTCP)):
             client = cls(ports[kind])
             try:
                 for size in SIZES_MB:
                     raw[kind][size] = raw_rates(client, size, REPS[size])
+                    if isinstance(client, RawTCP):
+                        fresh[size] = rate(size, repeat(
+                            lambda n=size * MB, c=client: c.pull(n, fresh=True), REPS[size],
+                            warmup=1))
             finally:
                 client.close()
     empties = [t for found in results.values() for d in found.empty.values() for t in d]
@@ -476,11 +489,13 @@ def loopback(throughput: Table, memory: Table) -> None:
                 met.append("2x ipyparallel " + ("met" if mine >= 2 * ipp_rate else "MISSED"))
             if isinstance(mine, float) and isinstance(ws, float):
                 met.append("70% websocket " + ("met" if mine >= 0.7 * ws else "MISSED"))
+            floor = (f"raw TCP into fresh memory {fmt_rate(fresh[size])}; "
+                     if direction == "pull" else "")
             throughput.rows.append([
                 f"{direction} {size} MB", fmt_rate(mine), fmt_rate(ipp_rate), fmt_rate(ws),
                 fmt_rate(tcp), ratio(mine, ipp_rate), ratio(mine, ws),
                 f"cell - empty {median_ms(found.net[direction]):,.1f} ms; by CellResult.seconds "
-                f"{fmt_rate(inner)}; " + ", ".join(met)])
+                f"{fmt_rate(inner)}; {floor}" + ", ".join(met)])
             if size < MIN_MEMORY_MB:
                 memory.rows.append([f"{direction} {size} MB", "-", "-", "-", UNDER_MMAP])
                 continue
