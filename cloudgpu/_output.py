@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import VersionSkewWarning
 
-__all__ = ["Progress", "Renderer", "in_ipython", "publish_status", "show"]
+__all__ = ["Progress", "Renderer", "holds_unsent", "in_ipython", "publish_status", "show"]
 
 
 def _shell() -> Any:
@@ -99,17 +99,19 @@ def _no_needless_flush() -> Iterator[None]:
 
 
 def _unsent_output() -> bool:
-    """Whether this kernel's stdout or stderr may hold output not yet sent (True unless
-    they are ipykernel's streams, which say what they buffer)."""
-    for stream in (sys.stdout, sys.stderr):
-        lock = getattr(stream, "_buffer_lock", None)
-        if lock is None or getattr(stream, "echo", None) is not None:
-            return True
-        with lock:
-            buffers = getattr(stream, "_buffers", None)
-            if not isinstance(buffers, dict) or any(b.tell() for b in buffers.values()):
-                return True
-    return False
+    """Whether this kernel's stdout or stderr may hold output not yet sent."""
+    return holds_unsent(sys.stdout) or holds_unsent(sys.stderr)
+
+
+def holds_unsent(stream: Any) -> bool:
+    """Whether ``stream`` may hold output not yet sent (True unless it is ipykernel's
+    stream, which says what it buffers, and writes nowhere else)."""
+    lock = getattr(stream, "_buffer_lock", None)
+    if lock is None or getattr(stream, "echo", None) is not None:
+        return True
+    with lock:
+        buffers = getattr(stream, "_buffers", None)
+        return not isinstance(buffers, dict) or any(b.tell() for b in buffers.values())
 
 
 class Progress:

@@ -174,6 +174,32 @@ def test_the_agent_echoes_inputs_unless_asked_not_to(host: HostProcess) -> None:
     assert level == lowest_handler and int(level) > logging.DEBUG
 
 
+def test_the_reply_waits_for_no_sleep_and_every_output_still_comes_before_idle(
+        host: HostProcess) -> None:
+    """The remote kernel sends its reply without ipykernel's 0.5 ms sleep, and its stdout
+    and stderr skip a flush only when nothing is buffered: text flushed, and text still
+    buffered when the cell ends, each arrive whole, in order, before the cell's idle."""
+    code = ("import sys\n"
+            "print(get_ipython().kernel._execute_sleep)\n"
+            "sys.stdout.write('a'); sys.stdout.flush(); sys.stdout.flush()\n"
+            "sys.stdout.write('b'); sys.stderr.write('e')")
+
+    async def go() -> list[dict[str, Any]]:
+        headers = {"Authorization": f"token {host.token}"}
+        async with httpx.AsyncClient(base_url=host.url, headers=headers) as http:
+            kernel = (await http.post("/api/kernels", json={})).json()
+            ws_url = host.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
+            async with connect(ws_url, additional_headers=headers) as ws:
+                seen = [await _iopub_until_idle(ws, code) for _ in range(3)]
+            await http.delete(f"/api/kernels/{kernel['id']}")
+        return [m for msgs in seen for m in msgs]
+
+    seen = run(go())
+    for name, whole in (("stdout", "0.0\nab" * 3), ("stderr", "e" * 3)):
+        assert "".join(m["content"]["text"] for m in seen if m["msg_type"] == "stream"
+                       and m["content"]["name"] == name) == whole, seen
+
+
 def test_the_kernel_model_follows_what_the_kernel_does(host: HostProcess,
                                                       tmp_path: Path) -> None:
     """``execution_state`` and ``last_activity``, which the pool culls idle sessions by, come

@@ -65,6 +65,7 @@ from IPython.core.error import InputRejected
 from IPython.core.interactiveshell import InteractiveShell
 
 from cloudgpu import __version__
+from cloudgpu._output import holds_unsent
 from cloudgpu._side import pick
 from cloudgpu._transfer import Assembler, pack
 from cloudgpu.errors import SerializationError
@@ -486,11 +487,35 @@ def load_ipython_extension(shell: InteractiveShell) -> None:
     kernel.comm_manager.register_target(TARGET, agent.open)
     _echo_only_when_asked(kernel)
     _skip_unwritten_debug_records(kernel.log)
+    _reply_without_waiting(kernel)
     limits = os.environ.get("CLOUDGPU_LIMITS")
     if limits:
         _explain_limits(shell, json.loads(limits))
     agent.side = _listen_side(shell)
     shell.cloudgpu_agent = agent  # type: ignore[attr-defined]
+
+
+def _reply_without_waiting(kernel: Any) -> None:
+    """Send each ``execute_reply`` as soon as the cell's output has gone.
+
+    Before each reply ipykernel flushes stdout and stderr, each flush a round trip to its
+    IOPub thread even when nothing is buffered, and then sleeps 0.5 ms, lest a frontend
+    that ends the cell at its reply miss output still on the way. cloudgpu's clients and
+    the Cloud GPU kernel end a cell at its ``idle``, which the IOPub thread sends after
+    every output of the cell, so here the sleep is dropped and a flush with nothing to send
+    returns at once. What was written is flushed as ever.
+    """
+    if isinstance(getattr(kernel, "_execute_sleep", None), float):
+        kernel._execute_sleep = 0.0
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "_buffer_lock", None) is None or getattr(stream, "echo", None):
+            continue  # not ipykernel's stream, or one that also writes elsewhere
+
+        def flush(stream: Any = stream, flush: Any = stream.flush) -> None:
+            if holds_unsent(stream):
+                flush()
+
+        stream.flush = flush  # type: ignore[method-assign]
 
 
 def _echo_only_when_asked(kernel: Any) -> None:
