@@ -2,7 +2,11 @@
 
 Baselines, measured in the same run: the floor (a direct jupyter_client execute of an
 empty cell on a warm local ipykernel) and ipyparallel's `%%px` on one local engine.
-Overhead = an empty `%%remote` cell minus an empty local cell, in the same kernel.
+Overhead = an empty `%%remote` cell minus an empty local cell, in the same kernel, taken
+as the median of the differences over rounds that each run one of every cell (the floor's
+too, on its own kernel), so that the slow and fast spells of a shared machine fall on ours
+and on the floor alike (timed in blocks of their own, the floor went from 3.6 to 5.3 ms
+between runs minutes apart, and the ratio with it).
 On the emulated WAN link (50 ms round trip, 1 Gbit/s; see _wan.py) the target is
 one round trip + 10 ms; on loopback, 1.5x the floor.
 """
@@ -23,11 +27,24 @@ def remote_kernel(pool_url: str, token: str) -> Kernel:
     return kernel
 
 
-def overhead(kernel: Kernel, n: int) -> tuple[float, float]:
-    """(median empty %%remote cell, median empty local cell) in ms."""
-    remote = median_ms(repeat(lambda: kernel.run("%%remote gpu=cpu\npass"), n))
-    local = median_ms(repeat(lambda: kernel.run("pass"), n))
-    return remote, local
+def overhead(kernel: Kernel, n: int, floor_kernel: Kernel | None = None
+             ) -> dict[str, float]:
+    """Medians in ms over ``n`` rounds (after 2 to warm up), each an empty `%%remote`
+    cell, an empty local cell in the same kernel and, given ``floor_kernel``, the floor's
+    empty cell: ``remote``, ``local``, ``overhead`` (of the differences in each round) and
+    ``floor``."""
+    times: dict[str, list[float]] = {"remote": [], "local": [], "floor": []}
+    for i in range(n + 2):
+        took = {"remote": kernel.run("%%remote gpu=cpu\npass"), "local": kernel.run("pass")}
+        if floor_kernel is not None:
+            took["floor"] = floor_kernel.run("")
+        if i >= 2:
+            for name, seconds in took.items():
+                times[name].append(seconds)
+    found = {name: median_ms(seconds) for name, seconds in times.items() if seconds}
+    found["overhead"] = median_ms([remote - local for remote, local
+                                   in zip(times["remote"], times["local"], strict=True)])
+    return found
 
 
 def ipyparallel_px(n: int) -> float | None:
@@ -51,17 +68,19 @@ def ipyparallel_px(n: int) -> float | None:
 def main() -> None:
     print(f"cell overhead on {machine()}{' (quick)' if QUICK else ''}", flush=True)
     table = Table("Cell overhead (empty cell on a warm session)")
-    with Kernel() as floor_kernel:
-        floor = median_ms(repeat(lambda: floor_kernel.run(""), N))
-    with host() as (url, token, _), pool([(url, token)]) as (pool_url, pool_token):
+    with Kernel() as floor_kernel, host() as (url, token, _), \
+            pool([(url, token)]) as (pool_url, pool_token):
         kernel = remote_kernel(pool_url, pool_token)
-        remote, local = overhead(kernel, N)
+        found = overhead(kernel, N, floor_kernel)
         kernel.close()
     px = ipyparallel_px(N)
-    table.add("empty cell, direct jupyter_client execute (the floor)", floor, None)
-    table.add("empty `%%remote` cell, loopback", remote, px, note="baseline: ipyparallel `%%px`")
-    table.add("`%%remote` overhead (minus an empty local cell), loopback", remote - local, floor,
-              note=f"target <= 1.5x the floor; local empty cell {local:.2f} ms")
+    table.add("empty cell, direct jupyter_client execute (the floor)", found["floor"], None,
+              note="in the same rounds as ours")
+    table.add("empty `%%remote` cell, loopback", found["remote"], px,
+              note="baseline: ipyparallel `%%px`")
+    table.add("`%%remote` overhead (minus an empty local cell), loopback", found["overhead"],
+              found["floor"], note=f"target <= 1.5x the floor; local empty cell "
+                                   f"{found['local']:.2f} ms")
     try:
         with _wan.namespace(rate="1gbit", rtt_ms=50) as link:
             rtt = _wan.measured_rtt(link)
@@ -70,9 +89,8 @@ def main() -> None:
                 with _wan.DelayRelay((link.host_ip, port), link.rtt_ms / 2) as relay, \
                         pool([(f"http://127.0.0.1:{relay.port}", token)]) as (pool_url, ptok):
                     kernel = remote_kernel(pool_url, ptok)
-                    remote, local = overhead(kernel, N_WAN)
+                    wan_overhead = overhead(kernel, N_WAN)["overhead"]
                     kernel.close()
-        wan_overhead = remote - local
         table.add("TCP round trip on the emulated link", rtt, None, note="50 ms configured")
         table.add("`%%remote` overhead, 50 ms link", wan_overhead, rtt + 10,
                   note=f"baseline: 1 RTT + 10 ms; {wan_overhead / rtt:.2f} round trips per cell")
