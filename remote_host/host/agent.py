@@ -500,10 +500,11 @@ def _reply_without_waiting(kernel: Any) -> None:
 
     Before each reply ipykernel flushes stdout and stderr, each flush a round trip to its
     IOPub thread even when nothing is buffered, and then sleeps 0.5 ms, lest a frontend
-    that ends the cell at its reply miss output still on the way. cloudgpu's clients and
-    the Cloud GPU kernel end a cell at its ``idle``, which the IOPub thread sends after
-    every output of the cell, so here the sleep is dropped and a flush with nothing to send
-    returns at once. What was written is flushed as ever.
+    that ends the cell at its reply miss output still on the way. cloudgpu's clients end a
+    cell at its ``idle``, which the IOPub thread sends after every output of the cell, and
+    the Cloud GPU kernel passes each message on as it comes to a frontend that does the
+    same (JupyterLab and nbclient wait for the idle too). So here the sleep is dropped and
+    a flush with nothing to send returns at once. What was written is flushed as ever.
     """
     if isinstance(getattr(kernel, "_execute_sleep", None), float):
         kernel._execute_sleep = 0.0
