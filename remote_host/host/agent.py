@@ -259,8 +259,7 @@ class Agent:
             answer = self._load(assembler, data)
         except Exception as e:  # a fault of ours: say so, and run no cell without its inputs
             self._incoming.pop(batch, None)
-            self.shell.log.exception("cloudgpu: loading push %s failed", batch)
-            why = f"the cloudgpu agent failed to load it ({type(e).__name__}: {e})"
+            why = self._own_fault(e, f"loading push {batch}", "load it")
             names = [str(h.get("name")) for h in assembler.headers] or ["the cell's inputs"]
             answer = {"errors": dict.fromkeys(names, why), "stale": [], "versions": {}}
         self.push_errors.update(answer["errors"])
@@ -300,8 +299,7 @@ class Agent:
         try:
             values, answer = self._pickle(list(data["names"]))
         except Exception as e:  # a fault of ours: say so, rather than leave the client waiting
-            self.shell.log.exception("cloudgpu: pickling pull %s failed", batch)
-            why = f"the cloudgpu agent failed to send it ({type(e).__name__}: {e})"
+            why = self._own_fault(e, f"pickling pull {batch}", "send it")
             self._answer_no_values(comm, batch, channel,
                                    errors=dict.fromkeys(data["names"], why))
             return
@@ -389,15 +387,20 @@ class Agent:
         try:
             values, errors = self._snapshot()
         except Exception as e:  # a fault of ours: say so, rather than leave the client waiting
-            self.shell.log.exception("cloudgpu: snapshot %s failed", batch)
+            why = self._own_fault(e, f"snapshot {batch}", "take the variables")
             comm.send({"op": "snapshot", "id": batch, "vars": [], "pieces": [], "final": True,
-                       "failed": f"the cloudgpu agent failed to take the variables "
-                                 f"({type(e).__name__}: {e})"})
+                       "failed": why})
             return
         for part, buffers in pack(values, extra={"op": "snapshot", "id": batch}):
             if part.get("final"):
                 part["errors"] = errors
             comm.send(part, buffers=buffers)
+
+    def _own_fault(self, e: Exception, doing: str, failed_to: str) -> str:
+        """Log a fault of the agent's own while ``doing`` (its traceback goes to the
+        kernel's log); the reason the client is given."""
+        self.shell.log.exception("cloudgpu: %s failed", doing)
+        return f"the cloudgpu agent failed to {failed_to} ({type(e).__name__}: {e})"
 
     def _snapshot(self) -> tuple[dict[str, Serialized], dict[str, str]]:
         """Every user variable that can move, pickled, and why each of the others cannot."""
@@ -509,9 +512,7 @@ def _reply_without_waiting(kernel: Any) -> None:
     if isinstance(getattr(kernel, "_execute_sleep", None), float):
         kernel._execute_sleep = 0.0
     for stream in (sys.stdout, sys.stderr):
-        if getattr(stream, "_buffer_lock", None) is None or getattr(stream, "echo", None):
-            continue  # not ipykernel's stream, or one that also writes elsewhere
-
+        # A stream that is not ipykernel's, or also writes elsewhere, always holds_unsent.
         def flush(stream: Any = stream, flush: Any = stream.flush) -> None:
             if holds_unsent(stream):
                 flush()
