@@ -11,6 +11,7 @@ import logging
 import re
 import secrets
 import subprocess
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +116,12 @@ async def _first_stream(ws: Any, code: str) -> str:
             return text
 
 
-async def _iopub_until_idle(ws: Any, code: str,
-                            metadata: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Execute ``code``; its IOPub messages, the final idle status included."""
+async def _iopub_until_idle(
+        ws: Any, code: str, metadata: dict[str, Any] | None = None,
+        each: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+) -> list[dict[str, Any]]:
+    """Execute ``code``; its IOPub messages, the final idle status included (each handed
+    to ``each`` as it comes)."""
     msg_id = await _execute(ws, code, metadata)
     seen: list[dict[str, Any]] = []
     while True:
@@ -125,6 +129,8 @@ async def _iopub_until_idle(ws: Any, code: str,
         if msg["channel"] != "iopub" or msg["parent_header"].get("msg_id") != msg_id:
             continue
         seen.append(msg)
+        if each is not None:
+            await each(msg)
         if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
             return seen
 
@@ -198,6 +204,70 @@ def test_the_reply_waits_for_no_sleep_and_every_output_still_comes_before_idle(
     for name, whole in (("stdout", "0.0\nab" * 3), ("stderr", "e" * 3)):
         assert "".join(m["content"]["text"] for m in seen if m["msg_type"] == "stream"
                        and m["content"]["name"] == name) == whole, seen
+
+
+def test_the_kernel_receives_cells_on_its_main_thread_and_awaits_and_interrupts_alike(
+        host: HostProcess) -> None:
+    """The remote kernel reads shell messages where its cells run (no shell channel thread,
+    no subshells offered), and what depended on that thread still works: a cell with a
+    top-level ``await``, interrupting one, and cells after a failed one."""
+    report = ("import threading\n"
+              "print(threading.current_thread() is threading.main_thread(),\n"
+              "      sorted(t.name for t in threading.enumerate() if 'hell' in t.name))")
+
+    async def go() -> dict[str, Any]:
+        headers = {"Authorization": f"token {host.token}"}
+        async with httpx.AsyncClient(base_url=host.url, headers=headers) as http:
+            kernel = (await http.post("/api/kernels", json={})).json()
+            ws_url = host.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
+            async with connect(ws_url, additional_headers=headers) as ws:
+                seen: dict[str, Any] = {"info": await _kernel_info(ws)}
+                seen["threads"] = await _iopub_until_idle(ws, report)
+                seen["awaited"] = await _iopub_until_idle(
+                    ws, "import asyncio\nawait asyncio.sleep(0)\nprint('awaited')")
+
+                async def interrupt_once_awaiting(msg: dict[str, Any]) -> None:
+                    if msg["msg_type"] == "stream":
+                        await http.post(f"/api/kernels/{kernel['id']}/interrupt")
+
+                seen["interrupted"] = await _iopub_until_idle(
+                    ws, "print('waiting', flush=True)\nawait asyncio.sleep(600)",
+                    each=interrupt_once_awaiting)
+                seen["failed"] = await _iopub_until_idle(ws, "1 / 0")
+                seen["after"] = await _iopub_until_idle(ws, "print('after')")
+            await http.delete(f"/api/kernels/{kernel['id']}")
+        return seen
+
+    def printed(msgs: list[dict[str, Any]]) -> str:
+        return "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream")
+
+    def errors(msgs: list[dict[str, Any]]) -> list[str]:
+        return [m["content"]["ename"] for m in msgs if m["msg_type"] == "error"]
+
+    seen = run(go())
+    assert "kernel subshells" not in seen["info"].get("supported_features", [])
+    assert printed(seen["threads"]) == "True []\n"
+    assert printed(seen["awaited"]) == "awaited\n"
+    assert errors(seen["interrupted"]) in (["KeyboardInterrupt"], ["CancelledError"])
+    assert errors(seen["failed"]) == ["ZeroDivisionError"]
+    assert printed(seen["after"]) == "after\n"
+
+
+async def _kernel_info(ws: Any) -> dict[str, Any]:
+    """The kernel's ``kernel_info_reply`` content, over the default (JSON) protocol."""
+    msg_id = secrets.token_hex(8)
+    await ws.send(json.dumps({
+        "channel": "shell",
+        "header": {"msg_id": msg_id, "msg_type": "kernel_info_request", "username": "t",
+                   "session": "s", "version": "5.3"},
+        "parent_header": {}, "metadata": {}, "content": {},
+    }))
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        if msg["msg_type"] == "kernel_info_reply" and \
+                msg["parent_header"].get("msg_id") == msg_id:
+            content: dict[str, Any] = msg["content"]
+            return content
 
 
 def test_the_kernel_model_follows_what_the_kernel_does(host: HostProcess,

@@ -57,7 +57,8 @@ class AgentKernelSpecManager(KernelSpecManager):
     def _spec(self, environment: Path | None = None) -> KernelSpec:
         python = str(environment / "bin" / "python") if environment else sys.executable
         argv = [
-            python, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+            # ipykernel's launcher, receiving cells on the kernel's main thread (launcher.py).
+            python, "-m", "cloudgpu.remote_host.host.launcher", "-f", "{connection_file}",
             "--ext=cloudgpu.remote_host.host.agent",
             # The remote kernel is the notebook's for a session: its history needs no
             # file, whose SQLite writes after each cell competed with the cells.
