@@ -135,6 +135,11 @@ async def _iopub_until_idle(
             return seen
 
 
+def _printed(msgs: list[dict[str, Any]]) -> str:
+    """What ``msgs`` (a cell's IOPub messages) printed, stdout and stderr together."""
+    return "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream")
+
+
 def test_any_jupyter_client_can_drive_a_host_kernel(host: HostProcess) -> None:
     """The standard kernel API with the default (JSON) websocket protocol, no cloudgpu client."""
 
@@ -170,8 +175,7 @@ def test_the_agent_echoes_inputs_unless_asked_not_to(host: HostProcess) -> None:
                     ws, "import logging\nlog = get_ipython().kernel.log\n"
                         "print(log.getEffectiveLevel(), min(h.level for h in log.handlers))")
             await http.delete(f"/api/kernels/{kernel['id']}")
-        printed = "".join(m["content"]["text"] for m in levels if m["msg_type"] == "stream")
-        return [m["msg_type"] for m in plain], [m["msg_type"] for m in quiet], printed
+        return [m["msg_type"] for m in plain], [m["msg_type"] for m in quiet], _printed(levels)
 
     plain, quiet, printed = run(go())
     assert plain == ["status", "execute_input", "status"]
@@ -238,19 +242,40 @@ def test_the_kernel_receives_cells_on_its_main_thread_and_awaits_and_interrupts_
             await http.delete(f"/api/kernels/{kernel['id']}")
         return seen
 
-    def printed(msgs: list[dict[str, Any]]) -> str:
-        return "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream")
-
     def errors(msgs: list[dict[str, Any]]) -> list[str]:
         return [m["content"]["ename"] for m in msgs if m["msg_type"] == "error"]
 
     seen = run(go())
     assert "kernel subshells" not in seen["info"].get("supported_features", [])
-    assert printed(seen["threads"]) == "True []\n"
-    assert printed(seen["awaited"]) == "awaited\n"
+    assert _printed(seen["threads"]) == "True []\n"
+    assert _printed(seen["awaited"]) == "awaited\n"
     assert errors(seen["interrupted"]) in (["KeyboardInterrupt"], ["CancelledError"])
     assert errors(seen["failed"]) == ["ZeroDivisionError"]
-    assert printed(seen["after"]) == "after\n"
+    assert _printed(seen["after"]) == "after\n"
+
+
+def test_what_the_agent_does_after_an_execution_waits_for_the_cells_answer(
+        host: HostProcess) -> None:
+    """The agent checks the values it holds after each execution, on a thread; that work
+    is started from the kernel's loop once the cell has answered, never inside the cell
+    (where it started before, as the kernel's loop did not exist yet when the agent
+    loaded), so it never delays a reply."""
+    defer = ("ran = []\n"
+             "get_ipython().cloudgpu_agent.held._later(lambda: ran.append('after'))\n"
+             "print(ran)")
+
+    async def go() -> tuple[str, str]:
+        headers = {"Authorization": f"token {host.token}"}
+        async with httpx.AsyncClient(base_url=host.url, headers=headers) as http:
+            kernel = (await http.post("/api/kernels", json={})).json()
+            ws_url = host.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
+            async with connect(ws_url, additional_headers=headers) as ws:
+                during = await _iopub_until_idle(ws, defer)
+                after = await _iopub_until_idle(ws, "print(ran)")
+            await http.delete(f"/api/kernels/{kernel['id']}")
+        return _printed(during), _printed(after)
+
+    assert run(go()) == ("[]\n", "['after']\n")
 
 
 async def _kernel_info(ws: Any) -> dict[str, Any]:

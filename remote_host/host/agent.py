@@ -59,6 +59,7 @@ import os
 import platform
 import sys
 import types
+from collections.abc import Callable
 from typing import Any
 
 from IPython.core.error import InputRejected
@@ -110,9 +111,7 @@ class Agent:
         self.push_errors: dict[str, str] = {}
         # Big values as this side pickles them, recorded when they arrived or left: a `keep`
         # is honoured only if the value is still the same (see held.py).
-        kernel = getattr(shell, "kernel", None)
-        loop = getattr(kernel, "io_loop", None)
-        self.held = HeldValues(shell.user_ns, later=loop.add_callback if loop else None)
+        self.held = HeldValues(shell.user_ns, later=_after_reply(getattr(shell, "kernel", None)))
         #: The comms of our clients, by id (an execute request's kept inputs are answered
         #: on the comm it names).
         self._comms: dict[str, Any] = {}
@@ -421,6 +420,29 @@ class Agent:
                               f"create it again on the new kernel")
             errors[name] = reason
         return values, errors
+
+
+def _after_reply(kernel: Any) -> Callable[[Callable[[], None]], None] | None:
+    """What runs a function once the execution running now has answered: a callback on
+    the kernel's event loop, which the execution holds until its reply and idle are sent.
+    None (at once) outside a kernel.
+
+    ipykernel 7 sets the kernel's loop when the kernel starts, after the extensions
+    loaded, so the loop is looked up at each call. Taken when the agent loaded, there was
+    none: the check after each execution started a thread at ``post_execute``, before the
+    reply, and an empty cell's answer waited 0.3-0.5 ms for it wherever a value was held.
+    """
+    if kernel is None:
+        return None
+
+    def later(fn: Callable[[], None]) -> None:
+        loop = getattr(kernel, "io_loop", None)
+        if loop is None:  # not started: nothing is waiting for an answer
+            fn()
+        else:
+            loop.add_callback(fn)
+
+    return later
 
 
 def _host_pid() -> int:
