@@ -6,12 +6,13 @@ Most tests share the `host` fixture (conftest.py): simulated H100:2,A100-80GB:1,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import secrets
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,22 @@ async def _iopub_until_idle(
             return seen
 
 
+@contextlib.asynccontextmanager
+async def _plain_kernel(host: HostProcess) -> AsyncIterator[tuple[httpx.AsyncClient, str, Any]]:
+    """A kernel started through the standard API and its websocket (the default JSON
+    protocol), as any Jupyter client would have them: (HTTP client, kernel id, websocket).
+    The kernel is deleted after."""
+    headers = {"Authorization": f"token {host.token}"}
+    async with httpx.AsyncClient(base_url=host.url, headers=headers) as http:
+        kernel_id = str((await http.post("/api/kernels", json={})).json()["id"])
+        try:
+            ws_url = host.url.replace("http", "ws") + f"/api/kernels/{kernel_id}/channels"
+            async with connect(ws_url, additional_headers=headers) as ws:
+                yield http, kernel_id, ws
+        finally:
+            await http.delete(f"/api/kernels/{kernel_id}")
+
+
 def _printed(msgs: list[dict[str, Any]]) -> str:
     """What ``msgs`` (a cell's IOPub messages) printed, stdout and stderr together."""
     return "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream")
@@ -144,15 +161,10 @@ def test_any_jupyter_client_can_drive_a_host_kernel(host: HostProcess) -> None:
     """The standard kernel API with the default (JSON) websocket protocol, no cloudgpu client."""
 
     async def go() -> str:
-        headers = {"Authorization": f"token {host.token}"}
-        async with httpx.AsyncClient(base_url=host.url, headers=headers) as http:
-            kernel = (await http.post("/api/kernels", json={})).json()
-            ws_url = host.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
-            async with connect(ws_url, additional_headers=headers) as ws:
-                text = await _first_stream(ws, "import os; print('gpus=[' + os.environ.get("
-                                               "'CUDA_VISIBLE_DEVICES', '?') + ']')")
-            await http.delete(f"/api/kernels/{kernel['id']}")
-            return text
+        async with _plain_kernel(host) as (_, _, ws):
+            text = await _first_stream(ws, "import os; print('gpus=[' + os.environ.get("
+                                           "'CUDA_VISIBLE_DEVICES', '?') + ']')")
+        return text
 
     # A kernel started through the plain API holds no GPU.
     assert run(go()).strip() == "gpus=[]"
@@ -164,17 +176,12 @@ def test_the_agent_echoes_inputs_unless_asked_not_to(host: HostProcess) -> None:
     debug records its handlers would drop."""
 
     async def go() -> tuple[list[str], list[str], str]:
-        headers = {"Authorization": f"token {host.token}"}
-        async with httpx.AsyncClient(base_url=host.url, headers=headers) as http:
-            kernel = (await http.post("/api/kernels", json={})).json()
-            ws_url = host.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
-            async with connect(ws_url, additional_headers=headers) as ws:
-                plain = await _iopub_until_idle(ws, "pass")
-                quiet = await _iopub_until_idle(ws, "pass", {"cloudgpu": {"echo": False}})
-                levels = await _iopub_until_idle(
-                    ws, "import logging\nlog = get_ipython().kernel.log\n"
-                        "print(log.getEffectiveLevel(), min(h.level for h in log.handlers))")
-            await http.delete(f"/api/kernels/{kernel['id']}")
+        async with _plain_kernel(host) as (_, _, ws):
+            plain = await _iopub_until_idle(ws, "pass")
+            quiet = await _iopub_until_idle(ws, "pass", {"cloudgpu": {"echo": False}})
+            levels = await _iopub_until_idle(
+                ws, "import logging\nlog = get_ipython().kernel.log\n"
+                    "print(log.getEffectiveLevel(), min(h.level for h in log.handlers))")
         return [m["msg_type"] for m in plain], [m["msg_type"] for m in quiet], _printed(levels)
 
     plain, quiet, printed = run(go())
@@ -195,13 +202,8 @@ def test_the_reply_waits_for_no_sleep_and_every_output_still_comes_before_idle(
             "sys.stdout.write('b'); sys.stderr.write('e')")
 
     async def go() -> list[dict[str, Any]]:
-        headers = {"Authorization": f"token {host.token}"}
-        async with httpx.AsyncClient(base_url=host.url, headers=headers) as http:
-            kernel = (await http.post("/api/kernels", json={})).json()
-            ws_url = host.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
-            async with connect(ws_url, additional_headers=headers) as ws:
-                seen = [await _iopub_until_idle(ws, code) for _ in range(3)]
-            await http.delete(f"/api/kernels/{kernel['id']}")
+        async with _plain_kernel(host) as (_, _, ws):
+            seen = [await _iopub_until_idle(ws, code) for _ in range(3)]
         return [m for msgs in seen for m in msgs]
 
     seen = run(go())
@@ -220,26 +222,21 @@ def test_the_kernel_receives_cells_on_its_main_thread_and_awaits_and_interrupts_
               "      sorted(t.name for t in threading.enumerate() if 'hell' in t.name))")
 
     async def go() -> dict[str, Any]:
-        headers = {"Authorization": f"token {host.token}"}
-        async with httpx.AsyncClient(base_url=host.url, headers=headers) as http:
-            kernel = (await http.post("/api/kernels", json={})).json()
-            ws_url = host.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
-            async with connect(ws_url, additional_headers=headers) as ws:
-                seen: dict[str, Any] = {"info": await _kernel_info(ws)}
-                seen["threads"] = await _iopub_until_idle(ws, report)
-                seen["awaited"] = await _iopub_until_idle(
-                    ws, "import asyncio\nawait asyncio.sleep(0)\nprint('awaited')")
+        async with _plain_kernel(host) as (http, kernel_id, ws):
+            seen: dict[str, Any] = {"info": await _kernel_info(ws)}
+            seen["threads"] = await _iopub_until_idle(ws, report)
+            seen["awaited"] = await _iopub_until_idle(
+                ws, "import asyncio\nawait asyncio.sleep(0)\nprint('awaited')")
 
-                async def interrupt_once_awaiting(msg: dict[str, Any]) -> None:
-                    if msg["msg_type"] == "stream":
-                        await http.post(f"/api/kernels/{kernel['id']}/interrupt")
+            async def interrupt_once_awaiting(msg: dict[str, Any]) -> None:
+                if msg["msg_type"] == "stream":
+                    await http.post(f"/api/kernels/{kernel_id}/interrupt")
 
-                seen["interrupted"] = await _iopub_until_idle(
-                    ws, "print('waiting', flush=True)\nawait asyncio.sleep(600)",
-                    each=interrupt_once_awaiting)
-                seen["failed"] = await _iopub_until_idle(ws, "1 / 0")
-                seen["after"] = await _iopub_until_idle(ws, "print('after')")
-            await http.delete(f"/api/kernels/{kernel['id']}")
+            seen["interrupted"] = await _iopub_until_idle(
+                ws, "print('waiting', flush=True)\nawait asyncio.sleep(600)",
+                each=interrupt_once_awaiting)
+            seen["failed"] = await _iopub_until_idle(ws, "1 / 0")
+            seen["after"] = await _iopub_until_idle(ws, "print('after')")
         return seen
 
     def errors(msgs: list[dict[str, Any]]) -> list[str]:
@@ -265,14 +262,9 @@ def test_what_the_agent_does_after_an_execution_waits_for_the_cells_answer(
              "print(ran)")
 
     async def go() -> tuple[str, str]:
-        headers = {"Authorization": f"token {host.token}"}
-        async with httpx.AsyncClient(base_url=host.url, headers=headers) as http:
-            kernel = (await http.post("/api/kernels", json={})).json()
-            ws_url = host.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
-            async with connect(ws_url, additional_headers=headers) as ws:
-                during = await _iopub_until_idle(ws, defer)
-                after = await _iopub_until_idle(ws, "print(ran)")
-            await http.delete(f"/api/kernels/{kernel['id']}")
+        async with _plain_kernel(host) as (_, _, ws):
+            during = await _iopub_until_idle(ws, defer)
+            after = await _iopub_until_idle(ws, "print(ran)")
         return _printed(during), _printed(after)
 
     assert run(go()) == ("[]\n", "['after']\n")
@@ -310,19 +302,14 @@ def test_the_kernel_model_follows_what_the_kernel_does(host: HostProcess,
         raise AssertionError(f"the kernel never read as {state}: {model}")
 
     async def go() -> None:
-        headers = {"Authorization": f"token {host.token}"}
-        async with httpx.AsyncClient(base_url=host.url, headers=headers) as http:
-            kernel = (await http.post("/api/kernels", json={})).json()
-            ws_url = host.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels"
-            async with connect(ws_url, additional_headers=headers) as ws:
-                await _first_stream(ws, "import pathlib, time\nprint('running', flush=True)\n"
-                                        f"while not pathlib.Path({str(go_on)!r}).exists():\n"
-                                        "    time.sleep(0.01)")
-                busy = await model_until(http, kernel["id"], "busy")
-                go_on.touch()
-                idle = await model_until(http, kernel["id"], "idle")
-                assert idle["last_activity"] > busy["last_activity"]
-            await http.delete(f"/api/kernels/{kernel['id']}")
+        async with _plain_kernel(host) as (http, kernel_id, ws):
+            await _first_stream(ws, "import pathlib, time\nprint('running', flush=True)\n"
+                                    f"while not pathlib.Path({str(go_on)!r}).exists():\n"
+                                    "    time.sleep(0.01)")
+            busy = await model_until(http, kernel_id, "busy")
+            go_on.touch()
+            idle = await model_until(http, kernel_id, "idle")
+            assert idle["last_activity"] > busy["last_activity"]
 
     run(go())
 
