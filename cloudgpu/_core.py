@@ -282,7 +282,10 @@ class SessionCore:
                 if result.error is not None and not self._interrupted else None
         except (HostConnectionError, RemoteKernelDiedError) as e:
             await _drop(warnings)
-            raise (await self._stopped(session) or e) from None
+            stopped = await self._stopped(session)
+            if stopped is not None:
+                await self._forget(session)
+            raise (stopped or e) from None
         except BaseException:
             await _drop(warnings)
             raise
@@ -290,6 +293,7 @@ class SessionCore:
             # A provider stopping a session interrupts the cell first: say why, not just
             # "KeyboardInterrupt". Costs a round trip on failed cells only.
             await _drop(warnings)
+            await self._forget(session)
             raise stopped
         result.warnings = await warnings
         self.last_result = result
@@ -334,6 +338,12 @@ class SessionCore:
         raise RemoteTimeoutError(
             f"The remote code ran past its timeout of {timeout:g} s and did not stop when "
             f"interrupted, so its {session.grant.display} session was stopped.")
+
+    async def _forget(self, session: RemoteSession) -> None:
+        """Let go of a session the provider stopped, so that the next cell starts a new one
+        (as the error says) and does not reach its kernel while it is being shut down."""
+        with contextlib.suppress(CloudGPUError):
+            await self.client.release(session)
 
     async def _stopped(self, session: RemoteSession) -> CloudGPUError | None:
         """The error saying why the provider stopped ``session``, if it did."""

@@ -842,6 +842,11 @@ def test_magic_cell_fails_clearly_when_max_cost_trips_mid_cell_on_simulated_h100
     assert "started" in ex.stream()
     text = ex.error_text()
     assert "max_cost" in text and "$2.00" in text, text
+    # The stopped session is let go at once: the next cell cannot reach its kernel while
+    # the pool shuts it down (it did, and failed with the same error).
+    live = ("[key for key, s in __import__('cloudgpu.client', fromlist=['get_client'])"
+            ".get_client().sessions.items() if 'H100' in key and s.alive]")
+    assert value(kc, live) == []
     # Nothing local is lost and the notebook goes on.
     assert value(kc, "keep") == "local"
     ok(kc, "keep = keep.upper()")
