@@ -282,10 +282,7 @@ class SessionCore:
                 if result.error is not None and not self._interrupted else None
         except (HostConnectionError, RemoteKernelDiedError) as e:
             await _drop(warnings)
-            stopped = await self._stopped(session)
-            if stopped is not None:
-                await self._forget(session)
-            raise (stopped or e) from None
+            raise (await self._stopped(session) or e) from None
         except BaseException:
             await _drop(warnings)
             raise
@@ -293,7 +290,6 @@ class SessionCore:
             # A provider stopping a session interrupts the cell first: say why, not just
             # "KeyboardInterrupt". Costs a round trip on failed cells only.
             await _drop(warnings)
-            await self._forget(session)
             raise stopped
         result.warnings = await warnings
         self.last_result = result
@@ -339,16 +335,16 @@ class SessionCore:
             f"The remote code ran past its timeout of {timeout:g} s and did not stop when "
             f"interrupted, so its {session.grant.display} session was stopped.")
 
-    async def _forget(self, session: RemoteSession) -> None:
-        """Let go of a session the provider stopped, so that the next cell starts a new one
-        (as the error says) and does not reach its kernel while it is being shut down."""
+    async def _stopped(self, session: RemoteSession) -> CloudGPUError | None:
+        """The error saying why the provider stopped ``session``, if it did; a stopped
+        session is let go here, so that the next cell starts a new one (as the error says)
+        and does not reach its kernel while the provider shuts it down."""
+        reason = await self.client.ended_reason(session)
+        if not reason:
+            return None
         with contextlib.suppress(CloudGPUError):
             await self.client.release(session)
-
-    async def _stopped(self, session: RemoteSession) -> CloudGPUError | None:
-        """The error saying why the provider stopped ``session``, if it did."""
-        reason = await self.client.ended_reason(session)
-        return stopped_error(session.grant.display, reason, self.then) if reason else None
+        return stopped_error(session.grant.display, reason, self.then)
 
     def _check(self, emit: Emit, session: RemoteSession, result: CellResult) -> None:
         if session.version_warnings and not session.version_warned:
