@@ -251,6 +251,52 @@ def test_the_kernel_receives_cells_on_its_main_thread_and_awaits_and_interrupts_
     assert _printed(seen["after"]) == "after\n"
 
 
+def test_after_a_failed_cell_only_the_cells_already_sent_are_skipped(host: HostProcess) -> None:
+    """Stop-on-error, exactly: a cell that reached the kernel before a failed cell answered
+    is skipped (``aborted``, as Run All expects), and a cell sent on seeing the failure runs
+    however soon it comes, even while a thread of the user's keeps the interpreter busy
+    (ipykernel went on skipping for a few loop turns: 13 of 20 such cells were skipped)."""
+    wait_for_the_next_then_fail = (
+        "import asyncio\n"
+        "while get_ipython().kernel.shell_received < n + 2:\n"
+        "    await asyncio.sleep(0.01)\n"
+        "1 / 0")
+    busy_then_fail = ("import threading\n"  # busy until the next cell that runs starts
+                      "stop = threading.Event()\n"
+                      "def busy(stop=stop):\n"
+                      "    while not stop.is_set():\n"
+                      "        pass\n"
+                      "threading.Thread(target=busy, daemon=True).start()\n"
+                      "get_ipython().events.register('pre_execute', stop.set)\n"
+                      "1 / 0")
+
+    async def go() -> tuple[list[str], list[str]]:
+        async with _plain_kernel(host) as (_, _, ws):
+            counted = await _execute(ws, "n = get_ipython().kernel.shell_received")
+            assert await _reply_status(ws, counted) == "ok"
+            queued = [await _execute(ws, wait_for_the_next_then_fail),
+                      await _execute(ws, "print('never')")]
+            behind = [await _reply_status(ws, msg_id) for msg_id in queued]
+            after = []
+            for _ in range(10):
+                assert await _reply_status(ws, await _execute(ws, busy_then_fail)) == "error"
+                after.append(await _reply_status(ws, await _execute(ws, "pass")))
+        return behind, after
+
+    behind, after = run(go())
+    assert behind == ["error", "aborted"]
+    assert after == ["ok"] * 10
+
+
+async def _reply_status(ws: Any, msg_id: str) -> str:
+    """The status of the ``execute_reply`` to ``msg_id`` (what comes before it is skipped)."""
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        if msg["msg_type"] == "execute_reply" and msg["parent_header"].get("msg_id") == msg_id:
+            status: str = msg["content"]["status"]
+            return status
+
+
 def test_what_the_agent_does_after_an_execution_waits_for_the_cells_answer(
         host: HostProcess) -> None:
     """The agent checks the values it holds after each execution, on a thread; that work
