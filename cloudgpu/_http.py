@@ -35,7 +35,17 @@ def prewarm() -> None:
     threading.Thread(target=tls_context, name="cloudgpu-tls", daemon=True).start()
 
 
+#: Times a connection that could not be made in time (or at all) is tried again, at once,
+#: before the request fails. A host or pool too busy to accept it (200 sessions asked for at
+#: once on one small machine, their kernels all starting: 35 to 57 of them failed so in
+#: ``bench/pool_bench.py``) gets a second chance; nothing was sent, so any request may be
+#: repeated. A server that is not running still fails at once (refused twice).
+CONNECT_RETRIES = 1
+
+
 def async_client(base_url: str, token: str, timeout: httpx.Timeout) -> httpx.AsyncClient:
-    """An ``httpx.AsyncClient`` for ``base_url`` sending ``Authorization: token ...``."""
+    """An ``httpx.AsyncClient`` for ``base_url`` sending ``Authorization: token ...``;
+    its ``timeout.connect`` applies to each of its tries to connect."""
+    transport = httpx.AsyncHTTPTransport(verify=tls_context(), retries=CONNECT_RETRIES)
     return httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"token {token}"},
-                             timeout=timeout, verify=tls_context())
+                             timeout=timeout, transport=transport)
