@@ -60,3 +60,19 @@ def test_a_spec_no_host_can_ever_fit_is_refused_at_once() -> None:
     with pytest.raises(HardwareUnavailableError, match=r"H100:3.*H100 x4 .at most 2 per host"):
         s.check_feasible(parse_spec("H100:3"))
     s.check_feasible(parse_spec("H100:3|H100:2"))  # a fallback that fits is enough
+
+
+def test_hosts_that_join_leave_or_change_are_placed_by_what_they_have_now() -> None:
+    s = scheduler(Slot("a", {"H100": 1}))
+    with pytest.raises(HardwareUnavailableError):
+        s.check_feasible(parse_spec("A100-80GB"))
+    s.add_slot(Slot("b", {"A100-80GB": 2}))
+    assert grant(s, "first", "A100-80GB") == ("b", "A100-80GB", 1)
+    assert grant(s, "any", "any") == ("b", "A100-80GB", 1)  # cheaper than the H100
+    gone = s.update_slots([Slot("a", {"H100": 1}), Slot("c", {"A100-80GB": 1})])
+    assert gone == ["b"]
+    assert grant(s, "moved", "A100-80GB") == ("c", "A100-80GB", 1)
+    s.update_slots([Slot("a", {"L4": 2})])  # the same host, now with other GPUs
+    with pytest.raises(HardwareUnavailableError):
+        s.check_feasible(parse_spec("H100"))
+    assert grant(s, "changed", "L4") == ("a", "L4", 1)

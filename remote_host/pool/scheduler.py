@@ -57,11 +57,16 @@ class _Request:
 
 
 class Scheduler:
-    """Slots, the queue, and the decisions that match them."""
+    """Slots, the queue, and the decisions that match them.
+
+    Slots join and leave through :meth:`add_slot` and :meth:`update_slots` (the index of
+    which slots hold which GPU type is remade then).
+    """
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self.slots: dict[str, Slot] = {}
+        self._holding: dict[str, list[Slot]] | None = None  # by GPU type, in slot order
         self._queue: list[_Request] = []
         # GPU types, cheapest first, for `any`.
         self._by_price = [t.name for t in sorted(catalog, key=lambda t: t.price_per_hour)
@@ -70,6 +75,7 @@ class Scheduler:
     def add_slot(self, slot: Slot) -> None:
         """A host joined (or re-joined) the pool."""
         self.slots[slot.id] = slot
+        self._holding = None
 
     def update_slots(self, slots: list[Slot]) -> list[str]:
         """The backend's slots are now these: new ones join, missing ones leave, and the
@@ -81,11 +87,25 @@ class Scheduler:
                 slot.used = old.used
         gone = [slot_id for slot_id in self.slots if slot_id not in fresh]
         self.slots = fresh
+        self._holding = None
         return gone
+
+    def _slots_with(self, gpu_type: str) -> list[Slot]:
+        """The slots that have GPUs of ``gpu_type``, in slot order. A decision looks only
+        at these: at 1,000 hosts of eight types, an eighth of the pool (``bench/pool_bench.py``,
+        100 requests queued: a request cycle's p99 went from 1.0 ms to 0.34 ms)."""
+        if self._holding is None:
+            holding: dict[str, list[Slot]] = {}
+            for slot in self.slots.values():
+                for held, n in slot.total.items():
+                    if n > 0:
+                        holding.setdefault(held, []).append(slot)
+            self._holding = holding
+        return self._holding.get(gpu_type, [])
 
     def _types_for(self, choice: Choice) -> list[str]:
         if choice.is_any:
-            return [t for t in self._by_price if any(s.total.get(t) for s in self.slots.values())]
+            return [t for t in self._by_price if self._slots_with(t)]
         return [choice.type]
 
     def check_feasible(self, spec: HardwareSpec) -> None:
@@ -100,7 +120,7 @@ class Scheduler:
                     return
                 continue
             for gpu_type in self._types_for(choice):
-                if any(s.total.get(gpu_type, 0) >= choice.count for s in self.slots.values()):
+                if any(s.total[gpu_type] >= choice.count for s in self._slots_with(gpu_type)):
                     return
         raise HardwareUnavailableError(
             f"No host in this pool can ever give `{spec}`: it has {self.describe() or 'no hosts'}."
@@ -169,15 +189,29 @@ class Scheduler:
 
     def _place(self, choice: Choice, gpu_type: str) -> Slot | None:
         if gpu_type == CPU:  # never scarce: the host with the fewest CPU sessions' cores
-            return min((s for s in self.slots.values() if not s.down),
-                       key=lambda s: s.used.get(CPU, 0), default=None)
+            return self._least_cpu()
         best: Slot | None = None
-        for slot in self.slots.values():
+        best_free = 0
+        for slot in self._slots_with(gpu_type):
             free = slot.free(gpu_type)
             # Best fit: the host with the fewest free GPUs that still fits keeps big holes open.
-            if free >= choice.count and (best is None or free < best.free(gpu_type)):
-                best = slot
+            if free >= choice.count and (best is None or free < best_free):
+                best, best_free = slot, free
                 if free == choice.count:
+                    break
+        return best
+
+    def _least_cpu(self) -> Slot | None:
+        """The first slot up with the fewest CPU cores in use (one with none ends the look)."""
+        best: Slot | None = None
+        least = 0
+        for slot in self.slots.values():
+            if slot.down:
+                continue
+            used = slot.used.get(CPU, 0)
+            if best is None or used < least:
+                best, least = slot, used
+                if used == 0:
                     break
         return best
 
