@@ -46,6 +46,8 @@ CONNECT_RETRIES = 1
 def async_client(base_url: str, token: str, timeout: httpx.Timeout) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` for ``base_url`` sending ``Authorization: token ...``;
     its ``timeout.connect`` applies to each of its tries to connect."""
-    transport = httpx.AsyncHTTPTransport(verify=tls_context(), retries=CONNECT_RETRIES)
+    context = tls_context()
+    transport = httpx.AsyncHTTPTransport(verify=context, retries=CONNECT_RETRIES)
     return httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"token {token}"},
-                             timeout=timeout, transport=transport)
+                             timeout=timeout, transport=transport,
+                             verify=context)  # for the transports of proxies from the env
