@@ -158,17 +158,31 @@ def test_a_connection_the_host_was_too_busy_to_accept_is_tried_again(host: HostP
         ["started", "failed", "started", "complete"]
 
 
-async def _execute(ws: Any, code: str, metadata: dict[str, Any] | None = None) -> str:
-    """Send an execute request over the default (JSON) websocket protocol; its msg_id."""
+async def _request(ws: Any, msg_type: str, content: dict[str, Any],
+                   metadata: dict[str, Any] | None = None) -> str:
+    """Send a shell request over the default (JSON) websocket protocol; its msg_id."""
     msg_id = secrets.token_hex(8)
     await ws.send(json.dumps({
         "channel": "shell",
-        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t",
+        "header": {"msg_id": msg_id, "msg_type": msg_type, "username": "t",
                    "session": "s", "version": "5.3"},
-        "parent_header": {}, "metadata": metadata or {},
-        "content": {"code": code, "silent": False},
+        "parent_header": {}, "metadata": metadata or {}, "content": content,
     }))
     return msg_id
+
+
+async def _reply(ws: Any, msg_id: str, msg_type: str) -> dict[str, Any]:
+    """The content of the ``msg_type`` reply to ``msg_id`` (what comes before it is skipped)."""
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        if msg["msg_type"] == msg_type and msg["parent_header"].get("msg_id") == msg_id:
+            content: dict[str, Any] = msg["content"]
+            return content
+
+
+async def _execute(ws: Any, code: str, metadata: dict[str, Any] | None = None) -> str:
+    """Send an execute request over the default (JSON) websocket protocol; its msg_id."""
+    return await _request(ws, "execute_request", {"code": code, "silent": False}, metadata)
 
 
 async def _first_stream(ws: Any, code: str) -> str:
@@ -353,12 +367,8 @@ def test_after_a_failed_cell_only_the_cells_already_sent_are_skipped(host: HostP
 
 
 async def _reply_status(ws: Any, msg_id: str) -> str:
-    """The status of the ``execute_reply`` to ``msg_id`` (what comes before it is skipped)."""
-    while True:
-        msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
-        if msg["msg_type"] == "execute_reply" and msg["parent_header"].get("msg_id") == msg_id:
-            status: str = msg["content"]["status"]
-            return status
+    """The status of the ``execute_reply`` to ``msg_id``."""
+    return str((await _reply(ws, msg_id, "execute_reply"))["status"])
 
 
 def test_what_the_agent_does_after_an_execution_waits_for_the_cells_answer(
@@ -382,19 +392,7 @@ def test_what_the_agent_does_after_an_execution_waits_for_the_cells_answer(
 
 async def _kernel_info(ws: Any) -> dict[str, Any]:
     """The kernel's ``kernel_info_reply`` content, over the default (JSON) protocol."""
-    msg_id = secrets.token_hex(8)
-    await ws.send(json.dumps({
-        "channel": "shell",
-        "header": {"msg_id": msg_id, "msg_type": "kernel_info_request", "username": "t",
-                   "session": "s", "version": "5.3"},
-        "parent_header": {}, "metadata": {}, "content": {},
-    }))
-    while True:
-        msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
-        if msg["msg_type"] == "kernel_info_reply" and \
-                msg["parent_header"].get("msg_id") == msg_id:
-            content: dict[str, Any] = msg["content"]
-            return content
+    return await _reply(ws, await _request(ws, "kernel_info_request", {}), "kernel_info_reply")
 
 
 def test_the_kernel_model_follows_what_the_kernel_does(host: HostProcess,
