@@ -11,7 +11,6 @@ import json
 import logging
 import re
 import secrets
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -24,7 +23,6 @@ from servers import HostFactory, HostProcess
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from cloudgpu._http import async_client
 from cloudgpu.errors import (
     AuthenticationError,
     HardwareUnavailableError,
@@ -94,68 +92,6 @@ def test_client_reports_a_wrong_token_clearly(host: HostProcess) -> None:
                 await client.info()
 
     run(go())
-
-
-def test_a_connection_the_host_was_too_busy_to_accept_is_tried_again(host: HostProcess) -> None:
-    """A host whose accept queue stays full for a while (a burst of kernel starts on a
-    loaded machine) fails the first connection; it is tried again at once, and the request
-    goes through. Every client of a host or a pool is made by ``async_client``."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)  # room for one connection waiting to be accepted:
-    held = socket.create_connection(listener.getsockname())  # taken, so SYNs are dropped
-    port = listener.getsockname()[1]
-    host_port = int(host.url.rstrip("/").rsplit(":", 1)[1])
-    events: list[str] = []
-    relays: list[asyncio.Task[Any]] = []
-
-    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        relays.append(task)
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", host_port)
-
-        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            while data := await src.read(1 << 16):
-                dst.write(data)
-                await dst.drain()
-            dst.close()
-            await dst.wait_closed()
-
-        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
-
-    servers: list[asyncio.Server] = []
-
-    async def trace(event: str, info: dict[str, Any]) -> None:
-        events.append(event)
-        if event.endswith("connect_tcp.failed"):  # the host gets round to accepting
-            listener.accept()[0].close()
-            held.close()
-            servers.append(await asyncio.start_server(relay, sock=listener))
-
-    async def traced(request: httpx.Request) -> None:
-        request.extensions["trace"] = trace
-
-    async def go() -> dict[str, Any]:
-        client = async_client(f"http://127.0.0.1:{port}", host.token,
-                              httpx.Timeout(30.0, connect=2.0))
-        client.event_hooks["request"] = [traced]
-        async with client:
-            response = await client.get("/api/cloudgpu/host")
-        for server in servers:
-            server.close()
-        await asyncio.wait_for(asyncio.gather(*relays), 30)  # ends as the client hangs up
-        response.raise_for_status()
-        return dict(response.json())
-
-    try:
-        info = run(go())
-    finally:
-        listener.close()
-        held.close()
-    assert info["inventory"]["simulated"] is True
-    assert [e.rsplit(".", 1)[1] for e in events if "connect_tcp" in e] == \
-        ["started", "failed", "started", "complete"]
 
 
 async def _request(ws: Any, msg_type: str, content: dict[str, Any],

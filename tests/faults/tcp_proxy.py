@@ -3,8 +3,10 @@
 It stands where a network would: between a client and a host. ``drop()`` resets every
 connection through it at once (as a network that goes away does), ``drop_latest()`` only the
 newest one; ``block()`` also refuses
-new connections until ``unblock()`` (an outage). It runs on its own event loop in a thread,
-so a test can drive it from plain synchronous code.
+new connections until ``unblock()`` (an outage). Made with ``accepting=False``, it is a server
+too busy to accept: its accept queue stays full, so a client's connection is never made,
+until ``start_accepting()``. It runs on its own event loop in a thread, so a test can drive
+it from plain synchronous code.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ class TcpProxy:
 
     Args:
         target: (host, port) to forward to.
+        accepting: False: accept nothing until :meth:`start_accepting`.
     """
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], accepting: bool = True) -> None:
         self.target = target
         self.port = 0
         self.connections = 0  # accepted, over the proxy's life
@@ -43,8 +46,11 @@ class TcpProxy:
         # In the order they were accepted (a dict as an ordered set).
         self._pairs: dict[tuple[asyncio.StreamWriter, asyncio.StreamWriter], None] = {}
         self._blocked = False
+        # Not accepting: the listening socket, and the connection that fills its queue.
+        self._listener: socket.socket | None = None
+        self._queued: socket.socket | None = None
         self._thread.start()
-        self.port = self._call(self._start())
+        self.port = self._call(self._start(accepting))
 
     @property
     def url(self) -> str:
@@ -54,9 +60,26 @@ class TcpProxy:
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(30)
 
-    async def _start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
+    async def _start(self, accepting: bool) -> int:
+        if accepting:
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            return int(self._server.sockets[0].getsockname()[1])
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(0)  # room for one connection waiting to be accepted: taken,
+        self._queued = socket.create_connection(self._listener.getsockname())  # so SYNs drop
+        return int(self._listener.getsockname()[1])
+
+    async def _start_accepting(self) -> None:
+        if self._server is not None or self._listener is None or self._queued is None:
+            return
+        self._listener.accept()[0].close()  # the connection that filled the queue
+        self._queued.close()
+        self._server = await asyncio.start_server(self._serve, sock=self._listener)
+
+    def start_accepting(self) -> None:
+        """A proxy made with ``accepting=False`` starts accepting (and forwarding)."""
+        self._call(self._start_accepting())
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._blocked:
@@ -116,6 +139,9 @@ class TcpProxy:
             await self._drop()
             if self._server is not None:
                 self._server.close()
+            for sock in (self._listener, self._queued):
+                if sock is not None:
+                    sock.close()
 
         self._call(stop())
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -16,11 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from servers import HostFactory, HostProcess
 from tcp_proxy import TcpProxy, port_of
 
+from cloudgpu._http import async_client
 from cloudgpu.host_client import HostClient
 from cloudgpu.provider import Grant
 from cloudgpu.serialize import dumps, loads
@@ -205,3 +207,35 @@ def test_the_cell_fails_clearly_when_the_host_stays_unreachable(
     text = asyncio.run(go())
     assert text.startswith("HostConnectionError"), text
     assert "could not be made again within 1 s" in text, text
+
+
+def test_a_connection_the_host_was_too_busy_to_accept_is_tried_again(host: HostProcess) -> None:
+    """A host whose accept queue stays full for a while (a burst of kernel starts on a
+    loaded machine) fails the first connection; it is tried again at once, and the request
+    goes through. Every client of a host or a pool is made by ``async_client``."""
+    busy = TcpProxy(("127.0.0.1", port_of(host.url)), accepting=False)
+    events: list[str] = []
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        events.append(event)
+        if event.endswith("connect_tcp.failed"):  # the host gets round to accepting
+            busy.start_accepting()
+
+    async def traced(request: httpx.Request) -> None:
+        request.extensions["trace"] = trace
+
+    async def go() -> dict[str, Any]:
+        client = async_client(busy.url, host.token, httpx.Timeout(30.0, connect=2.0))
+        client.event_hooks["request"] = [traced]
+        async with client:
+            response = await client.get("/api/cloudgpu/host")
+        response.raise_for_status()
+        return dict(response.json())
+
+    try:
+        info = asyncio.run(go())
+    finally:
+        busy.close()
+    assert info["inventory"]["simulated"] is True
+    assert [e.rsplit(".", 1)[1] for e in events if "connect_tcp" in e] == \
+        ["started", "failed", "started", "complete"]
