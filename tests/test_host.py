@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cloudgpu.remote_host.host.environments import EnvironmentBuild
 from cloudgpu.remote_host.host.inventory import Inventory
 from servers import HostFactory, HostProcess
 from websockets.asyncio.client import connect
@@ -549,6 +550,24 @@ def test_a_kernel_still_starting_is_listed_as_starting() -> None:
     (model,) = manager.list_kernels()
     assert model["id"] == "k-1" and model["execution_state"] == "starting"
     assert model["cloudgpu"]["gpus"] == [] and model["cloudgpu"]["environment"] == []
+
+
+def test_a_client_polling_an_environment_by_version_misses_none_of_its_lines(
+        tmp_path: Path) -> None:
+    """uv can print several lines between two long polls: each answer carries every line
+    after the version the client had (only the latest was kept, so a notebook's status
+    missed some, ``+ tabulate==0.9.0`` among them)."""
+    build = EnvironmentBuild("0123", ["tabulate==0.9.0"], tmp_path)
+    build.update(progress="installing tabulate==0.9.0 ...")
+    seen = build.to_json()
+    for line in ("Resolved 1 package in 5ms", "+ tabulate==0.9.0"):
+        build.update(progress=line)
+    build.update(state="ready")  # no line of its own
+    later = build.to_json(since=seen["version"])
+    assert seen["lines"] == ["installing tabulate==0.9.0 ..."]
+    assert later["lines"] == ["Resolved 1 package in 5ms", "+ tabulate==0.9.0"]
+    assert later["progress"] == "+ tabulate==0.9.0" and later["state"] == "ready"
+    assert build.to_json(since=later["version"])["lines"] == []
 
 
 def test_environment_requests_are_checked_and_unknown_ones_are_404(host: HostProcess) -> None:

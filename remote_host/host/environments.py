@@ -15,6 +15,7 @@ hosts sharing the folder (a lock file per key).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import fcntl
@@ -40,6 +41,8 @@ MARKER = "cloudgpu-environment.json"
 INSTALL_LOG = "install.log"
 #: uv lines kept in the log but not worth a notebook's status line.
 _QUIET = ("Using ", "Activate with", "Creating virtual environment")
+#: Progress lines a build keeps for the clients that ask what came since their last look.
+_LINES_KEPT = 200
 
 
 class EnvironmentBuild:
@@ -50,7 +53,8 @@ class EnvironmentBuild:
         requirements: what it installs.
         path: its folder.
         state: ``preparing``, ``ready`` or ``failed``.
-        progress: the installer's latest line, for the notebook's status line.
+        progress: the installer's latest line, for the notebook's status line (every line,
+            by the version it came with, in ``to_json(since)``).
         error: the installer's message when it failed.
         cached: True when it was ready before this host was asked (nothing was installed).
         version: bumped at every change, for long polls.
@@ -67,6 +71,7 @@ class EnvironmentBuild:
         self.version = 0
         self.task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._lines: collections.deque[tuple[int, str]] = collections.deque(maxlen=_LINES_KEPT)
 
     @property
     def python(self) -> Path:
@@ -75,11 +80,12 @@ class EnvironmentBuild:
 
     def update(self, *, progress: str | None = None, state: str | None = None) -> None:
         """Record a change and wake whoever waits for one."""
+        self.version += 1
         if progress is not None:
             self.progress = progress
+            self._lines.append((self.version, progress))
         if state is not None:
             self.state = state
-        self.version += 1
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
@@ -102,11 +108,14 @@ class EnvironmentBuild:
             raise EnvironmentBuildError(self.error or "the environment could not be prepared")
         return self
 
-    def to_json(self) -> dict[str, Any]:
-        """As ``/api/cloudgpu/environments/{id}`` shows it."""
+    def to_json(self, since: int = -1) -> dict[str, Any]:
+        """As ``/api/cloudgpu/environments/{id}`` shows it; ``lines``: the progress lines
+        that came after version ``since`` (a client polling with the version it has
+        misses none, however fast uv prints)."""
         return {"id": self.id, "requirements": self.requirements, "state": self.state,
                 "progress": self.progress, "error": self.error, "cached": self.cached,
-                "path": str(self.path), "version": self.version}
+                "path": str(self.path), "version": self.version,
+                "lines": [line for version, line in self._lines if version > since]}
 
 
 class Environments(LoggingConfigurable):

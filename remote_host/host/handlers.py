@@ -200,8 +200,9 @@ class EnvironmentsHandler(CloudGPUHandler):
 
 
 class EnvironmentHandler(CloudGPUHandler):
-    """``GET /api/cloudgpu/environments/{id}[?wait=S&version=V]``: an environment's state and
-    latest progress line; with ``wait``, answers once it changed past ``version``."""
+    """``GET /api/cloudgpu/environments/{id}[?wait=S&version=V]``: an environment's state,
+    latest progress line and the lines since ``version``; with ``wait``, answers once it
+    changed past ``version``."""
 
     @web.authenticated
     async def get(self, key: str) -> None:
@@ -218,7 +219,7 @@ class EnvironmentHandler(CloudGPUHandler):
             return
         if wait > 0:
             await build.changed(version, wait)
-        self.finish(json.dumps(build.to_json()))
+        self.finish(json.dumps(build.to_json(since=version)))
 
 
 HOST_HANDLERS: list[tuple[str, type[CloudGPUHandler]]] = [

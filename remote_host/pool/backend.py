@@ -202,17 +202,23 @@ class HostsBackend(Backend):
         Raises:
             EnvironmentBuildError: the host could not prepare it (the installer's message).
         """
+        def report(build: dict[str, Any]) -> None:
+            # Every line since the last look; a host before `lines` gives its latest only.
+            for line in build.get("lines", [build["progress"]] if build["progress"] else []):
+                report_progress(f"environment: {line}")
+
         build = await host.prepare_environment(environment)
         while build["state"] == "preparing":
-            if build["progress"]:
-                report_progress(f"environment: {build['progress']}")
+            report(build)
             build = await host.environment(build["id"], wait=ENVIRONMENT_POLL,
                                            version=build["version"])
         if build["state"] != "ready":
             raise EnvironmentBuildError(build["error"] or "the environment could not be "
                                                           "prepared")
-        report_progress("environment: cached, nothing to install" if build["cached"] else
-                        f"environment: {build['progress']}")
+        if build["cached"]:
+            report_progress("environment: cached, nothing to install")
+        else:
+            report(build)
 
     async def sweep(self, keep: set[str]) -> int:
         """Stop every kernel on our hosts that is not in ``keep``."""
