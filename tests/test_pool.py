@@ -804,6 +804,10 @@ def _session_id(kc: BlockingKernelClient, spec: str) -> str:
     return sid
 
 
+#: The notebook client's live H100 sessions (their keys), as ``value`` evaluates it.
+LIVE_H100 = f"[key for key, s in {CLIENT}.sessions.items() if 'H100' in key and s.alive]"
+
+
 @pytest.mark.timeout(90)
 def test_magic_simulated_cost_line_and_a_new_session_after_idle_culling(
         notebook: BlockingKernelClient, pool: UsersPool) -> None:
@@ -819,6 +823,9 @@ def test_magic_simulated_cost_line_and_a_new_session_after_idle_culling(
     first = _session_id(kc, "H100")
     end = alice.ended(first, within=15)
     assert end["state"] == "stopped" and "idle" in end["stop_reason"], end
+    # The next cell, once the notebook's client has seen its session end (the pool's
+    # ledger says so a moment before: a cell sent then still went to the old one).
+    wait_until(lambda: value(kc, LIVE_H100) == [], what="the client seeing the cull")
 
     ex = ok(kc, "%%remote gpu=H100\nseen_again = base * 2\n")
     assert value(kc, "seen_again") == 40
@@ -844,9 +851,7 @@ def test_magic_cell_fails_clearly_when_max_cost_trips_mid_cell_on_simulated_h100
     assert "max_cost" in text and "$2.00" in text, text
     # The stopped session is let go at once: the next cell cannot reach its kernel while
     # the pool shuts it down (it did, and failed with the same error).
-    live = ("[key for key, s in __import__('cloudgpu.client', fromlist=['get_client'])"
-            ".get_client().sessions.items() if 'H100' in key and s.alive]")
-    assert value(kc, live) == []
+    assert value(kc, LIVE_H100) == []
     # Nothing local is lost and the notebook goes on.
     assert value(kc, "keep") == "local"
     ok(kc, "keep = keep.upper()")
