@@ -5,8 +5,10 @@ connection through it at once (as a network that goes away does), ``drop_latest(
 newest one; ``block()`` also refuses
 new connections until ``unblock()`` (an outage). Made with ``accepting=False``, it is a server
 too busy to accept: its accept queue stays full, so a client's connection is never made,
-until ``start_accepting()``. It runs on its own event loop in a thread, so a test can drive
-it from plain synchronous code.
+until ``start_accepting()``. ``hold()`` is a network that is slow one way: what hosts send
+on the websockets through it (kernel channels) waits in the proxy, in order, until
+``release()``, while what clients send still goes through. It runs on its own event loop in
+a thread, so a test can drive it from plain synchronous code.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import contextlib
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = ["TcpProxy", "port_of"]
@@ -44,7 +46,7 @@ class TcpProxy:
                                         daemon=True)
         self._server: asyncio.Server | None = None
         # In the order they were accepted (a dict as an ordered set).
-        self._pairs: dict[tuple[asyncio.StreamWriter, asyncio.StreamWriter], None] = {}
+        self._pairs: dict[_Pair, None] = {}
         self._blocked = False
         # Not accepting: the listening socket, and the connection that fills its queue.
         self._listener: socket.socket | None = None
@@ -91,20 +93,22 @@ class TcpProxy:
         except OSError:
             _reset(writer)
             return
-        pair = (writer, up_writer)
+        pair = _Pair(writer, up_writer)
         self._pairs[pair] = None
         try:
-            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+            await asyncio.gather(_pump(reader, up_writer, seen=pair.sent),
+                                 _pump(up_reader, writer, gate=pair.flowing))
         finally:
             self._pairs.pop(pair, None)
-            for w in pair:
+            for w in pair.writers:
                 w.close()
 
     async def _drop(self, latest: bool = False) -> int:
         pairs = list(self._pairs)[-1:] if latest else list(self._pairs)
         for pair in pairs:
-            for writer in pair:
+            for writer in pair.writers:
                 _reset(writer)
+            pair.flowing.set()  # nothing held is left to deliver
         return len(pairs)
 
     def drop(self) -> int:
@@ -114,6 +118,31 @@ class TcpProxy:
     def drop_latest(self) -> int:
         """Reset only the connection accepted last (if it is still open); returns 1 or 0."""
         return int(self._call(self._drop(latest=True)))
+
+    async def _hold(self) -> int:
+        held = [pair for pair in self._pairs if pair.websocket]
+        for pair in held:
+            pair.flowing.clear()
+            pair.sent_while_held = 0
+        return len(held)
+
+    def hold(self) -> int:
+        """Keep what hosts send on the open websockets in the proxy until :meth:`release`
+        (what clients send goes on); returns how many websockets are held."""
+        return int(self._call(self._hold()))
+
+    def sent_while_held(self) -> int:
+        """Bytes clients sent on the held websockets since :meth:`hold`."""
+        return sum(pair.sent_while_held for pair in list(self._pairs)
+                   if not pair.flowing.is_set())
+
+    async def _release(self) -> None:
+        for pair in self._pairs:
+            pair.flowing.set()
+
+    def release(self) -> None:
+        """Deliver what :meth:`hold` kept, in order, and go on as before."""
+        self._call(self._release())
 
     def block(self) -> int:
         """An outage: drop every connection and refuse new ones until ``unblock()``."""
@@ -149,11 +178,41 @@ class TcpProxy:
         self._loop.close()
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+class _Pair:
+    """One connection through the proxy: the client's side and the target's."""
+
+    def __init__(self, client: asyncio.StreamWriter, target: asyncio.StreamWriter) -> None:
+        self.writers = (client, target)
+        self.flowing = asyncio.Event()  # cleared: what the target sends waits
+        self.flowing.set()
+        self.websocket = False  # the client asked for an upgrade to a websocket
+        self.sent_while_held = 0
+        self._start = b""
+
+    def sent(self, data: bytes) -> None:
+        """What the client sent, on its way to the target."""
+        if len(self._start) < 4096:
+            self._start += data[:4096]
+            self.websocket = b"upgrade: websocket" in self._start.lower()
+        if not self.flowing.is_set():
+            self.sent_while_held += len(data)
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                seen: Callable[[bytes], None] | None = None,
+                gate: asyncio.Event | None = None) -> None:
+    """Copy ``reader`` to ``writer`` until EOF; ``seen`` is shown each chunk, and a cleared
+    ``gate`` keeps each (and the EOF) until it is set."""
     with contextlib.suppress(ConnectionError, OSError):
         while data := await reader.read(1 << 16):
+            if seen is not None:
+                seen(data)
+            if gate is not None:
+                await gate.wait()
             writer.write(data)
             await writer.drain()
+    if gate is not None:
+        await gate.wait()
     with contextlib.suppress(ConnectionError, OSError, RuntimeError):
         writer.write_eof()
 
