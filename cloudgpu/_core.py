@@ -190,14 +190,15 @@ class SessionCore:
         return current is not None
 
     async def open(self, emit: Emit, *, new: bool = False, forward: Forward | None = None,
-                   announce: bool = True) -> RemoteSession:
+                   announce: bool = True, replaced: str | None = None) -> RemoteSession:
         """The session: the client's live one under ``key`` (unless ``new``), else a new one.
 
         While the provider finds hardware its progress (``waiting for H100: 2 ahead of
         you``) shows on the status line; with ``announce`` the line also says what is
-        asked for and, at the end, what was granted, where and how fast. ``forward`` gets
-        the connection's traffic that is not ours (the Cloud GPU kernel's frontends').
-        Cancelling withdraws the request.
+        asked for and, at the end, what was granted, where and how fast, and why the
+        session it replaces ended (``replaced``, when the client no longer holds that one).
+        ``forward`` gets the connection's traffic that is not ours (the Cloud GPU kernel's
+        frontends'). Cancelling withdraws the request.
 
         Raises:
             CloudGPUError: a subclass saying why no session can be had.
@@ -230,8 +231,8 @@ class SessionCore:
             ) from None
         self._session = session
         if announce:
-            note = f" (the previous one was stopped: {session.replaced_reason})" \
-                if session.replaced_reason else ""
+            why = session.replaced_reason or replaced
+            note = f" (the previous one was stopped: {why})" if why else ""
             where = (await self.client.get_provider()).description
             self.status(emit, f"{session.grant.display} session ready on the {where} in "
                               f"{time.perf_counter() - started:.1f} s{note}")
@@ -273,7 +274,16 @@ class SessionCore:
             BudgetExceededError: the provider stopped the session: its budget is spent.
             RemoteKernelDiedError: the kernel died or the provider stopped it otherwise.
             HostConnectionError: the connection was lost for good.
+
+        A keyed session the provider had stopped before the cell reached its kernel (the
+        client had not heard yet) is replaced, and the cell runs on the new one, as it
+        would have a moment later; one the cell reached fails it with the reason.
         """
+        return await self._run_cell(emit, code, push, pull, timeout, may_replace=True)
+
+    async def _run_cell(self, emit: Emit, code: str, push: dict[str, Serialized],
+                        pull: list[str], timeout: float | None,
+                        may_replace: bool) -> CellResult:
         session = self.remote
         warnings = asyncio.ensure_future(self.client.warnings(session))  # beside the cell
         try:
@@ -282,7 +292,13 @@ class SessionCore:
                 if result.error is not None and not self._interrupted else None
         except (HostConnectionError, RemoteKernelDiedError) as e:
             await _drop(warnings)
-            raise (await self._stopped(session) or e) from None
+            reason = await self._ended(session)
+            if reason and may_replace and self.key is not None and \
+                    not session.last_cell_reached:
+                await self.open(emit, replaced=reason)
+                return await self._run_cell(emit, code, push, pull, timeout, False)
+            raise (stopped_error(session.grant.display, reason, self.then) if reason
+                   else e) from None
         except BaseException:
             await _drop(warnings)
             raise
@@ -336,15 +352,20 @@ class SessionCore:
             f"interrupted, so its {session.grant.display} session was stopped.")
 
     async def _stopped(self, session: RemoteSession) -> CloudGPUError | None:
-        """The error saying why the provider stopped ``session``, if it did; a stopped
-        session is let go here, so that the next cell starts a new one (as the error says)
-        and does not reach its kernel while the provider shuts it down."""
+        """The error saying why the provider stopped ``session``, if it did (see
+        :meth:`_ended`)."""
+        reason = await self._ended(session)
+        return stopped_error(session.grant.display, reason, self.then) if reason else None
+
+    async def _ended(self, session: RemoteSession) -> str | None:
+        """Why the provider stopped ``session``, if it did; a stopped session is let go
+        here, so that the next cell starts a new one (as the error says) and does not reach
+        its kernel while the provider shuts it down."""
         reason = await self.client.ended_reason(session)
-        if not reason:
-            return None
-        with contextlib.suppress(CloudGPUError):
-            await self.client.release(session)
-        return stopped_error(session.grant.display, reason, self.then)
+        if reason:
+            with contextlib.suppress(CloudGPUError):
+                await self.client.release(session)
+        return reason
 
     def _check(self, emit: Emit, session: RemoteSession, result: CellResult) -> None:
         if session.version_warnings and not session.version_warned:

@@ -78,6 +78,8 @@ class _CellRun:
         loop = asyncio.get_running_loop()
         self.kept_on_execute = kept_on_execute
         self.sink = sink
+        #: Whether anything came back for the execute request (the kernel got it).
+        self.reached = False
         self.reply: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.idle: asyncio.Future[None] = loop.create_future()
         self.pushed = kernel.batch()
@@ -91,6 +93,7 @@ class _CellRun:
 
     def on_message(self, channel: str, msg: dict[str, Any]) -> None:
         """A message parented to the cell's execute request."""
+        self.reached = True
         msg_type = msg["msg_type"]
         if channel == "shell" and msg_type == "execute_reply":
             if not self.reply.done():
@@ -132,6 +135,10 @@ class RemoteSession:
         #: Have the agent fingerprint a kept value before each cell, trusting no earlier
         #: check (``ClientConfig.verify_unchanged``).
         self.verify_unchanged = False
+        #: Whether the remote kernel answered anything for the last cell's execute request;
+        #: False when the cell failed before any of it came back (its code did not start,
+        #: unless the kernel ended as it did and its first messages were lost with it).
+        self.last_cell_reached = False
 
     @classmethod
     async def open(cls, grant: Grant, *, wait: bool = True, forward: Forward | None = None,
@@ -290,6 +297,7 @@ class RemoteSession:
                 waits.append(kernel.ready())
             reply, _, pushed, pulled, *_ = await asyncio.gather(*waits)
         finally:
+            self.last_cell_reached = run.reached
             quiet()
             kernel.unroute(exec_id)
             kernel.forget(run.pushed, run.pulled)

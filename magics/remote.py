@@ -150,12 +150,13 @@ class RemoteMagics(Magics):
         options = {"max_cost": args.max_cost, "idle_timeout": args.idle_timeout,
                    "environment": environment}
         core = SessionCore(get_client(), spec, key=str(spec), options=options, then=THEN)
-        session = self._session(core, args.new)
+        self._open(core, args.new)
         try:
             result = run_blocking(lambda emit: core.run_cell(emit, cell, push, pull),
                                   Renderer(), core.interrupt_soon)
         finally:
             self.last_result = core.last_result or self.last_result
+        session = core.remote  # not the one opened above if that one had just been stopped
         self._finish(session, result)
         self._remember_inputs(push, result)
         self._warn_versions(session, result, list(push))
@@ -191,10 +192,9 @@ class RemoteMagics(Magics):
             big = value.nbytes >= FINGERPRINT_MIN
             self.changes.remember(name, ns[name], value.digest if big else None)
 
-    def _session(self, core: SessionCore, new: bool) -> RemoteSession:
+    def _open(self, core: SessionCore, new: bool) -> None:
         if new or not core.adopt():
             run_blocking(lambda emit: core.open(emit, new=new), Renderer())
-        return core.remote
 
     def _finish(self, session: RemoteSession, result: CellResult) -> None:
         ns = self._shell.user_ns

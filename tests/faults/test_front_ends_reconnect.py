@@ -3,18 +3,20 @@ complete, in order, once, and the notebook says what happened.
 
 A real local ipykernel (``%load_ext cloudgpu``) and a real Cloud GPU kernel, each pointed
 at a real pool (``CLOUDGPU_POOL``) whose host is reached through the test's TCP proxy.
-The proxy drops every connection when a given output line reaches the notebook.
+The proxy drops every connection when a given output line reaches the notebook, or holds
+back what the host sends while the test does something the notebook has not heard of yet.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
-from kernel_driver import Message, ok, run, start_kernel, stop_kernel
-from servers import PoolProcess
+from kernel_driver import CLIENT, Message, ok, run, start_kernel, stop_kernel, value
+from servers import HostProcess, PoolProcess, wait_until
 from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(120)
@@ -67,6 +69,40 @@ def test_magic_cell_output_is_whole_after_a_drop(notebook: BlockingKernelClient,
     # The session is the same one, and the value came back.
     assert ok(notebook, "%%remote gpu=cpu\nprint(warm + 1)").stream() == "2\n"
     assert ok(notebook, "print(done)").stream() == "yes\n"
+
+
+def test_a_magic_cell_sent_as_the_pool_stops_its_session_runs_on_a_new_one(
+        notebook: BlockingKernelClient, proxied_pool: PoolProcess, proxy: TcpProxy,
+        host: HostProcess) -> None:
+    ok(notebook, "%%remote gpu=cpu\nbefore = 'old session'", timeout=90)
+    old = value(notebook, f"{CLIENT}.sessions['cpu'].grant.session_id")
+    kernel_id = value(notebook, f"{CLIENT}.sessions['cpu'].kernel_id")
+    # The pool stops the session; the host's word of it (the kernel's websocket closing)
+    # waits in the proxy, so the notebook sends its next cell to the stopped kernel.
+    assert proxy.hold() >= 1, "the notebook had no websocket to the host"
+    try:
+        stop = proxied_pool.request("DELETE", f"/api/sessions/{old}")
+        assert stop.status_code == 200, stop.text
+        wait_until(lambda: not host.kernel_alive(kernel_id), what="the host stopping the kernel")
+        assert value(notebook, f"{CLIENT}.sessions['cpu'].alive") is True
+
+        def release_once_sent() -> None:
+            # An execute request is hundreds of bytes; a websocket ping a few.
+            wait_until(lambda: proxy.sent_while_held() > 300, within=60,
+                       what="the cell's request reaching the proxy")
+            proxy.release()
+
+        threading.Thread(target=release_once_sent, daemon=True).start()
+        ex = run(notebook, "%%remote gpu=cpu\nafter = before.replace('old', 'new')\n"
+                           "print(after)", timeout=90)
+    finally:
+        proxy.release()
+    assert ex.status == "ok", ex.describe()
+    assert ex.stream() == "new session\n"
+    notes = [line for line in ex.status_lines() if "previous one was stopped" in line]
+    assert notes and "stopped by its owner" in notes[0], ex.describe()
+    assert value(notebook, "after") == "new session"
+    assert value(notebook, f"{CLIENT}.sessions['cpu'].grant.session_id") != old
 
 
 def test_cloud_gpu_kernel_cell_output_is_whole_after_a_drop(
