@@ -468,7 +468,8 @@ def test_a_scoped_token_opens_its_kernel_and_nothing_else(host: HostProcess) -> 
                 for method, path in [("GET", "/api/kernels"), ("GET", "/api/cloudgpu/host"),
                                      ("GET", f"/api/kernels/{other['id']}"),
                                      ("DELETE", f"/api/kernels/{other['id']}"),
-                                     ("POST", "/api/cloudgpu/kernels")]:
+                                     ("POST", "/api/cloudgpu/kernels"),
+                                     ("POST", f"/api/cloudgpu/kernels/{mine['id']}/stop")]:
                     with pytest.raises(AuthenticationError, match="scoped to one kernel"):
                         await user.request(method, path)
                 with pytest.raises(AuthenticationError):
@@ -581,3 +582,145 @@ def test_environment_requests_are_checked_and_unknown_ones_are_404(host: HostPro
                           json={"requirements": []})
     assert response.status_code == 400 and "Name the requirements" in response.text
     assert host.get("/api/cloudgpu/environments/0123456789abcdef").status_code == 404
+
+
+# --- stopping a kernel only if idle (the pool's idle culling) -----------------------------
+
+def _blocker(armed: Path, blocking: Path, go_on: Path) -> str:
+    """Cell code that, once ``armed`` exists, blocks the kernel's loop (so requests wait in
+    its sockets, unread, while the kernel reads as idle) until ``go_on`` exists;
+    ``blocking`` says it has started."""
+    return (
+        "import asyncio, pathlib, threading, time\n"
+        "_loop = asyncio.get_event_loop()\n"
+        "def _wait(path):\n"
+        "    while not pathlib.Path(path).exists():\n"
+        "        time.sleep(0.01)\n"
+        "def _block():\n"
+        f"    pathlib.Path({str(blocking)!r}).touch()\n"
+        f"    _wait({str(go_on)!r})\n"
+        "def _arm():\n"
+        f"    _wait({str(armed)!r})\n"
+        "    _loop.call_soon_threadsafe(_block)\n"
+        "threading.Thread(target=_arm, daemon=True).start()\n"
+    )
+
+
+async def _wait_for(check: Callable[[], Awaitable[Any]], what: str, within: float = 30) -> Any:
+    """Poll ``check`` until it answers something true; fail saying ``what`` never happened."""
+    deadline = asyncio.get_running_loop().time() + within
+    while (answer := await check()) is None or answer is False:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{what} within {within:.0f} s")
+        await asyncio.sleep(0.05)
+    return answer
+
+
+def test_a_cell_the_host_relayed_keeps_the_kernel_from_an_idle_stop(host: HostProcess,
+                                                                    tmp_path: Path) -> None:
+    """The pool stops an idle kernel only if nothing happened after the ``last_activity``
+    it read. A cell counts the moment the host relays it, before the kernel says it is
+    busy: here the kernel's loop is blocked, so it cannot say so at all."""
+    armed, blocking, go_on = (tmp_path / n for n in ("armed", "blocking", "go-on"))
+
+    async def go() -> None:
+        async with _plain_kernel(host) as (http, kernel_id, ws):
+            await _iopub_until_idle(ws, _blocker(armed, blocking, go_on))
+            before = (await http.get(f"/api/kernels/{kernel_id}")).json()
+            assert before["execution_state"] == "idle", before
+            armed.touch()
+            await _wait_for(lambda: asyncio.to_thread(blocking.exists),
+                            "the kernel's loop never blocked")
+            msg_id = await _execute(ws, "print('ran after all')")
+
+            async def relayed() -> dict[str, Any] | None:
+                model = (await http.get(f"/api/kernels/{kernel_id}")).json()
+                return model if model["last_activity"] > before["last_activity"] else None
+
+            after = await _wait_for(relayed, "the host never counted the relayed cell as "
+                                             "activity")
+            assert after["execution_state"] == "idle", after  # the kernel has not seen it
+            stop = f"/api/cloudgpu/kernels/{kernel_id}/stop"
+            refused = (await http.post(stop, json={
+                "reason": "idle", "if_idle_since": before["last_activity"]})).json()
+            assert refused["stopped"] is False and refused["id"] == kernel_id, refused
+            go_on.touch()
+            while True:  # the cell runs: nothing was lost
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                if msg["msg_type"] == "stream" and msg["parent_header"].get("msg_id") == msg_id:
+                    assert msg["content"]["text"] == "ran after all\n"
+                    break
+            await _reply(ws, msg_id, "execute_reply")
+
+            async def idle() -> dict[str, Any] | None:
+                model = (await http.get(f"/api/kernels/{kernel_id}")).json()
+                return model if model["execution_state"] == "idle" else None
+
+            last = (await _wait_for(idle, "the kernel never read as idle"))["last_activity"]
+            response = await http.post(stop, json={"reason": "idle: nothing ran for 2 s",
+                                                   "if_idle_since": last})
+            assert response.json() == {"stopped": True}, response.text
+            end = (await http.get(f"/api/cloudgpu/kernels/{kernel_id}")).json()["cloudgpu"]
+            assert end["state"] == "stopped", end
+            assert end["stopped_for"] == "idle: nothing ran for 2 s", end
+
+    run(go())
+
+
+def test_what_a_client_sends_to_a_kernel_being_shut_down_is_dropped(host: HostProcess,
+                                                                   tmp_path: Path) -> None:
+    """A cell that arrives while its kernel is being shut down must not start in it."""
+    armed, blocking, go_on = (tmp_path / n for n in ("armed", "blocking", "go-on"))
+    ran = tmp_path / "ran"
+
+    async def go() -> None:
+        async with _plain_kernel(host) as (http, kernel_id, ws):
+            await _iopub_until_idle(ws, _blocker(armed, blocking, go_on))
+            armed.touch()  # the kernel cannot take the shutdown request until go_on
+            await _wait_for(lambda: asyncio.to_thread(blocking.exists),
+                            "the kernel's loop never blocked")
+            stopping = asyncio.ensure_future(http.post(
+                f"/api/cloudgpu/kernels/{kernel_id}/stop", json={"reason": "a test"},
+                timeout=60))
+
+            async def state() -> str | None:
+                model = (await http.get(f"/api/cloudgpu/kernels/{kernel_id}")).json()
+                return "stopping" if model["cloudgpu"]["state"] == "stopping" else None
+
+            await _wait_for(state, "the kernel never read as stopping")
+            await _execute(ws, f"import pathlib; pathlib.Path({str(ran)!r}).touch()")
+            await _wait_for(lambda: asyncio.to_thread(
+                lambda: f"Dropped a message for kernel {kernel_id}" in host.log.read_text()),
+                "the host never said it dropped the cell")
+            go_on.touch()
+            assert (await stopping).json() == {"stopped": True}
+            end = (await http.get(f"/api/cloudgpu/kernels/{kernel_id}")).json()["cloudgpu"]
+            assert end["state"] == "stopped" and end["stopped_for"] == "a test", end
+            assert not ran.exists(), "the cell ran in a kernel being shut down"
+
+    run(go())
+
+
+def test_a_bad_stop_request_is_400_saying_what_to_send(host: HostProcess) -> None:
+    bad = [([], "must be a JSON object"), ({}, "`reason` must be a string"),
+           ({"reason": "x" * 501}, "`reason` must be a string"),
+           ({"reason": "idle", "if_idle_since": "soon"}, "`if_idle_since` must be a time"),
+           ({"reason": "idle", "if_idle_since": "2026-12-07T06:00:00"}, "with its zone")]
+
+    async def go() -> None:
+        headers = {"Authorization": f"token {host.token}"}
+        async with HostClient(host.url, host.token) as client, \
+                httpx.AsyncClient(base_url=host.url, headers=headers, timeout=30) as http:
+            kernel_id = (await client.request("POST", "/api/kernels", {}))["id"]
+            stop = f"/api/cloudgpu/kernels/{kernel_id}/stop"
+            for body, message in bad:
+                response = await http.post(stop, json=body)
+                assert response.status_code == 400, (body, response.text)
+                assert response.json()["error"] == "InvalidRequestError"
+                assert message in response.json()["message"], (body, response.text)
+            assert await client.kernel(kernel_id) is not None  # none of them stopped it
+            await client.shutdown(kernel_id)
+            missing = await http.post(stop, json={"reason": "idle"})
+            assert missing.status_code == 404, missing.text
+
+    run(go())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import platform
@@ -109,7 +110,7 @@ class GPUKernelHandler(CloudGPUHandler):
         km = cast(GPUKernelManager, self.kernel_manager)
         if kernel_id in km:
             model = km.kernel_model(kernel_id)
-            model["cloudgpu"]["state"] = "running"
+            model["cloudgpu"]["state"] = "stopping" if kernel_id in km.stopping else "running"
         elif kernel_id in km.ended:
             model = {"id": kernel_id, "cloudgpu": dict(km.ended[kernel_id])}
         else:
@@ -117,6 +118,61 @@ class GPUKernelHandler(CloudGPUHandler):
                 f"This host has no kernel `{kernel_id}` and does not remember one."))
             return
         self.finish(json.dumps(model, default=str))
+
+
+class StopKernelHandler(CloudGPUHandler):
+    """``POST /api/cloudgpu/kernels/{id}/stop`` with ``{"reason": "...", "if_idle_since": T}``:
+    shut the kernel down, remembering why (``stopped_for`` in its end record); with
+    ``if_idle_since``, only if it was not active after ``T`` (its ``last_activity`` as the
+    caller saw it; null: whatever it did before) and it runs nothing now.
+
+    Answers ``{"stopped": true}``, or ``{"stopped": false, ...}`` with the kernel's model.
+    The pool culls idle sessions this way: a cell that reaches the host before the check
+    keeps the kernel, and one that comes after it is dropped unrun, so no cell starts in a
+    kernel that is being stopped for idleness. Only the host's token may ask.
+    """
+
+    @web.authenticated
+    async def post(self, kernel_id: str) -> None:
+        km = cast(GPUKernelManager, self.kernel_manager)
+        try:
+            reason, if_idle, since = _stop_request(self.get_json_body())
+            if kernel_id not in km:
+                raise SessionNotFoundError(f"This host has no kernel `{kernel_id}`.")
+        except CloudGPUError as e:
+            self.write_cloudgpu_error(e)
+            return
+        stopped = await km.stop_for(kernel_id, reason, if_idle=if_idle, since=since)
+        answer: dict[str, Any] = {"stopped": stopped}
+        if not stopped and kernel_id in km:
+            answer.update(km.kernel_model(kernel_id))
+        self.finish(json.dumps(answer, default=str))
+
+
+def _stop_request(body: Any) -> tuple[str, bool, dt.datetime | None]:
+    """The reason of a stop request, whether it asks for a stop only if idle, and since when.
+
+    Raises:
+        InvalidRequestError: the body is not what the endpoint takes.
+    """
+    example = '{"reason": "idle for 15 min", "if_idle_since": "2026-12-07T06:00:00.000000Z"}'
+    if not isinstance(body, dict):
+        raise InvalidRequestError(f"The request body must be a JSON object: {example}.")
+    reason, since = body.get("reason"), body.get("if_idle_since")
+    if not isinstance(reason, str) or not 0 < len(reason) <= 500:
+        raise InvalidRequestError(f"`reason` must be a string of 1 to 500 characters: "
+                                  f"{example}.")
+    if since is None:  # absent: stop anyway; null: if it runs nothing (and has started)
+        return reason, "if_idle_since" in body, None
+    try:
+        when = dt.datetime.fromisoformat(since.replace("Z", "+00:00")) \
+            if isinstance(since, str) else None
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise InvalidRequestError(f"`if_idle_since` must be a time with its zone, as the "
+                                  f"kernel's `last_activity` reads, not {since!r}: {example}.")
+    return reason, True, when
 
 
 class MetricsHandler(CloudGPUHandler):
@@ -226,6 +282,7 @@ HOST_HANDLERS: list[tuple[str, type[CloudGPUHandler]]] = [
     (r"/api/cloudgpu/host", HostInfoHandler),
     (r"/api/cloudgpu/kernels", GPUKernelsHandler),
     (r"/api/cloudgpu/kernels/([0-9a-fA-F-]+)", GPUKernelHandler),
+    (r"/api/cloudgpu/kernels/([0-9a-fA-F-]+)/stop", StopKernelHandler),
     (r"/api/cloudgpu/metrics", MetricsHandler),
     (r"/api/cloudgpu/environments", EnvironmentsHandler),
     (r"/api/cloudgpu/environments/([0-9a-f]+)", EnvironmentHandler),

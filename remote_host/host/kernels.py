@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import json
 import os
 import signal
@@ -146,6 +147,10 @@ class GPUKernelManager(AsyncMappingKernelManager):
         self.ended: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         #: What each kernel may use, decided as it is started (its sandbox applies it).
         self.limits: dict[str, Limits] = {}
+        #: Kernels being shut down: what their clients send now is dropped, not run.
+        self.stopping: set[str] = set()
+        #: Why the pool stopped a kernel (see :meth:`stop_for`), until it is removed.
+        self._stopped_for: dict[str, str] = {}
         self._sampler = ProcessSampler()
 
     @default("sandbox")
@@ -200,6 +205,61 @@ class GPUKernelManager(AsyncMappingKernelManager):
             self.log.info("Not interrupting kernel %s: it is still starting", kernel_id)
             return
         await ensure_async(super().interrupt_kernel(kernel_id))
+
+    async def _async_shutdown_kernel(self, kernel_id: str, now: bool | None = False,
+                                     restart: bool | None = False) -> None:
+        """Shut a kernel down; from now on what its clients send is dropped (a cell that
+        arrives as it goes must not start in it: see :meth:`claim_idle`)."""
+        if not restart:
+            self.stopping.add(kernel_id)
+        try:
+            await super()._async_shutdown_kernel(kernel_id, now=now, restart=restart)
+        finally:
+            if kernel_id not in self:
+                self.stopping.discard(kernel_id)
+
+    shutdown_kernel = _async_shutdown_kernel  # type: ignore[assignment]
+
+    def claim_idle(self, kernel_id: str, since: dt.datetime | None) -> bool:
+        """Mark the kernel as stopping if it runs nothing now and, with ``since`` (its
+        ``last_activity`` as the caller saw it), nothing happened in it after that; False
+        otherwise.
+
+        A request a client sent counts as activity the moment the host relays it
+        (:meth:`note_request`), before the kernel says it is busy. Checking and marking in
+        one step on the host's loop means a cell either arrived in time to keep the kernel,
+        or is dropped and never starts in a kernel that is going.
+        """
+        kernel = self._kernels[kernel_id]
+        # Still launching; or running a cell. A kernel no client has asked anything yet
+        # reads as "starting" after its launch, and is as idle as any.
+        if not kernel.trait_has_value("last_activity") or \
+                getattr(kernel, "execution_state", None) == "busy":
+            return False
+        if since is not None and kernel.last_activity > since:
+            return False
+        self.stopping.add(kernel_id)
+        return True
+
+    async def stop_for(self, kernel_id: str, reason: str, *, if_idle: bool = False,
+                       since: dt.datetime | None = None) -> bool:
+        """Shut the kernel down, remembering ``reason`` in its end record (``stopped_for``);
+        with ``if_idle``, only if it is idle (see :meth:`claim_idle`). Whether it was shut
+        down (by this call, or by one already under way)."""
+        if kernel_id in self.stopping:
+            return True
+        if if_idle and not self.claim_idle(kernel_id, since):
+            return False
+        self._stopped_for[kernel_id] = reason
+        await self.shutdown_kernel(kernel_id)
+        return True
+
+    def note_request(self, kernel_id: str, msg_type: str) -> None:
+        """A client's request is on its way to the kernel: activity, as Jupyter counts it
+        (``track_message_type``), from now and not only once the kernel says it is busy."""
+        kernel = self._kernels.get(kernel_id)
+        if kernel is not None and self.track_message_type(msg_type):
+            self.last_kernel_activity = kernel.last_activity = utcnow()
 
     def start_watching_activity(self, kernel_id: str) -> None:
         """Keep each kernel's ``last_activity`` and ``execution_state``, as Jupyter does,
@@ -314,8 +374,12 @@ class GPUKernelManager(AsyncMappingKernelManager):
         Its websockets are closed too: Jupyter leaves them open, and a client would wait
         for replies that never come. The host remembers when and how it ended.
         """
-        self.ended.setdefault(kernel_id, {"state": "stopped", "ended": time.time(),
-                                          "reason": "it was shut down"})
+        how = {"state": "stopped", "ended": time.time(), "reason": "it was shut down"}
+        stopped_for = self._stopped_for.pop(kernel_id, None)
+        if stopped_for:
+            how["stopped_for"] = stopped_for
+        self.ended.setdefault(kernel_id, how)
+        self.stopping.discard(kernel_id)
         while len(self.ended) > ENDED_KEPT:
             self.ended.popitem(last=False)
         for conn in self.websockets.pop(kernel_id, set()):

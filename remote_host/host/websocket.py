@@ -8,6 +8,7 @@ the same ZMQ channels back across connections, and what it missed (see ``replay.
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 from typing import Any
 
@@ -125,17 +126,30 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
     # --- from the client -------------------------------------------------------------------
 
     def handle_incoming_message(self, incoming_msg: Any) -> None:
-        """Relay one client message to the kernel; a malformed one is dropped, logged.
+        """Relay one client message to the kernel; a malformed one is dropped, logged, and
+        so is every message for a kernel being shut down (it must not start a cell).
 
-        A replaying session counts it, malformed or not, as the client counted it sent.
+        A shell request counts as the kernel's activity as it is relayed (the pool's idle
+        check asks the host, see ``GPUKernelManager.claim_idle``). A replaying session
+        counts every message, malformed or dropped, as the client counted it sent.
         """
         if self.replay is not None:
             self.replay.log.received += 1
+        km = self.multi_kernel_manager
+        if self.kernel_id in km.stopping:
+            self.log.info("Dropped a message for kernel %s: it is being shut down",
+                          self.kernel_id)
+            return
         try:
             if self.subprotocol == SUBPROTOCOL:
                 if not isinstance(incoming_msg, bytes):
                     raise TypeError("the v1 protocol carries binary messages only")
-                v1_offsets(incoming_msg)  # before Jupyter Server trusts its offset count
+                # Checked before Jupyter Server trusts its offset count.
+                msg_type = _v1_shell_type(incoming_msg, v1_offsets(incoming_msg))
+            else:
+                msg_type = _json_shell_type(incoming_msg)
+            if msg_type:
+                km.note_request(self.kernel_id, msg_type)
             super().handle_incoming_message(incoming_msg)
         except Exception as e:  # a bad message must not end the connection or the kernel
             self.log.warning("Dropped a malformed message for kernel %s: %s: %s",
@@ -161,4 +175,32 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
         ZMQChannelsWebsocketConnection._open_sockets.discard(self)
         if not self._close_future.done():
             self._close_future.set_result(None)
+        return None
+
+
+def _v1_shell_type(message: bytes, offsets: list[int]) -> str | None:
+    """The ``msg_type`` of a v1 message on the shell channel; None on other channels."""
+    if message[offsets[0]:offsets[1]] != b"shell":
+        return None
+    return _msg_type(message[offsets[1]:offsets[2]])
+
+
+def _json_shell_type(message: str | bytes) -> str | None:
+    """The ``msg_type`` of a JSON protocol message on the shell channel (a message without
+    a channel goes to the shell, as Jupyter Server sends it); None otherwise."""
+    if not isinstance(message, str):
+        return None  # Jupyter Server's own binary form: its parser says what is wrong
+    try:
+        msg = json.loads(message)
+        if (msg.get("channel") or "shell") != "shell":
+            return None
+        return str(msg["header"]["msg_type"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # Jupyter Server's parser says what is wrong
+
+
+def _msg_type(header: bytes) -> str | None:
+    try:
+        return str(json.loads(header)["msg_type"])
+    except (ValueError, KeyError, TypeError):
         return None
