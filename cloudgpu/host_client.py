@@ -129,6 +129,21 @@ class HostClient:
         with contextlib.suppress(CloudGPUError):
             await self.request("DELETE", f"/api/kernels/{kernel_id}")
 
+    async def stop_if_idle(self, kernel_id: str, since: str | None, reason: str) -> bool:
+        """Shut a kernel down for ``reason`` unless it was active after ``since`` (its
+        ``last_activity`` as last read) or runs something now; whether it is shut down.
+
+        A host without the endpoint (an older one), or without the kernel, says True:
+        the caller stops it the plain way, as it did before.
+
+        Raises:
+            HostConnectionError: the host cannot be reached.
+        """
+        answer = await self.request("POST", f"/api/cloudgpu/kernels/{kernel_id}/stop",
+                                    {"reason": reason, "if_idle_since": since},
+                                    missing_ok=True)
+        return answer is None or bool(answer.get("stopped"))
+
     async def connect(self, kernel_id: str, on_message: Handler, *,
                       session_id: str | None = None, since: int | None = None,
                       ) -> KernelConnection:

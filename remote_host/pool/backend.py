@@ -29,7 +29,7 @@ from cloudgpu.host_client import HostClient
 from .scheduler import Slot
 
 __all__ = ["Backend", "BackendEvents", "HostsBackend", "Placement", "load_backend",
-           "progress_to", "report_progress"]
+           "progress_to", "report_progress", "stop_on_host_if_idle"]
 
 ENTRY_POINT_GROUP = "cloudgpu.backends"
 HEARTBEAT_TIMEOUT = 5.0
@@ -127,10 +127,21 @@ class Backend(LoggingConfigurable):
         """Stop that kernel and free its hardware."""
         raise NotImplementedError
 
+    async def stop_if_idle(self, placement: Placement, since: str | None, reason: str) -> bool:
+        """Stop that kernel for ``reason`` only if it was not active after ``since`` (the
+        ``last_activity`` :meth:`probe` read) and runs nothing now, in one step on its host,
+        so that a cell arriving meanwhile either keeps it or never starts in it; whether it
+        was stopped. The pool then ends the session with :meth:`stop` as ever.
+
+        This default cannot ask and says True: the pool stops the kernel the plain way.
+        """
+        return True
+
     async def probe(self, placement: Placement) -> dict[str, Any] | None:
         """The kernel's Jupyter model (``execution_state``, ``last_activity``); for a kernel
         that ended, what its host remembers of the end (``cloudgpu.state`` ``died`` or
-        ``stopped``, ``ended``, ``reason``); None when its host knows nothing of it.
+        ``stopped``, ``ended``, ``reason``, ``stopped_for``); None when its host knows nothing
+        of it.
 
         Raises:
             CloudGPUError: its host could not be asked (the heartbeat judges hosts).
@@ -236,6 +247,13 @@ class HostsBackend(Backend):
         if host is not None:
             await host.shutdown(placement.kernel_id)
 
+    async def stop_if_idle(self, placement: Placement, since: str | None, reason: str) -> bool:
+        """``POST /api/cloudgpu/kernels/{id}/stop`` on its host, only if idle since ``since``."""
+        host = self.hosts.get(placement.slot_id)
+        if host is None:
+            return True
+        return await stop_on_host_if_idle(host, placement, since, reason, self.log)
+
     async def probe(self, placement: Placement) -> dict[str, Any] | None:
         """``GET /api/cloudgpu/kernels/{id}``; None when the host knows nothing of it."""
         host = self.hosts.get(placement.slot_id)
@@ -288,6 +306,18 @@ class HostsBackend(Backend):
         for client in self.hosts.values():
             await client.aclose()
         self.hosts.clear()
+
+
+async def stop_on_host_if_idle(host: HostClient, placement: Placement, since: str | None,
+                               reason: str, log: Any) -> bool:
+    """:meth:`Backend.stop_if_idle` through the kernel's host client; a host that cannot be
+    asked now says True (the plain stop follows, as before; the heartbeat judges hosts)."""
+    try:
+        return await host.stop_if_idle(placement.kernel_id, since, reason)
+    except CloudGPUError as e:
+        log.info("Could not ask %s to stop kernel %s if idle: %s", host.url,
+                 placement.kernel_id, e)
+        return True
 
 
 def load_backend(name: str) -> type[Backend]:

@@ -75,5 +75,6 @@ def kernel_end(model: dict[str, Any] | None) -> tuple[float, str] | None:
         return float(info.get("ended") or time.time()), \
             f"its remote kernel died: {info.get('reason', 'it stopped')}"
     if state == "stopped":
-        return float(info.get("ended") or time.time()), "its remote kernel was shut down"
+        return float(info.get("ended") or time.time()), \
+            str(info.get("stopped_for") or "its remote kernel was shut down")
     return None

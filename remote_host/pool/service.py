@@ -643,8 +643,16 @@ class Pool:
             if not timeout or busy:
                 continue
             if now - last > timeout:
-                await self.stop(rec.id, f"idle: nothing ran for {duration(now - last)} "
-                                        f"(idle_timeout {duration(timeout)})")
+                reason = (f"idle: nothing ran for {duration(now - last)} "
+                          f"(idle_timeout {duration(timeout)})")
+                # The host decides, as one step: a cell that reached it since the probe
+                # keeps the session (and idleness starts over); one after is never run.
+                if await self.backend.stop_if_idle(self._placement(rec),
+                                                   model.get("last_activity"), reason):
+                    await self.stop(rec.id, reason)
+                else:
+                    self.log.info("Session %s read as idle, but a cell reached its kernel "
+                                  "since: it stays", rec.id)
 
     async def heartbeat(self) -> None:
         """Ask every host whether it is there; end the sessions of one that is lost.

@@ -32,7 +32,7 @@ from cloudgpu.hardware import Choice, HardwareSpec
 from cloudgpu.host_client import HostClient
 
 from ...host.sandbox import load_sandbox
-from ..backend import GONE, Backend, Placement
+from ..backend import GONE, Backend, Placement, stop_on_host_if_idle
 from ..scheduler import Slot
 
 __all__ = ["RayBackend"]
@@ -378,6 +378,14 @@ class RayBackend(Backend):
             return await session.host.kernel(placement.kernel_id)
         except CloudGPUError:
             return None
+
+    async def stop_if_idle(self, placement: Placement, since: str | None, reason: str) -> bool:
+        """Ask the session's host to stop its kernel if idle since ``since``; :meth:`stop`
+        then ends the actor."""
+        session = self._by_url(placement.host_url)
+        if session is None or session.lost or session.host is None:
+            return True
+        return await stop_on_host_if_idle(session.host, placement, since, reason, self.log)
 
     async def lost_reason(self, placement: Placement) -> str:
         """What Ray says happened (a lost node, a dead actor), waiting up to ``loss_timeout``
