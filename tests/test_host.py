@@ -124,10 +124,14 @@ async def _execute(ws: Any, code: str, metadata: dict[str, Any] | None = None) -
 
 async def _first_stream(ws: Any, code: str) -> str:
     """Execute ``code`` over the default (JSON) websocket protocol; the first text it prints."""
-    msg_id = await _execute(ws, code)
+    return await _stream_of(ws, await _execute(ws, code))
+
+
+async def _stream_of(ws: Any, msg_id: str) -> str:
+    """The first text request ``msg_id`` prints (what comes before it is skipped)."""
     while True:
         msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
-        if msg["msg_type"] == "stream" and msg["parent_header"]["msg_id"] == msg_id:
+        if msg["msg_type"] == "stream" and msg["parent_header"].get("msg_id") == msg_id:
             text: str = msg["content"]["text"]
             return text
 
@@ -625,9 +629,17 @@ def test_a_cell_the_host_relayed_keeps_the_kernel_from_an_idle_stop(host: HostPr
 
     async def go() -> None:
         async with _plain_kernel(host) as (http, kernel_id, ws):
+            async def idle_after(earlier: dict[str, Any]) -> dict[str, Any] | None:
+                """The kernel's model once the host's watcher saw a cell end after
+                ``earlier`` (the watcher reads IOPub beside the websocket, a moment apart)."""
+                model = (await http.get(f"/api/kernels/{kernel_id}")).json()
+                return model if model["execution_state"] == "idle" and \
+                    model["last_activity"] > earlier["last_activity"] else None
+
+            started = (await http.get(f"/api/kernels/{kernel_id}")).json()
             await _iopub_until_idle(ws, _blocker(armed, blocking, go_on))
-            before = (await http.get(f"/api/kernels/{kernel_id}")).json()
-            assert before["execution_state"] == "idle", before
+            before = await _wait_for(lambda: idle_after(started),
+                                     "the host never saw the first cell end")
             armed.touch()
             await _wait_for(lambda: asyncio.to_thread(blocking.exists),
                             "the kernel's loop never blocked")
@@ -645,18 +657,9 @@ def test_a_cell_the_host_relayed_keeps_the_kernel_from_an_idle_stop(host: HostPr
                 "reason": "idle", "if_idle_since": before["last_activity"]})).json()
             assert refused["stopped"] is False and refused["id"] == kernel_id, refused
             go_on.touch()
-            while True:  # the cell runs: nothing was lost
-                msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
-                if msg["msg_type"] == "stream" and msg["parent_header"].get("msg_id") == msg_id:
-                    assert msg["content"]["text"] == "ran after all\n"
-                    break
-            await _reply(ws, msg_id, "execute_reply")
-
-            async def idle() -> dict[str, Any] | None:
-                model = (await http.get(f"/api/kernels/{kernel_id}")).json()
-                return model if model["execution_state"] == "idle" else None
-
-            last = (await _wait_for(idle, "the kernel never read as idle"))["last_activity"]
+            assert await _stream_of(ws, msg_id) == "ran after all\n"  # nothing was lost
+            last = (await _wait_for(lambda: idle_after(after),
+                                    "the host never saw the cell end"))["last_activity"]
             response = await http.post(stop, json={"reason": "idle: nothing ran for 2 s",
                                                    "if_idle_since": last})
             assert response.json() == {"stopped": True}, response.text
