@@ -40,8 +40,6 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from cloudgpu.errors import SerializationError
 from cloudgpu.serialize import FINGERPRINT_MIN, Serialized, dumps, flat
 
@@ -351,6 +349,10 @@ def _same_frames(arrived: Serialized, mine: Serialized) -> bool:
 
 
 def _address(frame: memoryview) -> int | None:
+    # Imported here: a kernel that holds no big value never needs numpy, and importing it
+    # at boot cost every kernel 40 ms and more CPU (its BLAS threads start).
+    import numpy as np
+
     try:
         return int(np.frombuffer(flat(frame), np.uint8).ctypes.data)
     except (TypeError, ValueError):
