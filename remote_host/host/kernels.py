@@ -209,14 +209,11 @@ class GPUKernelManager(AsyncMappingKernelManager):
     async def _async_shutdown_kernel(self, kernel_id: str, now: bool | None = False,
                                      restart: bool | None = False) -> None:
         """Shut a kernel down; from now on what its clients send is dropped (a cell that
-        arrives as it goes must not start in it: see :meth:`claim_idle`)."""
+        arrives as it goes must not start in it: see :meth:`claim_idle`) until
+        :meth:`remove_kernel` forgets it."""
         if not restart:
             self.stopping.add(kernel_id)
-        try:
-            await super()._async_shutdown_kernel(kernel_id, now=now, restart=restart)
-        finally:
-            if kernel_id not in self:
-                self.stopping.discard(kernel_id)
+        await super()._async_shutdown_kernel(kernel_id, now=now, restart=restart)
 
     shutdown_kernel = _async_shutdown_kernel  # type: ignore[assignment]
 
