@@ -171,6 +171,16 @@ async def _plain_kernel(host: HostProcess) -> AsyncIterator[tuple[httpx.AsyncCli
             await http.delete(f"/api/kernels/{kernel_id}")
 
 
+async def _wait_for(check: Callable[[], Awaitable[Any]], what: str, within: float = 30) -> Any:
+    """Poll ``check`` until it answers something true; fail saying ``what`` never happened."""
+    deadline = asyncio.get_running_loop().time() + within
+    while (answer := await check()) is None or answer is False:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{what} within {within:.0f} s")
+        await asyncio.sleep(0.05)
+    return answer
+
+
 def _printed(msgs: list[dict[str, Any]]) -> str:
     """What ``msgs`` (a cell's IOPub messages) printed, stdout and stderr together."""
     return "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream")
@@ -354,12 +364,11 @@ def test_the_kernel_model_follows_what_the_kernel_does(host: HostProcess,
     go_on = tmp_path / "go-on"
 
     async def model_until(http: httpx.AsyncClient, kernel_id: str, state: str) -> Any:
-        for _ in range(600):  # the watcher sees the message a moment after the client
+        async def reads() -> Any:  # the watcher sees the message a moment after the client
             model = (await http.get(f"/api/kernels/{kernel_id}")).json()
-            if model["execution_state"] == state:
-                return model
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"the kernel never read as {state}: {model}")
+            return model if model["execution_state"] == state else None
+
+        return await _wait_for(reads, f"the kernel never read as {state}")
 
     async def go() -> None:
         async with _plain_kernel(host) as (http, kernel_id, ws):
@@ -619,16 +628,6 @@ def _blocker(armed: Path, blocking: Path, go_on: Path) -> str:
         "    _loop.call_soon_threadsafe(_block)\n"
         "threading.Thread(target=_arm, daemon=True).start()\n"
     )
-
-
-async def _wait_for(check: Callable[[], Awaitable[Any]], what: str, within: float = 30) -> Any:
-    """Poll ``check`` until it answers something true; fail saying ``what`` never happened."""
-    deadline = asyncio.get_running_loop().time() + within
-    while (answer := await check()) is None or answer is False:
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{what} within {within:.0f} s")
-        await asyncio.sleep(0.05)
-    return answer
 
 
 def test_a_cell_the_host_relayed_keeps_the_kernel_from_an_idle_stop(host: HostProcess,

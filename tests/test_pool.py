@@ -826,7 +826,6 @@ def test_magic_simulated_cost_line_and_a_new_session_after_idle_culling(
     # The next cell at once, whether or not the notebook's client has seen the cull yet:
     # the host stopped the kernel before the pool's ledger said so, and drops what reaches
     # a kernel it is stopping, so the cell cannot start there and runs on a new session.
-
     ex = ok(kc, "%%remote gpu=H100\nseen_again = base * 2\n")
     assert value(kc, "seen_again") == 40
     notes = [line for line in ex.status_lines() if "previous one was stopped" in line]
