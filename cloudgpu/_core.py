@@ -277,7 +277,9 @@ class SessionCore:
 
         A keyed session the provider had stopped before the cell reached its kernel (the
         client had not heard yet) is replaced, and the cell runs on the new one, as it
-        would have a moment later; one the cell reached fails it with the reason.
+        would have a moment later; one the cell reached fails it with the reason. So does
+        one whose kernel died, or whose host was lost, before a word of the cell came back:
+        the cell may have run there, and must not run twice.
         """
         return await self._run_cell(emit, code, push, pull, timeout, may_replace=True)
 
@@ -294,7 +296,7 @@ class SessionCore:
             await _drop(warnings)
             reason = await self._ended(session)
             if reason and may_replace and self.key is not None and \
-                    not session.last_cell_reached:
+                    _stopped_unreached(e, session):
                 await self.open(emit, replaced=reason)
                 return await self._run_cell(emit, code, push, pull, timeout, False)
             raise (stopped_error(session.grant.display, reason, self.then) if reason
@@ -505,6 +507,17 @@ async def _drop(task: asyncio.Future[Any]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, CloudGPUError):
         await task
+
+
+def _stopped_unreached(error: CloudGPUError, session: RemoteSession) -> bool:
+    """Whether the cell failed because the host shut its kernel down (not because it died,
+    or because the host could not be reached) before anything of the cell came back.
+
+    The host drops what reaches a kernel it is shutting down, so such a cell never ran. A
+    kernel that dies by itself can take the cell's first messages with it.
+    """
+    return isinstance(error, RemoteKernelDiedError) and error.shut_down and \
+        not session.last_cell_reached
 
 
 def _note_remote_traceback(error: RemoteExecutionError) -> None:

@@ -178,7 +178,8 @@ class KernelLink:
         self._connected = False
         code = frame[0] if frame is not None else None
         if code == KERNEL_STOPPED:
-            self._give_up(RemoteKernelDiedError(f"The remote kernel {self.kernel_id} was stopped."))
+            self._give_up(RemoteKernelDiedError(
+                f"The remote kernel {self.kernel_id} was stopped.", shut_down=True))
         elif code == KERNEL_DIED:
             self._give_up(RemoteKernelDiedError(self._death_text()))
         elif code == TOO_BIG:

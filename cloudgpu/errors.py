@@ -115,7 +115,15 @@ class TooManyAttemptsError(AuthenticationError):
 
 
 class RemoteKernelDiedError(CloudGPUError):
-    """Raised when the remote kernel dies or is stopped while a cell runs on it."""
+    """Raised when the remote kernel dies or is stopped while a cell runs on it.
+
+    ``shut_down`` is True when its host said it shut the kernel down (its owner or the
+    pool stopped it), rather than that it died by itself or could not be reached.
+    """
+
+    def __init__(self, message: str, shut_down: bool = False) -> None:
+        super().__init__(message)
+        self.shut_down = shut_down
 
 
 class RemoteTimeoutError(CloudGPUError, TimeoutError):

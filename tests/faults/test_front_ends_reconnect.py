@@ -105,6 +105,40 @@ def test_a_magic_cell_sent_as_the_pool_stops_its_session_runs_on_a_new_one(
     assert value(notebook, f"{CLIENT}.sessions['cpu'].grant.session_id") != old
 
 
+#: Run in the remote kernel: its next execute request publishes no busy status, as when the
+#: kernel crashes before the status it queued leaves the process. With ``echo`` off nothing
+#: else is published before the cell's code runs, so the notebook hears nothing of it.
+HIDE_NEXT_BUSY = """\
+_k = get_ipython().kernel
+_publish = _k._publish_status
+def _quiet(status, channel, parent=None):
+    if status == 'busy' and channel == 'shell' and \\
+            _k.get_parent('shell')['header']['msg_type'] == 'execute_request':
+        _k._publish_status = _publish
+        return
+    _publish(status, channel, parent)
+_k._publish_status = _quiet
+"""
+
+
+def test_a_magic_cell_whose_kernel_dies_before_a_word_of_it_comes_back_is_not_rerun(
+        notebook: BlockingKernelClient) -> None:
+    # A cell that kills its kernel at once (a crashing C extension, an instant OOM kill)
+    # may leave before any message of it does. It reached the kernel: running it again on a
+    # new session would repeat whatever it did before it crashed.
+    ok(notebook, "%%remote gpu=cpu\n" + HIDE_NEXT_BUSY, timeout=90)
+    ok(notebook, f"_crashing = {CLIENT}.sessions['cpu']")
+    ex = run(notebook, "%%remote gpu=cpu\nimport os\nos._exit(3)", timeout=90)
+    assert value(notebook, "_crashing.last_cell_reached") is False, \
+        "the notebook heard of the cell: this test no longer covers the unheard case"
+    assert ex.status == "error", ex.describe()
+    assert "died" in ex.error_text() and "exited with code 3" in ex.error_text(), ex.describe()
+    assert not [line for line in ex.status_lines() if "previous one was stopped" in line], \
+        ex.describe()
+    # The next cell starts a new session, as the error says.
+    assert ok(notebook, "%%remote gpu=cpu\nprint('fresh')", timeout=90).stream() == "fresh\n"
+
+
 def test_cloud_gpu_kernel_cell_output_is_whole_after_a_drop(
         proxied_pool: PoolProcess, proxy: TcpProxy, kernelspecs: Path) -> None:
     km, kc = start_kernel("cloudgpu-cpu", CLOUDGPU_POOL=proxied_pool.url,
