@@ -18,9 +18,9 @@ from __future__ import annotations
 import ctypes
 import mmap
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
-__all__ = ["Prefault"]
+__all__ = ["Prefault", "populate"]
 
 #: Bytes populated per call: small enough to stay just ahead of the reader.
 CHUNK = 4 << 20
@@ -40,16 +40,23 @@ def _load_libc() -> ctypes.CDLL | None:
 _libc = _load_libc()
 
 
-class Prefault:
-    """Populates the pages of ``buffers`` (those that are mappings) in order, ahead of a
-    reader that fills them in that order and says how far it got with :meth:`reached`."""
+def populate(address: int, size: int) -> bool:
+    """Make the ``size`` bytes of mapped memory at ``address`` present, as written; False
+    when that cannot be done here (not Linux, a kernel before 5.14, no room, not mapped)."""
+    return _libc is not None and _libc.madvise(address, size, _MADV_POPULATE_WRITE) == 0
 
-    def __init__(self, buffers: Sequence[object]) -> None:
+
+class Prefault:
+    """Populates the pages of ``buffers`` (those that are mappings, but the ``present``
+    ones) in order, ahead of a reader that fills them in that order and says how far it got
+    with :meth:`reached`."""
+
+    def __init__(self, buffers: Sequence[object], present: Collection[int] = ()) -> None:
         self._spans: list[tuple[int, int, int]] = []  # (start in the whole, address, size)
         start = 0
-        for buffer in buffers:
+        for i, buffer in enumerate(buffers):
             size = len(buffer)  # type: ignore[arg-type]
-            if isinstance(buffer, mmap.mmap) and size:
+            if isinstance(buffer, mmap.mmap) and size and i not in present:
                 address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
                 self._spans.append((start, address, size))
             start += size
@@ -66,7 +73,6 @@ class Prefault:
         self._reached = done
 
     def _run(self) -> None:
-        assert _libc is not None
         for start, address, size in self._spans:
             offset = 0
             while True:
@@ -74,6 +80,6 @@ class Prefault:
                 if offset >= size:
                     break
                 n = min(CHUNK, size - offset)
-                if _libc.madvise(address + offset, n, _MADV_POPULATE_WRITE) != 0:
+                if not populate(address + offset, n):
                     return  # an older kernel, no room, or unmapped: the reader faults them
                 offset += n

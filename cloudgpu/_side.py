@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._prefault import Prefault
+from ._spares import MAPPED_MIN, SPARES
 from .serialize import Serialized, flat
 
 __all__ = [
@@ -56,7 +57,6 @@ SLICE = 8 * 2**20  # bytes per send or receive call: progress, and a timeout per
 CONNECT_TIMEOUT = 10.0
 IO_TIMEOUT = 60.0  # seconds a started message may stall before the connection is given up
 MAX_HEADER = 1 << 20
-MAPPED_MIN = 1 << 20  # receive buffers this big are mappings, populated ahead (_prefault.py)
 
 #: What a frame is received into (see :func:`receive_buffer`).
 Buffer = bytearray | mmap.mmap
@@ -105,7 +105,8 @@ def read_message(sock: socket.socket, report: Report | None = None,
     """Receive one message: (batch id, frames), each frame in a buffer of its own.
 
     Waits up to ``first_timeout`` (None: for ever) for the message to begin, then
-    ``IO_TIMEOUT`` per slice.
+    ``IO_TIMEOUT`` per slice. A frame of a size that came before may land in a buffer made
+    ready for it (``_spares.py``), others in :func:`receive_buffer`'s.
 
     Raises:
         EOFError: the connection closed cleanly before a message began.
@@ -123,8 +124,10 @@ def read_message(sock: socket.socket, report: Report | None = None,
     except (ValueError, KeyError, TypeError) as e:
         raise OSError(f"a malformed side channel header: {e}") from e
     total, done = sum(sizes), 0
-    frames = [receive_buffer(n) for n in sizes]
-    ahead = Prefault(frames)
+    spares = [SPARES.take(n) for n in sizes]
+    frames: list[Buffer] = [receive_buffer(n) if spare is None else spare
+                            for spare, n in zip(spares, sizes, strict=True)]
+    ahead = Prefault(frames, present=[i for i, spare in enumerate(spares) if spare is not None])
     reported = 0
     for frame in frames:
         view = memoryview(frame)
@@ -139,6 +142,7 @@ def read_message(sock: socket.socket, report: Report | None = None,
             if report is not None and (done - reported >= SLICE or done == total):
                 reported = done
                 report(done, total)
+    SPARES.arrived(sizes)
     return batch, frames
 
 

@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from servers import HostFactory, HostProcess
+from servers import HostFactory, HostProcess, wait_until
 
 from cloudgpu._http import tls_context
 from cloudgpu._prefault import Prefault
 from cloudgpu._side import MAPPED_MIN, SIDE_MIN, SideChannel, SideError, receive_buffer
+from cloudgpu._spares import SPARE_MAX, SPARES, Spares
 from cloudgpu.errors import SerializationError
 from cloudgpu.host_client import HostClient
 from cloudgpu.provider import Grant
@@ -281,6 +282,98 @@ def test_populating_ahead_of_the_reader_never_changes_what_it_wrote() -> None:
         view.release()
 
 
+READY_REMOTELY = ("from cloudgpu._spares import SPARES as _spares\n"
+                  "ready, taken = _spares.ready(), _spares.taken")
+
+
+def test_values_of_a_size_seen_again_arrive_in_spares_and_exactly(host: HostProcess) -> None:
+    """A loop sending values of one shape: from the third time on, both sides receive into
+    buffers made ready beforehand, and every value still arrives exactly, none of them
+    overwriting another."""
+    sizes = (3 * MIB + 5, 2 * MIB)
+    compute = ("import hashlib\ndigests = [hashlib.sha256(a).hexdigest(), "
+               "hashlib.sha256(b).hexdigest()]\nra, rb = a[::-1].copy(), b[::-1].copy()")
+
+    def fresh(seed: int) -> list[np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+
+    async def remote_spares(session: RemoteSession) -> tuple[dict[int, int], int]:
+        result = await session.run_cell(READY_REMOTELY, {}, ["ready", "taken"],
+                                        lambda kind, payload: None)
+        assert result.status == "ok", result.error
+        return _load(result.pulled["ready"]), _load(result.pulled["taken"])
+
+    async def until_ready(session: RemoteSession) -> int:
+        """Wait for a spare of each size on both sides; the remote side's count taken."""
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            ready, taken = await remote_spares(session)
+            if all(ready.get(n) for n in sizes) and all(SPARES.ready().get(n) for n in sizes):
+                return int(taken)
+            assert asyncio.get_running_loop().time() < deadline, \
+                f"no spares of {sizes} made within 30 s: remote {ready}, here {SPARES.ready()}"
+            await asyncio.sleep(0.05)
+
+    async def go() -> None:
+        session, admin = await open_session(host)
+        kept: list[tuple[list[np.ndarray], Any, Any]] = []
+        try:
+            for seed in range(4):
+                if seed == 2:  # each size has come twice, each way
+                    taken_there, taken_here = await until_ready(session), SPARES.taken
+                sent = fresh(seed)
+                push = {"a": dumps(sent[0], "a"), "b": dumps(sent[1], "b")}
+                result = await session.run_cell(compute, push, ["digests", "ra", "rb"],
+                                                lambda kind, payload: None)
+                assert result.status == "ok", result.error
+                assert _load(result.pulled["digests"]) == \
+                    [hashlib.sha256(v).hexdigest() for v in sent]
+                kept.append((sent, _load(result.pulled["ra"]), _load(result.pulled["rb"])))
+                if seed == 2:
+                    assert (await remote_spares(session))[1] >= taken_there + 2
+                    assert SPARES.taken >= taken_here + 2
+            for sent, ra, rb in kept:  # each pulled value intact, later ones beside it
+                assert np.array_equal(ra, sent[0][::-1]) and np.array_equal(rb, sent[1][::-1])
+        finally:
+            await close(session, admin)
+
+    run(go)
+
+
+def test_spares_are_zeroed_kept_to_their_budget_and_unmapped_when_not_taken(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    spares = Spares(budget=5 * MIB, delay=0, idle=30, clock=lambda: now[0])
+    too_big = SPARE_MAX + 1
+    for _ in range(2):  # a size is spared once it comes again
+        spares.arrived([2 * MIB, 2 * MIB, 2 * MIB, MAPPED_MIN - 1, too_big])
+    wait_until(lambda: spares.ready() == {2 * MIB: 2}, within=30,
+               what="two 2 MiB spares (the third is over the 5 MiB budget)")
+    assert spares.take(MAPPED_MIN - 1) is None and spares.take(too_big) is None
+    first = spares.take(2 * MIB)
+    assert first is not None and len(first) == 2 * MIB
+    view = memoryview(first)
+    assert not any(view[::4096]) and view[-1] == 0  # as fresh memory reads
+    view[:] = b"\x01" * len(view)
+    second = spares.take(2 * MIB)
+    assert second is not None and not any(memoryview(second)[::4096])  # another buffer
+    assert spares.taken == 2 and spares.ready() == {}
+    spares.arrived([2 * MIB])
+    wait_until(lambda: spares.ready() == {2 * MIB: 1}, what="a new 2 MiB spare")
+    now[0] += 31  # not taken in time: unmapped
+    assert spares.take(2 * MIB) is None and spares.ready() == {}
+    view.release()
+
+    monkeypatch.setenv("CLOUDGPU_SPARE_MB", "0")
+    off = Spares(delay=0)
+    off.arrived([2 * MIB])
+    off.arrived([2 * MIB])
+    assert off.budget == 0 and off.take(2 * MIB) is None and off.ready() == {}
+    monkeypatch.setenv("CLOUDGPU_SPARE_MB", "lots")
+    assert Spares().budget == 64 * MIB  # said in a warning; the default holds
+
+
 def test_a_side_failed_message_stops_the_wait_only_on_the_channel_it_names() -> None:
     """The agent answers a pull on the comm first and sends its big frames after; if they
     could not go, it says so, naming the channel. A late word about a channel that was
@@ -324,6 +417,7 @@ def test_a_pull_too_big_for_this_process_fails_clearly_and_loses_nothing(
         try:
             made = "import numpy as np\ny = np.arange(3 * 2**20 // 8, dtype=np.float64)"
             monkeypatch.setattr(side_module, "receive_buffer", no_room)
+            monkeypatch.setattr(side_module, "SPARES", Spares(budget=0))  # none ready either
             with pytest.raises(SerializationError, match="do not fit in this process's memory"):
                 await session.run_cell(made, {}, ["y"], lambda kind, payload: None)
             monkeypatch.setattr(side_module, "receive_buffer", room)

@@ -252,7 +252,7 @@ class BubblewrapSandbox(Sandbox):
         "each at the same path.",
     ).tag(config=True)
     pass_env = List(
-        Unicode(), ["LANG", "LANGUAGE", "LC_*", "TZ", "TERM", "PYTHONPATH"],
+        Unicode(), ["LANG", "LANGUAGE", "LC_*", "TZ", "TERM", "PYTHONPATH", "CLOUDGPU_SPARE_MB"],
         help="Variables of the host's environment that kernels also get (patterns); the "
         "variables the host sets for a kernel always reach it, and no others.",
     ).tag(config=True)

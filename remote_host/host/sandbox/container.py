@@ -100,7 +100,7 @@ class ContainerSandbox(Sandbox):
     share_network = Bool(False, help="Give containers the host's network (default: none at "
                          "all; the kernel needs none).").tag(config=True)
     run_args = List(Unicode(), help="More arguments for the engine's `run`.").tag(config=True)
-    pass_env = List(Unicode(), ["LANG", "LANGUAGE", "LC_*", "TZ"],
+    pass_env = List(Unicode(), ["LANG", "LANGUAGE", "LC_*", "TZ", "CLOUDGPU_SPARE_MB"],
                     help="Variables of the host's environment that kernels also get.").tag(
         config=True)
 
