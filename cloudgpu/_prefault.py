@@ -47,9 +47,9 @@ def populate(address: int, size: int) -> bool:
 
 
 class Prefault:
-    """Populates the pages of ``buffers`` (those that are mappings, but the ``present``
-    ones) in order, ahead of a reader that fills them in that order and says how far it got
-    with :meth:`reached`."""
+    """Populates the pages of ``buffers`` (those that are mappings, except the ones whose
+    indexes are in ``present``) in order, ahead of a reader that fills them in that order
+    and says how far it got with :meth:`reached`."""
 
     def __init__(self, buffers: Sequence[object], present: Collection[int] = ()) -> None:
         self._spans: list[tuple[int, int, int]] = []  # (start in the whole, address, size)
