@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Protocol
 
 from traitlets.config import LoggingConfigurable
 
-from cloudgpu.errors import CloudGPUError, EnvironmentBuildError
+from cloudgpu.errors import CloudGPUError, EnvironmentBuildError, HostConnectionError
 from cloudgpu.hardware import Catalog, Choice, HardwareSpec
 from cloudgpu.host_client import HostClient
 
@@ -124,7 +124,12 @@ class Backend(LoggingConfigurable):
         return 0
 
     async def stop(self, placement: Placement) -> None:
-        """Stop that kernel and free its hardware."""
+        """Stop that kernel and free its hardware; a kernel already gone is stopped.
+
+        Raises:
+            HostConnectionError: its host cannot be reached now; the pool asks again once
+                :meth:`heartbeat` finds it answering.
+        """
         raise NotImplementedError
 
     async def stop_if_idle(self, placement: Placement, since: str | None, reason: str) -> bool:
@@ -242,10 +247,22 @@ class HostsBackend(Backend):
         return stopped
 
     async def stop(self, placement: Placement) -> None:
-        """``DELETE /api/kernels/{id}`` on its host."""
+        """``DELETE /api/kernels/{id}`` on its host (which may no longer have it).
+
+        Raises:
+            HostConnectionError: the host cannot be reached.
+        """
         host = self.hosts.get(placement.slot_id)
-        if host is not None:
-            await host.shutdown(placement.kernel_id)
+        if host is None:
+            return
+        try:
+            await host.request("DELETE", f"/api/kernels/{placement.kernel_id}",
+                               missing_ok=True)
+        except HostConnectionError:
+            raise
+        except CloudGPUError as e:  # it answered: asking again would get the same answer
+            self.log.warning("Host %s could not stop kernel %s: %s", host.url,
+                             placement.kernel_id, e)
 
     async def stop_if_idle(self, placement: Placement, since: str | None, reason: str) -> bool:
         """``POST /api/cloudgpu/kernels/{id}/stop`` on its host, only if idle since ``since``."""

@@ -24,6 +24,7 @@ from cloudgpu.errors import (
     BudgetExceededError,
     CloudGPUError,
     HardwareUnavailableError,
+    HostConnectionError,
     InvalidRequestError,
     SessionNotFoundError,
     UnisolatedHostError,
@@ -105,6 +106,9 @@ class Pool:
         self._changed = asyncio.Event()  # replaced by a fresh one at every change
         self._tasks: list[asyncio.Task[Any]] = []
         self._launching: dict[str, asyncio.Task[Any]] = {}
+        #: Kernels of ended sessions that their host did not hear the stop of (it could not
+        #: be reached, or it was judged lost), by kernel id: stopped once it answers again.
+        self._unstopped: dict[str, Placement] = {}
         self._progress: dict[str, list[str]] = {}  # what backends said while launching
         self._background: set[asyncio.Task[Any]] = set()
         self._waiting: list[str] = []  # what the backend was last told waits
@@ -455,12 +459,30 @@ class Pool:
                 if end is not None:
                     rec.ended, reason = end[0], end[1]
             self._finish(rec, state, reason)
-            if rec.kernel_id and state != "lost":
-                await self.backend.stop(self._placement(rec))
+            if rec.kernel_id and state == "lost":
+                # Its host may only be cut off: if it answers again, so must its kernel stop.
+                self._unstopped[rec.kernel_id] = self._placement(rec)
+            elif rec.kernel_id:
+                await self._stop_kernel(self._placement(rec))
             self.scheduler.release(rec.host_id or "", rec.gpu_type or CPU, rec.count or 0)
         self._notify(rec.id)
         self._dispatch()
         return rec
+
+    async def _stop_kernel(self, placement: Placement) -> bool:
+        """Stop a kernel whose session ended; one whose host cannot be reached now is
+        stopped when it answers again (:meth:`heartbeat`). Whether it is stopped."""
+        try:
+            await self.backend.stop(placement)
+        except HostConnectionError as e:
+            if placement.kernel_id not in self._unstopped:
+                self.log.warning("Could not stop kernel %s on %s (%s); it will be stopped "
+                                 "once its host answers", placement.kernel_id,
+                                 placement.slot_id, e)
+            self._unstopped[placement.kernel_id] = placement
+            return False
+        self._unstopped.pop(placement.kernel_id, None)
+        return True
 
     async def check(self, session_id: str) -> None:
         """Probe a running session's kernel now (its client lost the connection to it), and
@@ -673,6 +695,12 @@ class Pool:
                     await self._lose_slot(slot_id, last, f"its machine was lost: the host "
                                           f"stopped answering {duration(now - last)} ago")
                 continue
+            # First what must stop there: its GPUs are free for the next session only then.
+            for placement in [p for p in self._unstopped.values() if p.slot_id == slot_id]:
+                if await self._stop_kernel(placement):
+                    self.log.warning("Stopped kernel %s on %s, left running by a session "
+                                     "that ended while the pool could not reach it",
+                                     placement.kernel_id, slot_id)
             if self.health.answered(slot_id, now) and slot_id in self.scheduler.slots:
                 self.log.warning("Host %s answers again; placing sessions there again", slot_id)
                 self.scheduler.slots[slot_id].down = False
@@ -689,7 +717,8 @@ class Pool:
         for rec in lost:
             rec.ended = max(last_seen, rec.started or last_seen)
             await self.stop(rec.id, reason, state="lost")
-        self.warm.forget_slot(slot_id)
+        for placement in self.warm.forget_slot(slot_id):
+            self._unstopped[placement.kernel_id] = placement
         self.warm.refill()
 
     def _abandoned(self, rec: SessionRecord, model: dict[str, Any], now: float) -> bool:

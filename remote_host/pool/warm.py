@@ -17,7 +17,7 @@ import logging
 import secrets
 from typing import Any
 
-from cloudgpu.errors import CloudGPUError
+from cloudgpu.errors import CloudGPUError, HostConnectionError
 from cloudgpu.hardware import CPU, Choice
 
 from .backend import Backend, Placement
@@ -60,10 +60,13 @@ class WarmKernels:
                 return slot_id
         return None
 
-    def forget_slot(self, slot_id: str) -> None:
-        """Drop the warm kernels of a slot whose host was lost (they died with it)."""
+    def forget_slot(self, slot_id: str) -> list[Placement]:
+        """Drop the warm kernels of a slot whose host was lost; they are returned, for the
+        pool to stop should the host answer again (it may only have been cut off)."""
+        forgotten = []
         for key in [k for k in self.ready if k[0] == slot_id]:
-            del self.ready[key]
+            forgotten += [placement for placement, _ in self.ready.pop(key)]
+        return forgotten
 
     async def make_room(self, slot_id: str, gpu_type: str) -> None:
         """Stop warm kernels on a slot whose GPUs a granted request now needs."""
@@ -73,7 +76,7 @@ class WarmKernels:
         ready = self.ready.get((slot_id, gpu_type), [])
         excess = slot.used.get(gpu_type, 0) + len(ready) - slot.total.get(gpu_type, 0)
         while excess > 0 and ready:
-            await self.backend.stop(ready.pop()[0])
+            await self._stop(ready.pop()[0])
             excess -= 1
 
     def refill(self) -> None:
@@ -117,4 +120,10 @@ class WarmKernels:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for ready in self.ready.values():
             while ready:
-                await self.backend.stop(ready.pop()[0])
+                await self._stop(ready.pop()[0])
+
+    async def _stop(self, placement: Placement) -> None:
+        try:
+            await self.backend.stop(placement)
+        except HostConnectionError as e:  # a restarted pool sweeps what no session owns
+            self.log.warning("Could not stop warm kernel %s: %s", placement.kernel_id, e)

@@ -1,0 +1,76 @@
+"""A host the pool cannot reach for a while: the kernels of the sessions that ended
+meanwhile are stopped once it answers again, and their GPUs are free.
+
+A real pool reaches a real host (simulated GPUs) through the test's TCP proxy; the test
+cuts that path (``TcpProxy.block``: every connection reset, new ones refused) while it
+ends a session, and mends it after. Nothing else stands in for anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from servers import HostProcess, PoolProcess, wait_until
+from tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def api(pool: PoolProcess, method: str, path: str, **kw: Any) -> dict[str, Any]:
+    response = pool.request(method, path, **kw)
+    assert response.status_code in (200, 201), response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def running_h100(pool: PoolProcess) -> dict[str, Any]:
+    """A new H100 session, once it runs."""
+    sid = api(pool, "POST", "/api/sessions", json={"hardware": "H100"})["id"]
+    view: dict[str, Any] = {}
+
+    def started() -> bool:
+        view.update(api(pool, "GET", f"/api/sessions/{sid}"))
+        return view["state"] not in ("queued", "starting")
+
+    wait_until(started, within=60, what=f"session {sid} starting")
+    assert view["state"] == "running", view
+    return view
+
+
+def held_by(host: HostProcess, kernel_id: str) -> int:
+    """How many of the host's GPUs the kernel holds, as the host sees it."""
+    return sum(1 for gpu in host.gpus() if gpu.get("kernel_id") == kernel_id)
+
+
+def test_a_session_stopped_while_its_host_is_cut_off_has_its_kernel_stopped_after(
+        proxied_pool: PoolProcess, proxy: TcpProxy, host: HostProcess) -> None:
+    view = running_h100(proxied_pool)
+    kernel_id = view["kernel_id"]
+    assert held_by(host, kernel_id) == 1
+    with proxy.outage():
+        ended = api(proxied_pool, "DELETE", f"/api/sessions/{view['id']}")
+        assert ended["state"] == "stopped", ended
+        # The stop did not reach the host: its kernel runs on, holding its GPU.
+        assert host.kernel_alive(kernel_id) and held_by(host, kernel_id) == 1
+    wait_until(lambda: not host.kernel_alive(kernel_id), within=60,
+               what="the pool stopping the kernel once the host answered again")
+    assert held_by(host, kernel_id) == 0
+    proxied_pool.wait_for_log(f"Stopped kernel {kernel_id}")
+
+
+def test_the_kernels_of_a_host_judged_lost_are_stopped_when_it_answers_again(
+        proxied_pool: PoolProcess, proxy: TcpProxy, host: HostProcess) -> None:
+    view = running_h100(proxied_pool)
+    kernel_id, sid = view["kernel_id"], view["id"]
+    with proxy.outage():
+        # Two missed heartbeats, and the pool ends the session as lost (billing stops);
+        # the host was only cut off, and its kernel runs on.
+        wait_until(lambda: api(proxied_pool, "GET", f"/api/sessions/{sid}")["state"] == "lost",
+                   within=60, what="the pool judging the host lost")
+        assert host.kernel_alive(kernel_id)
+    wait_until(lambda: not host.kernel_alive(kernel_id), within=60,
+               what="the pool stopping the lost session's kernel once the host answered")
+    assert held_by(host, kernel_id) == 0
+    # The host takes sessions again, on the GPU the stray kernel held.
+    again = running_h100(proxied_pool)
+    api(proxied_pool, "DELETE", f"/api/sessions/{again['id']}")
