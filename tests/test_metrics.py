@@ -46,8 +46,10 @@ def test_simulated_readings_are_the_kernel_process_and_say_so(host: HostProcess)
             try:
                 before = await _readings(client, kernel_id)
                 assert before["simulated"] is True and "/proc" in before["source"]
+                # A booting kernel can read just over 100% of a core (its threads): the
+                # simulated utilization is capped there, as a GPU's is.
                 assert before["gpus"] == [{"index": 0, "type": "H100", "memory_total_gb": 80.0,
-                                           "utilization": before["cpu_percent"],
+                                           "utilization": min(before["cpu_percent"], 100),
                                            "memory_used_gb": before["rss_gb"]}]
                 assert before["rss_gb"] > 0 and before["memory_total_gb"] == 80
                 assert before["execution_state"] in ("idle", "starting", "busy")
