@@ -100,15 +100,16 @@ class Pool:
         self._idle_since: dict[str, float] = {}
         self.log = log or logging.getLogger("cloudgpu.pool")
         self.scheduler = Scheduler(catalog)
-        self.warm = WarmKernels(backend, self.scheduler, warm or {}, self.log)
+        #: Kernels the pool stopped (an ended session's, a warm one) whose host did not hear
+        #: it (it could not be reached, or it was judged lost), by kernel id: stopped once
+        #: it answers again.
+        self._unstopped: dict[str, Placement] = {}
+        self.warm = WarmKernels(backend, self.scheduler, warm or {}, self.log, self._unstopped)
         self.sessions: dict[str, SessionRecord] = {}  # active ones; ended ones live in the ledger
         self._versions: dict[str, int] = {}
         self._changed = asyncio.Event()  # replaced by a fresh one at every change
         self._tasks: list[asyncio.Task[Any]] = []
         self._launching: dict[str, asyncio.Task[Any]] = {}
-        #: Kernels of ended sessions that their host did not hear the stop of (it could not
-        #: be reached, or it was judged lost), by kernel id: stopped once it answers again.
-        self._unstopped: dict[str, Placement] = {}
         self._progress: dict[str, list[str]] = {}  # what backends said while launching
         self._background: set[asyncio.Task[Any]] = set()
         self._waiting: list[str] = []  # what the backend was last told waits
@@ -717,8 +718,7 @@ class Pool:
         for rec in lost:
             rec.ended = max(last_seen, rec.started or last_seen)
             await self.stop(rec.id, reason, state="lost")
-        for placement in self.warm.forget_slot(slot_id):
-            self._unstopped[placement.kernel_id] = placement
+        self.warm.forget_slot(slot_id)
         self.warm.refill()
 
     def _abandoned(self, rec: SessionRecord, model: dict[str, Any], now: float) -> bool:

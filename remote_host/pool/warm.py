@@ -30,11 +30,14 @@ class WarmKernels:
     """The warm kernels of one pool."""
 
     def __init__(self, backend: Backend, scheduler: Scheduler, targets: dict[str, int],
-                 log: logging.Logger) -> None:
+                 log: logging.Logger, unstopped: dict[str, Placement] | None = None) -> None:
         self.backend = backend
         self.scheduler = scheduler
         self.targets = {t: n for t, n in targets.items() if n > 0}
         self.log = log
+        #: Where a kernel whose host could not be reached to stop it goes (the pool's, which
+        #: stops it once the host answers again).
+        self.unstopped: dict[str, Placement] = {} if unstopped is None else unstopped
         self.ready: dict[tuple[str, str], list[tuple[Placement, str]]] = {}
         self._starting: dict[tuple[str, str], int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -60,13 +63,12 @@ class WarmKernels:
                 return slot_id
         return None
 
-    def forget_slot(self, slot_id: str) -> list[Placement]:
-        """Drop the warm kernels of a slot whose host was lost; they are returned, for the
-        pool to stop should the host answer again (it may only have been cut off)."""
-        forgotten = []
+    def forget_slot(self, slot_id: str) -> None:
+        """Drop the warm kernels of a slot whose host was lost; they are stopped should the
+        host answer again (it may only have been cut off: see ``unstopped``)."""
         for key in [k for k in self.ready if k[0] == slot_id]:
-            forgotten += [placement for placement, _ in self.ready.pop(key)]
-        return forgotten
+            for placement, _ in self.ready.pop(key):
+                self.unstopped[placement.kernel_id] = placement
 
     async def make_room(self, slot_id: str, gpu_type: str) -> None:
         """Stop warm kernels on a slot whose GPUs a granted request now needs."""
@@ -125,5 +127,7 @@ class WarmKernels:
     async def _stop(self, placement: Placement) -> None:
         try:
             await self.backend.stop(placement)
-        except HostConnectionError as e:  # a restarted pool sweeps what no session owns
-            self.log.warning("Could not stop warm kernel %s: %s", placement.kernel_id, e)
+        except HostConnectionError as e:
+            self.log.warning("Could not stop warm kernel %s (%s); it will be stopped once its "
+                             "host answers", placement.kernel_id, e)
+            self.unstopped[placement.kernel_id] = placement

@@ -8,6 +8,8 @@ ends a session, and mends it after. Nothing else stands in for anything.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,6 +17,39 @@ from servers import HostProcess, PoolProcess, wait_until
 from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(120)
+
+POOL_CONFIG = """\
+c.PoolApp.cull_interval = 0.3
+c.PoolApp.meter_interval = 0.3
+c.PoolApp.heartbeat_interval = 0.5
+c.PoolApp.disconnected_timeout = 0
+c.PoolApp.warm_kernels = {'A100-80GB': 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def proxied_pool(tmp_path_factory: pytest.TempPathFactory, host: HostProcess,
+                 proxy: TcpProxy) -> Iterator[PoolProcess]:
+    """The faults' proxied pool (quick checks), keeping one warm A100 kernel on the host."""
+    tmp = tmp_path_factory.mktemp("cut-off-pool")
+    config = tmp / "pool_config.py"
+    config.write_text(POOL_CONFIG)
+    pool = PoolProcess(tmp, [dataclasses.replace(host, url=proxy.url)], config).start()
+    yield pool
+    pool.stop()
+
+
+def warm_kernel(host: HostProcess) -> str:
+    """The pool's warm kernel: the one holding the host's A100, once there is one."""
+    found: list[str] = []
+
+    def held() -> bool:
+        found[:] = [g["kernel_id"] for g in host.gpus()
+                    if g["type"] == "A100-80GB" and g.get("kernel_id")]
+        return bool(found)
+
+    wait_until(held, within=60, what="the pool's warm A100 kernel")
+    return found[0]
 
 
 def api(pool: PoolProcess, method: str, path: str, **kw: Any) -> dict[str, Any]:
@@ -62,14 +97,16 @@ def test_the_kernels_of_a_host_judged_lost_are_stopped_when_it_answers_again(
         proxied_pool: PoolProcess, proxy: TcpProxy, host: HostProcess) -> None:
     view = running_h100(proxied_pool)
     kernel_id, sid = view["kernel_id"], view["id"]
+    warm = warm_kernel(host)
     with proxy.outage():
         # Two missed heartbeats, and the pool ends the session as lost (billing stops);
-        # the host was only cut off, and its kernel runs on.
+        # the host was only cut off, and its kernels run on.
         wait_until(lambda: api(proxied_pool, "GET", f"/api/sessions/{sid}")["state"] == "lost",
                    within=60, what="the pool judging the host lost")
-        assert host.kernel_alive(kernel_id)
-    wait_until(lambda: not host.kernel_alive(kernel_id), within=60,
-               what="the pool stopping the lost session's kernel once the host answered")
+        assert host.kernel_alive(kernel_id) and host.kernel_alive(warm)
+    wait_until(lambda: not host.kernel_alive(kernel_id) and not host.kernel_alive(warm),
+               within=60, what="the pool stopping the lost session's kernel and its warm "
+                               "kernel once the host answered")
     assert held_by(host, kernel_id) == 0
     # The host takes sessions again, on the GPU the stray kernel held.
     again = running_h100(proxied_pool)
