@@ -8,17 +8,20 @@ ends a session, and mends it after. Nothing else stands in for anything.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from servers import HostProcess, PoolProcess, wait_until
-from tcp_proxy import TcpProxy
+from tcp_proxy import TcpProxy, port_of
 
 pytestmark = pytest.mark.timeout(120)
 
-POOL_CONFIG = """\
+#: The faults' quick pool (``conftest.FAST_POOL``), keeping one warm A100 kernel.
+WARM_POOL = """\
 c.PoolApp.cull_interval = 0.3
 c.PoolApp.meter_interval = 0.3
 c.PoolApp.heartbeat_interval = 0.5
@@ -27,16 +30,23 @@ c.PoolApp.warm_kernels = {'A100-80GB': 1}
 """
 
 
-@pytest.fixture(scope="module")
-def proxied_pool(tmp_path_factory: pytest.TempPathFactory, host: HostProcess,
-                 proxy: TcpProxy) -> Iterator[PoolProcess]:
-    """The faults' proxied pool (quick checks), keeping one warm A100 kernel on the host."""
-    tmp = tmp_path_factory.mktemp("cut-off-pool")
-    config = tmp / "pool_config.py"
-    config.write_text(POOL_CONFIG)
-    pool = PoolProcess(tmp, [dataclasses.replace(host, url=proxy.url)], config).start()
-    yield pool
-    pool.stop()
+@contextlib.contextmanager
+def warm_pool_behind_its_own_proxy(tmp: Path, host: HostProcess,
+                                   ) -> Iterator[tuple[PoolProcess, TcpProxy]]:
+    """A pool with a warm kernel, reaching the host through a proxy of its own: the other
+    tests' outages do not touch it, nor its outage theirs."""
+    proxy = TcpProxy(("127.0.0.1", port_of(host.url)))
+    config = tmp / "warm_pool_config.py"
+    config.write_text(WARM_POOL)
+    try:
+        pool = PoolProcess(tmp, [dataclasses.replace(host, url=proxy.url)], config,
+                           name="warm").start()
+        try:
+            yield pool, proxy
+        finally:
+            pool.stop()
+    finally:
+        proxy.close()
 
 
 def warm_kernel(host: HostProcess) -> str:
@@ -94,20 +104,21 @@ def test_a_session_stopped_while_its_host_is_cut_off_has_its_kernel_stopped_afte
 
 
 def test_the_kernels_of_a_host_judged_lost_are_stopped_when_it_answers_again(
-        proxied_pool: PoolProcess, proxy: TcpProxy, host: HostProcess) -> None:
-    view = running_h100(proxied_pool)
-    kernel_id, sid = view["kernel_id"], view["id"]
-    warm = warm_kernel(host)
-    with proxy.outage():
-        # Two missed heartbeats, and the pool ends the session as lost (billing stops);
-        # the host was only cut off, and its kernels run on.
-        wait_until(lambda: api(proxied_pool, "GET", f"/api/sessions/{sid}")["state"] == "lost",
-                   within=60, what="the pool judging the host lost")
-        assert host.kernel_alive(kernel_id) and host.kernel_alive(warm)
-    wait_until(lambda: not host.kernel_alive(kernel_id) and not host.kernel_alive(warm),
-               within=60, what="the pool stopping the lost session's kernel and its warm "
-                               "kernel once the host answered")
-    assert held_by(host, kernel_id) == 0
-    # The host takes sessions again, on the GPU the stray kernel held.
-    again = running_h100(proxied_pool)
-    api(proxied_pool, "DELETE", f"/api/sessions/{again['id']}")
+        tmp_path: Path, host: HostProcess) -> None:
+    with warm_pool_behind_its_own_proxy(tmp_path, host) as (pool, proxy):
+        view = running_h100(pool)
+        kernel_id, sid = view["kernel_id"], view["id"]
+        warm = warm_kernel(host)
+        with proxy.outage():
+            # Two missed heartbeats, and the pool ends the session as lost (billing
+            # stops); the host was only cut off, and its kernels run on.
+            wait_until(lambda: api(pool, "GET", f"/api/sessions/{sid}")["state"] == "lost",
+                       within=60, what="the pool judging the host lost")
+            assert host.kernel_alive(kernel_id) and host.kernel_alive(warm)
+        wait_until(lambda: not host.kernel_alive(kernel_id) and not host.kernel_alive(warm),
+                   within=60, what="the pool stopping the lost session's kernel and its warm "
+                                   "kernel once the host answered")
+        assert held_by(host, kernel_id) == 0
+        # The host takes sessions again, on the GPU the stray kernel held.
+        again = running_h100(pool)
+        api(pool, "DELETE", f"/api/sessions/{again['id']}")
