@@ -10,8 +10,9 @@ already there.
 
 What is kept is bounded: frames from ``MAPPED_MIN`` up to ``SPARE_MAX`` bytes, at most
 ``CLOUDGPU_SPARE_MB`` (default 64; 0 turns this off) in all, each for ``SPARE_IDLE``
-seconds unless taken. A spare is a mapping nothing has written: it reads as zeros, as a new
-one does, and it is handed out once (the value received into it keeps it).
+seconds unless taken, and none in a process that nears its memory limit (``room``). A spare
+is a mapping nothing has written: it reads as zeros, as a new one does, and it is handed out
+once (the value received into it keeps it).
 """
 
 from __future__ import annotations
@@ -80,8 +81,13 @@ class Spares:
         self._held = 0  # bytes ready, wanted or being made
         self._seen: dict[int, float] = {}  # size -> when a frame of it last arrived
         self._worker: threading.Thread | None = None
+        #: Bytes this process may still take before it nears its memory limit, where it
+        #: has one (set by the agent in a sandboxed kernel); None: no limit known.
+        self.room: Callable[[], int | None] | None = None
         #: Frames received into a spare so far.
         self.taken = 0
+        #: Spares not made for lack of room (see ``room``).
+        self.declined = 0
 
     def take(self, size: int) -> mmap.mmap | None:
         """A ready buffer of exactly ``size`` bytes, or None.
@@ -146,10 +152,13 @@ class Spares:
                     self._lock.wait(due - self._clock())
                     continue
                 self._wanted.popleft()
-            buffer = _populated(size)
+            room = self.room() if self.room is not None else None
+            buffer = _populated(size) if room is None or room >= size else None
             with self._lock:
                 if buffer is None:
                     self._held -= size
+                    if room is not None and room < size:
+                        self.declined += 1
                 else:
                     self._ready.setdefault(size, deque()).append((self._clock(), buffer))
 

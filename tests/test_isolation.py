@@ -289,6 +289,41 @@ def test_a_session_over_its_memory_limit_ends_saying_so_while_its_neighbour_keep
     assert again.stream() == "42\n" and remote(bob, "remote['pid']") == b_pid
 
 
+#: Read in the remote kernel: its spare 8 MB receive buffers, those it declined to make,
+#: and the room it has before it nears its memory limit.
+SPARES_THERE = ("from cloudgpu._spares import SPARES as _s\n"
+                "spares = (_s.ready().get(8_000_000, 0), _s.declined, _s.room())")
+
+
+def test_a_sandboxed_kernel_near_its_memory_limit_makes_no_spare_receive_buffers(
+        alice: BlockingKernelClient) -> None:
+    def there() -> tuple[int, int, int]:
+        ok(alice, "%%remote gpu=H100\n" + SPARES_THERE, timeout=90)
+        ready, declined, room = value(alice, "spares")
+        return ready, declined, room
+
+    def push_x(times: int) -> None:  # values of one shape: spares are made for them
+        for _ in range(times):
+            ok(alice, "x = np.random.rand(1_000_000)")
+            ok(alice, "%%remote gpu=H100 --no-pull\nfirst = float(x[0])")
+
+    ok(alice, "import numpy as np")
+    _, declined, room = there()
+    assert 0 < room < 400 * 2**20 * 7 // 8, room  # the limit, less an eighth kept free
+    # Take all but 4 MiB of that room, and send 8 MB values over and over.
+    hog = max(room - 4 * 2**20, 0)
+    ok(alice, f"%%remote gpu=H100 --no-pull\nhog = bytearray({hog})\n"
+              "hog[::4096] = b'x' * len(hog[::4096])", timeout=90)
+    push_x(3)
+    wait_until(lambda: there()[1] > declined, within=60,
+               what="the kernel declining a spare it has no room for")
+    assert there()[0] == 0
+    # With the room back, the same values get their spare.
+    ok(alice, "%%remote gpu=H100 --no-pull\ndel hog")
+    push_x(2)
+    wait_until(lambda: there()[0] >= 1, within=60, what="a spare 8 MB buffer, room being back")
+
+
 def test_a_cell_that_fills_its_scratch_space_or_asks_too_much_says_which_limit(
         alice: BlockingKernelClient) -> None:
     ex = run(alice, "%%remote gpu=cpu\n"

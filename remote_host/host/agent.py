@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import ast
 import errno
+import functools
 import io
 import json
 import logging
@@ -68,6 +69,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from cloudgpu import __version__
 from cloudgpu._output import holds_unsent
 from cloudgpu._side import pick
+from cloudgpu._spares import SPARES
 from cloudgpu._transfer import Assembler, pack
 from cloudgpu.errors import SerializationError
 from cloudgpu.packages import type_versions
@@ -469,6 +471,18 @@ def limit_note(error: BaseException, limits: dict[str, str]) -> str | None:
     return None
 
 
+def memory_room(limit: int) -> int | None:
+    """Bytes this process may still take while keeping an eighth of its memory ``limit``
+    free (for its children and the page cache, which the limit counts too); None when its
+    resident size cannot be read."""
+    try:
+        with open("/proc/self/statm") as statm:
+            resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+    return limit - limit // 8 - resident
+
+
 def _explain_limits(shell: InteractiveShell, limits: dict[str, str]) -> None:
     """Show errors from hitting a limit as usual, with a last line naming the limit."""
     def explain(self: InteractiveShell, etype: type[BaseException], value: BaseException,
@@ -513,9 +527,11 @@ def load_ipython_extension(shell: InteractiveShell) -> None:
     _echo_only_when_asked(kernel)
     _skip_unwritten_debug_records(kernel.log)
     _reply_without_waiting(kernel)
-    limits = os.environ.get("CLOUDGPU_LIMITS")
+    limits = json.loads(os.environ.get("CLOUDGPU_LIMITS") or "{}")
     if limits:
-        _explain_limits(shell, json.loads(limits))
+        _explain_limits(shell, limits)
+    if limits.get("memory_bytes"):
+        SPARES.room = functools.partial(memory_room, int(limits["memory_bytes"]))
     agent.side = _listen_side(shell)
     shell.cloudgpu_agent = agent  # type: ignore[attr-defined]
 

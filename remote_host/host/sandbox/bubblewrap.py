@@ -181,6 +181,7 @@ def _limits_note(limits: Limits, memory_how: str) -> dict[str, str]:
     note = {}
     if limits.memory_bytes:
         note["memory"] = f"{format_size(limits.memory_bytes)} ({memory_how})"
+        note["memory_bytes"] = str(limits.memory_bytes)  # the agent's spares stay under it
     if limits.scratch_bytes:
         note["scratch"] = format_size(limits.scratch_bytes)
     return note
