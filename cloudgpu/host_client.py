@@ -125,9 +125,18 @@ class HostClient:
         await self.request("POST", f"/api/kernels/{kernel_id}/interrupt")
 
     async def shutdown(self, kernel_id: str) -> None:
-        """Shut a kernel down (its GPUs are freed)."""
+        """Shut a kernel down (its GPUs are freed), whatever goes wrong doing it."""
         with contextlib.suppress(CloudGPUError):
-            await self.request("DELETE", f"/api/kernels/{kernel_id}")
+            await self.stop_kernel(kernel_id)
+
+    async def stop_kernel(self, kernel_id: str) -> None:
+        """Shut a kernel down (its GPUs are freed); one the host no longer has is stopped.
+
+        Raises:
+            HostConnectionError: the host cannot be reached.
+            CloudGPUError: another subclass, as the host answered.
+        """
+        await self.request("DELETE", f"/api/kernels/{kernel_id}", missing_ok=True)
 
     async def stop_if_idle(self, kernel_id: str, since: str | None, reason: str) -> bool:
         """Shut a kernel down for ``reason`` unless it was active after ``since`` (its

@@ -256,8 +256,7 @@ class HostsBackend(Backend):
         if host is None:
             return
         try:
-            await host.request("DELETE", f"/api/kernels/{placement.kernel_id}",
-                               missing_ok=True)
+            await host.stop_kernel(placement.kernel_id)
         except HostConnectionError:
             raise
         except CloudGPUError as e:  # it answered: asking again would get the same answer

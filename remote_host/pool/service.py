@@ -104,7 +104,8 @@ class Pool:
         #: it (it could not be reached, or it was judged lost), by kernel id: stopped once
         #: it answers again.
         self._unstopped: dict[str, Placement] = {}
-        self.warm = WarmKernels(backend, self.scheduler, warm or {}, self.log, self._unstopped)
+        self.warm = WarmKernels(backend, self.scheduler, warm or {}, self.log,
+                                stop=self._stop_kernel)
         self.sessions: dict[str, SessionRecord] = {}  # active ones; ended ones live in the ledger
         self._versions: dict[str, int] = {}
         self._changed = asyncio.Event()  # replaced by a fresh one at every change
@@ -471,8 +472,9 @@ class Pool:
         return rec
 
     async def _stop_kernel(self, placement: Placement) -> bool:
-        """Stop a kernel whose session ended; one whose host cannot be reached now is
-        stopped when it answers again (:meth:`heartbeat`). Whether it is stopped."""
+        """Stop a kernel the pool is done with (its session ended, or a warm one); one whose
+        host cannot be reached now is stopped when it answers again (:meth:`heartbeat`).
+        Whether it is stopped."""
         try:
             await self.backend.stop(placement)
         except HostConnectionError as e:
@@ -718,7 +720,8 @@ class Pool:
         for rec in lost:
             rec.ended = max(last_seen, rec.started or last_seen)
             await self.stop(rec.id, reason, state="lost")
-        self.warm.forget_slot(slot_id)
+        for placement in self.warm.forget_slot(slot_id):
+            self._unstopped[placement.kernel_id] = placement
         self.warm.refill()
 
     def _abandoned(self, rec: SessionRecord, model: dict[str, Any], now: float) -> bool:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cloudgpu.errors import CloudGPUError, HostConnectionError
+from cloudgpu.errors import CloudGPUError
 from cloudgpu.hardware import CPU, Choice
 
 from .backend import Backend, Placement
@@ -30,14 +31,15 @@ class WarmKernels:
     """The warm kernels of one pool."""
 
     def __init__(self, backend: Backend, scheduler: Scheduler, targets: dict[str, int],
-                 log: logging.Logger, unstopped: dict[str, Placement] | None = None) -> None:
+                 log: logging.Logger,
+                 stop: Callable[[Placement], Awaitable[object]] | None = None) -> None:
         self.backend = backend
         self.scheduler = scheduler
         self.targets = {t: n for t, n in targets.items() if n > 0}
         self.log = log
-        #: Where a kernel whose host could not be reached to stop it goes (the pool's, which
-        #: stops it once the host answers again).
-        self.unstopped: dict[str, Placement] = {} if unstopped is None else unstopped
+        #: How a warm kernel is stopped: the pool's way, which stops one whose host cannot
+        #: be reached once it answers again.
+        self.stop = stop or backend.stop
         self.ready: dict[tuple[str, str], list[tuple[Placement, str]]] = {}
         self._starting: dict[tuple[str, str], int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -63,12 +65,13 @@ class WarmKernels:
                 return slot_id
         return None
 
-    def forget_slot(self, slot_id: str) -> None:
-        """Drop the warm kernels of a slot whose host was lost; they are stopped should the
-        host answer again (it may only have been cut off: see ``unstopped``)."""
+    def forget_slot(self, slot_id: str) -> list[Placement]:
+        """Drop the warm kernels of a slot whose host was lost; they are returned, for the
+        pool to stop should the host answer again (it may only have been cut off)."""
+        forgotten = []
         for key in [k for k in self.ready if k[0] == slot_id]:
-            for placement, _ in self.ready.pop(key):
-                self.unstopped[placement.kernel_id] = placement
+            forgotten += [placement for placement, _ in self.ready.pop(key)]
+        return forgotten
 
     async def make_room(self, slot_id: str, gpu_type: str) -> None:
         """Stop warm kernels on a slot whose GPUs a granted request now needs."""
@@ -78,7 +81,7 @@ class WarmKernels:
         ready = self.ready.get((slot_id, gpu_type), [])
         excess = slot.used.get(gpu_type, 0) + len(ready) - slot.total.get(gpu_type, 0)
         while excess > 0 and ready:
-            await self._stop(ready.pop()[0])
+            await self.stop(ready.pop()[0])
             excess -= 1
 
     def refill(self) -> None:
@@ -122,12 +125,4 @@ class WarmKernels:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for ready in self.ready.values():
             while ready:
-                await self._stop(ready.pop()[0])
-
-    async def _stop(self, placement: Placement) -> None:
-        try:
-            await self.backend.stop(placement)
-        except HostConnectionError as e:
-            self.log.warning("Could not stop warm kernel %s (%s); it will be stopped once its "
-                             "host answers", placement.kernel_id, e)
-            self.unstopped[placement.kernel_id] = placement
+                await self.stop(ready.pop()[0])
