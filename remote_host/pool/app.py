@@ -110,7 +110,14 @@ class PoolApp(Application):
         config=True)
     disconnected_timeout = Float(
         120.0, help="Seconds a running session may have no client connected before it is "
-        "stopped (its notebook kernel went away without releasing it; 0: never)."
+        "stopped (its notebook kernel went away without releasing it; 0: never), counted "
+        "from the end of its last cell: a cell still running keeps it, so a notebook whose "
+        "laptop slept through a long cell comes back to its output."
+    ).tag(config=True)
+    busy_disconnected_timeout = Float(
+        86400.0, help="Seconds a session whose cell is still running may have no client "
+        "connected before it is stopped anyway (a notebook that died beside an endless "
+        "loop; 0: never). Budgets and max_cost stop it sooner."
     ).tag(config=True)
     daily_limit = Float(0.0, help="Dollars per user per day (0: no limit).").tag(config=True)
     user_limits = Dict(Float(), help="Per-user daily limits, {user: dollars}.").tag(config=True)
@@ -198,6 +205,7 @@ class PoolApp(Application):
                     user_limits=dict(self.user_limits), meter_interval=self.meter_interval,
                     cull_interval=self.cull_interval, log=self.log,
                     disconnected_timeout=self.disconnected_timeout,
+                    busy_disconnected_timeout=self.busy_disconnected_timeout,
                     heartbeat_interval=self.heartbeat_interval,
                     heartbeat_misses=self.heartbeat_misses,
                     shared=backend.shared or len(users) > 1,

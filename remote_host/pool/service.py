@@ -60,7 +60,10 @@ class Pool:
         meter_interval: how often costs and budgets are checked, seconds.
         cull_interval: how often kernels are probed for idleness, seconds.
         disconnected_timeout: seconds a running session may have no client connected
-            before it is stopped (its notebook went away without releasing it; 0: never).
+            before it is stopped (its notebook went away without releasing it; 0: never),
+            counted from its last activity: a cell still running keeps it...
+        busy_disconnected_timeout: ...for up to this many seconds without a client
+            (0: for as long as the cell runs).
         warm: pre-started kernels to keep per hardware type, ``{"cpu": 1}``.
         heartbeat_interval: how often every host is asked whether it is there, seconds.
         heartbeat_misses: missed beats in a row after which a host's sessions are lost.
@@ -75,6 +78,7 @@ class Pool:
                  idle_timeout: float = 900.0, daily_limit: float = 0.0,
                  user_limits: dict[str, float] | None = None, meter_interval: float = 1.0,
                  cull_interval: float = 30.0, disconnected_timeout: float = 0.0,
+                 busy_disconnected_timeout: float = 0.0,
                  warm: dict[str, int] | None = None, log: logging.Logger | None = None,
                  heartbeat_interval: float = 2.0, heartbeat_misses: int = 2,
                  shared: bool = False, allow_unisolated: bool = False,
@@ -88,6 +92,7 @@ class Pool:
         self.meter_interval = meter_interval
         self.cull_interval = cull_interval
         self.disconnected_timeout = disconnected_timeout
+        self.busy_disconnected_timeout = busy_disconnected_timeout
         self.heartbeat_interval = heartbeat_interval
         self.shared = shared
         self.allow_unisolated = allow_unisolated
@@ -97,6 +102,7 @@ class Pool:
         # that notices it would blame its sessions' kernels instead of the lost machine.
         self._watching = asyncio.Lock()
         self._disconnected_since: dict[str, float] = {}
+        self._kept_busy: set[str] = set()  # sessions kept while away, for their running cell
         self._idle_since: dict[str, float] = {}
         self.log = log or logging.getLogger("cloudgpu.pool")
         self.scheduler = Scheduler(catalog)
@@ -440,6 +446,7 @@ class Pool:
         self._progress.pop(rec.id, None)
         self._idle_since.pop(rec.id, None)
         self._disconnected_since.pop(rec.id, None)
+        self._kept_busy.discard(rec.id)
 
     async def stop(self, session_id: str, reason: str, state: str = "stopped") -> SessionRecord:
         """End a session whatever its state: dequeue it, or stop its kernel and free its GPUs."""
@@ -654,9 +661,9 @@ class Pool:
             model = await self._judge(rec)
             if model is None:
                 continue
-            if self._abandoned(rec, model, now):
-                await self.stop(rec.id, f"no notebook was connected to it for "
-                                        f"{duration(self.disconnected_timeout)}")
+            abandoned = self._abandoned(rec, model, now)
+            if abandoned:
+                await self.stop(rec.id, abandoned)
                 continue
             busy = model.get("execution_state") == "busy"
             last = _parse_time(model.get("last_activity")) or rec.started or now
@@ -724,12 +731,38 @@ class Pool:
             self._unstopped[placement.kernel_id] = placement
         self.warm.refill()
 
-    def _abandoned(self, rec: SessionRecord, model: dict[str, Any], now: float) -> bool:
+    def _abandoned(self, rec: SessionRecord, model: dict[str, Any], now: float) -> str | None:
+        """Why ``rec`` is stopped as abandoned, if it is: no client was connected to it for
+        ``disconnected_timeout`` seconds since its kernel was last active.
+
+        A cell still running keeps it, up to ``busy_disconnected_timeout``: a notebook
+        whose laptop slept through a long training comes back to the cell's end and its
+        output (the host replays what it missed), not to a stopped session.
+        """
         if not self.disconnected_timeout or model.get("connections", 1) > 0:
             self._disconnected_since.pop(rec.id, None)
-            return False
+            self._kept_busy.discard(rec.id)
+            return None
         since = self._disconnected_since.setdefault(rec.id, now)
-        return now - since >= self.disconnected_timeout
+        away = now - since
+        if model.get("execution_state") == "busy":
+            if self.busy_disconnected_timeout and away >= self.busy_disconnected_timeout:
+                return (f"no notebook was connected to it for {duration(away)} while a cell "
+                        f"ran (busy_disconnected_timeout "
+                        f"{duration(self.busy_disconnected_timeout)})")
+            if away >= self.disconnected_timeout and rec.id not in self._kept_busy:
+                self._kept_busy.add(rec.id)
+                self.log.info("Session %s has had no notebook connected for %s, but a cell "
+                              "is running: it stays until the cell ends", rec.id,
+                              duration(away))
+            return None
+        last = _parse_time(model.get("last_activity")) or since
+        if now - max(since, last) < self.disconnected_timeout:
+            return None
+        reason = f"no notebook was connected to it for {duration(self.disconnected_timeout)}"
+        if last > since:
+            reason += f" after its cell ended (away for {duration(away)} in all)"
+        return reason
 
     # -- views ---------------------------------------------------------------------------------
 

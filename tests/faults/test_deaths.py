@@ -30,14 +30,15 @@ c.PoolApp.cull_interval = 0.3
 c.PoolApp.meter_interval = 0.3
 c.PoolApp.heartbeat_interval = 0.5
 c.PoolApp.disconnected_timeout = {grace}
+c.PoolApp.busy_disconnected_timeout = {busy_limit}
 c.PoolApp.warm_kernels = {{}}
 """
 
 
 def pool_over(tmp: Path, hosts: list[HostProcess], name: str = "pool", grace: float = 0,
-              db: Path | None = None) -> PoolProcess:
+              db: Path | None = None, busy_limit: float = 0) -> PoolProcess:
     config = tmp / f"{name}_config.py"
-    config.write_text(POOL_CONFIG.format(grace=grace))
+    config.write_text(POOL_CONFIG.format(grace=grace, busy_limit=busy_limit))
     return PoolProcess(tmp, hosts, config, name=name, db=db).start()
 
 
@@ -199,6 +200,91 @@ _loop.run_sync(session.ready())
 print(session.grant.session_id, flush=True)
 os._exit(0)  # gone: no release, no goodbye
 """
+
+
+CLIENT_THAT_VANISHES_MID_CELL = """\
+import asyncio, os, sys
+from pathlib import Path
+from cloudgpu import _loop
+from cloudgpu.client import Client
+from cloudgpu.hardware import parse_spec
+from cloudgpu.pool_client import PoolProvider
+
+pool_url, token, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+CELL = f'''
+import pathlib, time
+work = pathlib.Path({str(work)!r})
+(work / "started").write_text("1")
+while not (work / "release").exists():
+    time.sleep(0.05)
+(work / "done").write_text("1")
+'''
+
+async def main() -> None:
+    client = Client(PoolProvider(pool_url, token))
+    session = await client.session(parse_spec("H100"))
+    await session.ready()
+    print(session.grant.session_id, flush=True)
+    asyncio.ensure_future(session.run_cell(CELL, {}, [], lambda kind, content: None))
+    while not (work / "started").exists():
+        await asyncio.sleep(0.05)
+    os._exit(0)  # the laptop shut mid-cell: no release, no goodbye
+
+_loop.run_sync(main())
+"""
+
+
+def vanish_mid_cell(pool: PoolProcess, work: Path) -> str:
+    """A client that starts a cell on an H100 session and exits while it runs; the cell
+    ends when ``work / "release"`` appears."""
+    script = work / "vanish_mid_cell.py"
+    script.write_text(CLIENT_THAT_VANISHES_MID_CELL)
+    out = subprocess.run([sys.executable, str(script), pool.url, pool.token, str(work)],
+                         capture_output=True, text=True, timeout=90, check=True)
+    return out.stdout.split()[0]
+
+
+def test_a_running_cell_keeps_its_session_while_its_notebook_is_away(
+        host_factory: HostFactory, tmp_path: Path) -> None:
+    """A laptop asleep through a long cell: the cell runs to its end, and the session is
+    stopped only once it has been idle for the grace period with nobody back."""
+    sleeper = host_factory.start("H100:1", name="sleeper")
+    pool = pool_over(tmp_path, [sleeper], name="asleep", grace=1.5)
+    try:
+        sid = vanish_mid_cell(pool, tmp_path)
+        kept = f"Session {sid} has had no notebook connected"
+        wait_until(lambda: kept in pool.log.read_text(errors="replace")
+                   or sessions(pool)[sid]["state"] != "running", within=30,
+                   what="the pool keeping the away session for its running cell")
+        view = sessions(pool)[sid]
+        assert view["state"] == "running", view
+        (tmp_path / "release").write_text("1")
+        wait_until(lambda: sessions(pool)[sid]["state"] != "running", within=30,
+                   what="the pool stopping the session once its cell ended")
+        assert (tmp_path / "done").exists(), "the cell was cut short"
+        view = sessions(pool)[sid]
+        assert "no notebook was connected to it for 2 s after its cell ended" in \
+            view["stop_reason"], view
+    finally:
+        pool.stop()
+
+
+def test_a_cell_running_without_its_notebook_is_stopped_after_the_busy_limit(
+        host_factory: HostFactory, tmp_path: Path) -> None:
+    """An endless cell whose notebook died does not hold its GPU for ever."""
+    endless = host_factory.start("H100:1", name="endless")
+    pool = pool_over(tmp_path, [endless], name="endless", grace=0.5, busy_limit=2)
+    try:
+        sid = vanish_mid_cell(pool, tmp_path)
+        wait_until(lambda: sessions(pool)[sid]["state"] != "running", within=30,
+                   what="the pool stopping the endless away session")
+        view = sessions(pool)[sid]
+        assert "while a cell ran (busy_disconnected_timeout 2 s)" in view["stop_reason"], view
+        assert not (tmp_path / "done").exists()
+        wait_until(lambda: all(g["kernel_id"] is None for g in endless.gpus()), within=20,
+                   what="the host freeing its GPU")
+    finally:
+        pool.stop()
 
 
 def test_a_session_whose_client_never_returns_is_stopped_after_the_grace_period(
