@@ -11,7 +11,11 @@ counted, not numbered: TCP keeps each connection's frames in order, so counts ar
 The link gives up, and says why, when the host says the kernel is gone (it was stopped,
 or it died), refuses our token (the pool ended the session), when the provider says the
 session ended (its machine was lost), or when no connection could be made for
-``reconnect_timeout`` seconds.
+``reconnect_timeout`` seconds. A kernel that was running something when the connection
+dropped (a long training, as a network stays away) is the exception, where a provider
+watches the session: the cell goes on there without us, so the link keeps trying until
+the provider says the session ended (it stops one whose cell ran on alone for too long);
+``%%remote`` stops waiting when interrupted twice.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ class KernelLink:
         on_gone: called once with the error that says why the link gave up.
         check: asks the provider whether the session ended and why (None: it did not);
             asked while reconnecting, so that a lost machine is not waited for.
-        reconnect_timeout: seconds to keep trying to reconnect.
+        reconnect_timeout: seconds to keep trying to reconnect (with ``check``, for as
+            long as the provider keeps the session while the kernel runs something).
     """
 
     def __init__(self, host: HostClient, kernel_id: str, session: str, *,
@@ -99,6 +104,8 @@ class KernelLink:
         self._gone = False
         self._closing = False
         self._death: dict[str, Any] | None = None
+        self._kernel_busy = False  # as its last status said
+        self._sent_at_idle = 0  # what we had sent when the kernel last said it was idle
         self._notice: asyncio.Future[dict[str, Any]] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
 
@@ -160,6 +167,11 @@ class KernelLink:
             self._on_host_notice(msg["content"])
             return
         self.received += 1  # a malformed one too: the host counted it as sent
+        if channel == "iopub" and msg.get("msg_type") == "status":
+            state = (msg.get("content") or {}).get("execution_state")
+            self._kernel_busy = state == "busy"
+            if state == "idle":
+                self._sent_at_idle = self.sent
         if channel:
             self._on_message(channel, msg)
 
@@ -209,7 +221,7 @@ class KernelLink:
     async def _reconnect(self) -> None:
         started = time.monotonic()
         self._on_notice("the connection to the host dropped; reconnecting ...")
-        delay = FIRST_DELAY
+        delay, waited_on = FIRST_DELAY, False
         while not self._gone and not self._closing:
             try:
                 async with self._write:  # nothing new goes out before the host says what it has
@@ -237,11 +249,19 @@ class KernelLink:
                     return
                 waited = time.monotonic() - started
                 if waited > self.reconnect_timeout:
-                    self._give_up(HostConnectionError(
-                        f"The connection to the host of kernel {self.kernel_id} dropped and "
-                        f"could not be made again within {self.reconnect_timeout:.0f} s "
-                        f"(last: {e})."))
-                    return
+                    if not self._runs_on_without_us():
+                        self._give_up(HostConnectionError(
+                            f"The connection to the host of kernel {self.kernel_id} dropped "
+                            f"and could not be made again within "
+                            f"{self.reconnect_timeout:.0f} s (last: {e})."))
+                        return
+                    if not waited_on:
+                        waited_on = True
+                        self._on_notice(
+                            f"still reconnecting after {waited:.0f} s; the remote kernel was "
+                            f"running when the connection dropped and goes on without us, so "
+                            f"cloudgpu keeps trying for as long as the pool keeps the "
+                            f"session")
                 await asyncio.sleep(random.uniform(delay / 2, delay))  # jitter
                 delay = min(delay * 2, MAX_DELAY)
                 continue
@@ -252,6 +272,13 @@ class KernelLink:
                 + (f"{lost} message{'s' if lost != 1 else ''} from the kernel were lost (the "
                    f"outage outlasted the host's replay buffer)" if lost else "nothing was lost"))
             return
+
+    def _runs_on_without_us(self) -> bool:
+        """Whether the kernel was running something (or had a request of ours on its way)
+        when the connection dropped, and a provider watches the session: it ends one that
+        runs on without a client for too long, and the link hears of that from it."""
+        return self._check is not None and (self._kernel_busy
+                                            or self.sent > self._sent_at_idle)
 
     async def _resend(self, conn: KernelConnection, host_received: int) -> None:
         """Send again what the host did not get, in order.

@@ -40,7 +40,8 @@ class ClientConfig(Configurable):
     token = Unicode("", help="Your token for that pool (env CLOUDGPU_TOKEN).").tag(config=True)
     reconnect_timeout = Float(
         120.0, help="Seconds to keep reconnecting to a host after the connection dropped, "
-        "before the running cell fails (the host replays what was missed)."
+        "before the running cell fails (the host replays what was missed). While the remote "
+        "kernel runs a cell, a pool's session is waited for as long as the pool keeps it."
     ).tag(config=True)
     verify_unchanged = Bool(
         False, help="Fingerprint every big input on both sides before each cell. By default "

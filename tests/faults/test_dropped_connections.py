@@ -11,19 +11,22 @@ is triggered by an event the test sees (an output line, transfer progress), neve
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from servers import HostFactory, HostProcess
+from servers import HostFactory, HostProcess, PoolProcess
 from tcp_proxy import TcpProxy, port_of
 
 from cloudgpu._http import async_client
+from cloudgpu.hardware import parse_spec
 from cloudgpu.host_client import HostClient
+from cloudgpu.pool_client import PoolProvider
 from cloudgpu.provider import Grant
 from cloudgpu.serialize import dumps, loads
 from cloudgpu.session import CellResult, RemoteSession
@@ -207,6 +210,69 @@ def test_the_cell_fails_clearly_when_the_host_stays_unreachable(
     text = asyncio.run(go())
     assert text.startswith("HostConnectionError"), text
     assert "could not be made again within 1 s" in text, text
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory, host: HostProcess) -> Iterator[PoolProcess]:
+    """A pool that reaches the module's host directly: cutting the proxy cuts a client off
+    its kernel, while the pool still hears the host and can say the session runs."""
+    tmp = tmp_path_factory.mktemp("direct-pool")
+    config = tmp / "pool_config.py"
+    config.write_text("c.PoolApp.heartbeat_interval = 0.5\nc.PoolApp.warm_kernels = {}\n")
+    started = PoolProcess(tmp, [host], config).start()
+    yield started
+    started.stop()
+
+
+def test_a_running_cell_is_waited_for_past_the_reconnect_timeout_while_the_pool_keeps_it(
+        proxy: TcpProxy, pool: PoolProcess, tmp_path: Path) -> None:
+    """A network away for longer than ``reconnect_timeout`` in the middle of a long cell:
+    the cell goes on over there, the notebook keeps trying (saying so) for as long as the
+    pool keeps the session, and gets all of the cell once it is back."""
+    back, over = tmp_path / "back", threading.Event()
+
+    def on_line(line: str) -> None:
+        if line == "go":
+            def outage() -> None:
+                proxy.block()
+                while not over.is_set() and \
+                        not any("still reconnecting" in n for n in cell.notices):
+                    over.wait(0.02)
+                back.touch()  # the cell ends during the outage
+                proxy.unblock()
+            in_thread(outage)
+
+    code = (f"import os, time\nprint('go', flush=True)\n"
+            f"while not os.path.exists({str(back)!r}): time.sleep(0.01)\n"
+            f"print('after', flush=True)\nanswer = 42")
+    cell = Cell(on_line)
+
+    async def go() -> CellResult:
+        provider = PoolProvider(pool.url, pool.token)
+        grant = await provider.acquire(parse_spec("cpu"))
+
+        async def check() -> str | None:
+            return await provider.ended_reason(grant)
+
+        through = dataclasses.replace(grant, host_url=proxy.url)
+        session = await RemoteSession.open(through, check=check, reconnect_timeout=1.0)
+        try:
+            return await session.run_cell(code, {}, ["answer"], cell.sink)
+        finally:
+            over.set()  # the outage ends, whatever became of the cell
+            proxy.unblock()
+            await session.close()
+            await provider.release(grant)
+            await provider.aclose()
+
+    result = asyncio.run(go())
+    assert result.status == "ok", result.error
+    assert cell.lines == ["go", "after"], cell.lines
+    assert loads(result.pulled["answer"].codec, result.pulled["answer"].frames) == 42
+    waiting = [n for n in cell.notices if "still reconnecting" in n]
+    assert len(waiting) == 1 and "keeps trying for as long as the pool keeps" in waiting[0], \
+        cell.notices
+    assert any("nothing was lost" in n for n in cell.notices), cell.notices
 
 
 def test_a_connection_the_host_was_too_busy_to_accept_is_tried_again(host: HostProcess) -> None:
