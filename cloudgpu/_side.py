@@ -186,11 +186,14 @@ def _connect(url: str, token: str, kernel_id: str, channel: str,
     parts = urllib.parse.urlsplit(url)
     secure = parts.scheme == "https"
     address = (parts.hostname or "127.0.0.1", parts.port or (443 if secure else 80))
+    opened: list[socket.socket] = []  # closed again when the upgrade fails on the way
     try:
         sock: socket.socket = socket.create_connection(address, timeout=CONNECT_TIMEOUT)
+        opened.append(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if secure:
             sock = tls().wrap_socket(sock, server_hostname=address[0])
+            opened.append(sock)
         path = f"{parts.path.rstrip('/')}/api/kernels/{kernel_id}/side?channel={channel}"
         sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
                       f"Authorization: token {token}\r\nConnection: Upgrade\r\n"
@@ -202,6 +205,8 @@ def _connect(url: str, token: str, kernel_id: str, channel: str,
                 raise OSError("the host closed the connection before answering")
             head += got
     except OSError as e:
+        for opened_sock in opened:
+            opened_sock.close()
         raise SideError(f"cannot open the side channel to {url}: {type(e).__name__}: {e}") \
             from e
     lines = head.decode("latin-1").split("\r\n")

@@ -9,9 +9,11 @@ values take the websocket as before. Dropped side connections: tests/faults.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import secrets
 import socket
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -428,3 +430,32 @@ def test_a_pull_too_big_for_this_process_fails_clearly_and_loses_nothing(
             await close(session, admin)
 
     run(go)
+
+
+def test_a_side_connection_cut_before_the_host_answers_is_closed_not_leaked() -> None:
+    """A network that takes the connection and drops it (a proxy in an outage) fails the
+    open with the reason, and the socket it made is closed there, not left to the GC."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    def cut() -> None:
+        conn, _ = listener.accept()
+        conn.close()
+
+    async def go() -> str:
+        cutting = asyncio.ensure_future(asyncio.to_thread(cut))
+        with pytest.raises(SideError) as info:
+            await SideChannel.open(url, "token", "kernel", tls_context)
+        await cutting
+        return str(info.value)
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            said = asyncio.run(go())
+            gc.collect()
+    finally:
+        listener.close()
+    assert said.startswith(f"cannot open the side channel to {url}: "), said
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == [], \
+        [str(w.message) for w in caught]
