@@ -276,8 +276,9 @@ class SessionCore:
             HostConnectionError: the connection was lost for good.
 
         A keyed session the provider had stopped before the cell reached its kernel (the
-        client had not heard yet) is replaced, and the cell runs on the new one, as it
-        would have a moment later; one the cell reached fails it with the reason. So does
+        client had not heard yet, or heard only once the connection that the cell waited
+        for came back) is replaced, and the cell runs on the new one, as it would have a
+        moment later; one the cell reached fails it with the reason. So does
         one whose kernel died, or whose host was lost, before a word of the cell came back:
         the cell may have run there, and must not run twice.
         """
@@ -510,12 +511,15 @@ async def _drop(task: asyncio.Future[Any]) -> None:
 
 
 def _stopped_unreached(error: CloudGPUError, session: RemoteSession) -> bool:
-    """Whether the cell failed because the host shut its kernel down (not because it died,
-    or because the host could not be reached) before anything of the cell came back.
+    """Whether the cell cannot have run: nothing of it left this process (the connection
+    was down all along), or the host shut its kernel down (not: it died, or could not be
+    reached) before anything of the cell came back.
 
     The host drops what reaches a kernel it is shutting down, so such a cell never ran. A
     kernel that dies by itself can take the cell's first messages with it.
     """
+    if not session.last_cell_left:
+        return True
     return isinstance(error, RemoteKernelDiedError) and error.shut_down and \
         not session.last_cell_reached
 

@@ -95,6 +95,9 @@ class KernelLink:
         self.received = 0
         #: Frames sent (or queued to send), over all connections.
         self.sent = 0
+        #: The last of those written to a connection (the host may have it); the ones
+        #: after it are queued, and cannot have reached the kernel.
+        self.written = 0
         #: How many times the link reconnected.
         self.reconnects = 0
         self._log: collections.deque[tuple[int, bytes]] = collections.deque()
@@ -149,6 +152,7 @@ class KernelLink:
             self.sent += 1
             self._keep(self.sent, frame)
             if self._connected and self.conn is not None:
+                self.written = self.sent
                 try:
                     await self.conn.send_frame(frame)
                 except HostConnectionError:
@@ -295,7 +299,8 @@ class KernelLink:
                 f"{self.sent - host_received} message(s) to it were on their way, and some "
                 f"are too old to send again; the running cell may have lost inputs. Run it "
                 f"again.")
-        for _, frame in missing:
+        for number, frame in missing:
+            self.written = max(self.written, number)
             await conn.send_frame(frame)
 
     async def _ask(self) -> str | None:

@@ -139,6 +139,10 @@ class RemoteSession:
         #: False when the cell failed before any of it came back (its code did not start,
         #: unless the kernel ended as it did and its first messages were lost with it).
         self.last_cell_reached = False
+        #: Whether any message of the last cell was written to a connection to its host;
+        #: False when all of it waited for a connection that never came back (so it did
+        #: not run there, whatever became of the kernel).
+        self.last_cell_left = False
 
     @classmethod
     async def open(cls, grant: Grant, *, wait: bool = True, forward: Forward | None = None,
@@ -240,10 +244,12 @@ class RemoteSession:
     async def _run_once(self, code: str, push: dict[str, Serialized], pull: list[str],
                         sink: Sink) -> CellResult:
         kernel = self.kernel
+        self.last_cell_left = False
         if not kernel.alive:
             raise kernel.lost.result() if kernel.lost.done() else RemoteKernelDiedError(
                 f"The remote kernel {self.kernel_id} is gone (the connection was closed).")
         started = time.perf_counter()
+        first_frame = kernel.link.sent + 1
         # Inputs that are all kept need no push: the execute request names them.
         kept = bool(push) and all(v.codec == "keep" for v in push.values()) and \
             kernel.greeted("keep_on_execute")
@@ -298,6 +304,7 @@ class RemoteSession:
             reply, _, pushed, pulled, *_ = await asyncio.gather(*waits)
         finally:
             self.last_cell_reached = run.reached
+            self.last_cell_left = kernel.link.written >= first_frame
             quiet()
             kernel.unroute(exec_id)
             kernel.forget(run.pushed, run.pulled)

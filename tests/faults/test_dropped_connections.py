@@ -23,8 +23,10 @@ import pytest
 from servers import HostFactory, HostProcess, PoolProcess
 from tcp_proxy import TcpProxy, port_of
 
+from cloudgpu._core import SessionCore
 from cloudgpu._http import async_client
-from cloudgpu.hardware import parse_spec
+from cloudgpu.client import Client
+from cloudgpu.hardware import HardwareSpec, parse_spec
 from cloudgpu.host_client import HostClient
 from cloudgpu.pool_client import PoolProvider
 from cloudgpu.provider import Grant
@@ -273,6 +275,63 @@ def test_a_running_cell_is_waited_for_past_the_reconnect_timeout_while_the_pool_
     assert len(waiting) == 1 and "keeps trying for as long as the pool keeps" in waiting[0], \
         cell.notices
     assert any("nothing was lost" in n for n in cell.notices), cell.notices
+
+
+class ThroughProxy(PoolProvider):
+    """The pool's grants, with their host reached through the test's proxy."""
+
+    def __init__(self, pool: PoolProcess, proxy: TcpProxy) -> None:
+        super().__init__(pool.url, pool.token)
+        self.proxy_url = proxy.url
+
+    async def acquire(self, spec: HardwareSpec, **kw: Any) -> Grant:
+        grant = await super().acquire(spec, **kw)
+        return dataclasses.replace(grant, host_url=self.proxy_url)
+
+
+def test_a_cell_queued_through_an_outage_for_a_session_stopped_meanwhile_runs_on_a_new_one(
+        proxy: TcpProxy, pool: PoolProcess) -> None:
+    """A cell sent while the connection is down waits in the client; the pool stops the
+    session meanwhile. Nothing of the cell left the notebook, so it runs on a new session
+    (as ``%%remote`` cells do, keyed by hardware), saying why the old one ended."""
+    said: list[tuple[str, Any]] = []
+
+    def emit(kind: str, payload: Any) -> None:
+        said.append((kind, payload))
+
+    async def go() -> tuple[CellResult, str | None, str | None]:
+        client = Client(ThroughProxy(pool, proxy))
+        core = SessionCore(client, parse_spec("cpu"), key="cpu")
+        try:
+            await core.open(emit)
+            await core.run_cell(emit, "x = 1", {}, [])
+            old = core.remote
+            await asyncio.to_thread(proxy.block)
+            try:
+                queued = old.kernel.link.sent
+                cell = asyncio.ensure_future(core.run_cell(emit, "print(41 + 1)", {}, []))
+                while old.kernel.link.sent == queued:  # the execute request waits in the link
+                    await asyncio.wait([cell], timeout=0.01)
+                    assert not cell.done(), cell.exception()
+                stop = await asyncio.to_thread(pool.request, "DELETE",
+                                               f"/api/sessions/{old.grant.session_id}")
+                assert stop.status_code == 200, stop.text
+            finally:
+                await asyncio.to_thread(proxy.unblock)
+            result = await cell
+            return result, old.grant.session_id, core.remote.grant.session_id
+        finally:
+            await client.shutdown()
+            await client.aclose()
+
+    result, old, new = asyncio.run(go())
+    assert result.status == "ok", result.error
+    assert new != old
+    printed = "".join(p["content"]["text"] for kind, p in said
+                      if kind == "output" and p.get("msg_type") == "stream")
+    assert printed == "42\n", said
+    status = [p[1] for kind, p in said if kind == "status"]
+    assert any("previous one was stopped: stopped by its owner" in s for s in status), status
 
 
 def test_a_connection_the_host_was_too_busy_to_accept_is_tried_again(host: HostProcess) -> None:
