@@ -14,8 +14,8 @@ session ended (its machine was lost), or when no connection could be made for
 ``reconnect_timeout`` seconds. A kernel that was running something when the connection
 dropped (a long training, as a network stays away) is the exception, where a provider
 watches the session: the cell goes on there without us, so the link keeps trying until
-the provider says the session ended (it stops one whose cell ran on alone for too long);
-``%%remote`` stops waiting when interrupted twice.
+the provider says the session ended (it stops one whose cell ran on alone for too long),
+or the user interrupts (:meth:`KernelLink.stop_waiting`).
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ class KernelLink:
         self._closing = False
         self._death: dict[str, Any] | None = None
         self._kernel_busy = False  # as its last status said
+        self._waiting_since: float | None = None  # reconnecting past the timeout, since
         self._sent_at_idle = 0  # what we had sent when the kernel last said it was idle
         self._notice: asyncio.Future[dict[str, Any]] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
@@ -225,7 +226,7 @@ class KernelLink:
     async def _reconnect(self) -> None:
         started = time.monotonic()
         self._on_notice("the connection to the host dropped; reconnecting ...")
-        delay, waited_on = FIRST_DELAY, False
+        delay = FIRST_DELAY
         while not self._gone and not self._closing:
             try:
                 async with self._write:  # nothing new goes out before the host says what it has
@@ -259,23 +260,43 @@ class KernelLink:
                             f"and could not be made again within "
                             f"{self.reconnect_timeout:.0f} s (last: {e})."))
                         return
-                    if not waited_on:
-                        waited_on = True
+                    if self._waiting_since is None:
+                        self._waiting_since = started
                         self._on_notice(
                             f"still reconnecting after {waited:.0f} s; the remote kernel was "
                             f"running when the connection dropped and goes on without us, so "
                             f"cloudgpu keeps trying for as long as the pool keeps the "
-                            f"session")
+                            f"session (interrupt to stop waiting)")
                 await asyncio.sleep(random.uniform(delay / 2, delay))  # jitter
                 delay = min(delay * 2, MAX_DELAY)
                 continue
             self.reconnects += 1
+            self._waiting_since = None
             lost = int(replay.get("lost", 0))
             self._on_notice(
                 f"reconnected after {time.monotonic() - started:.1f} s; "
                 + (f"{lost} message{'s' if lost != 1 else ''} from the kernel were lost (the "
                    f"outage outlasted the host's replay buffer)" if lost else "nothing was lost"))
             return
+
+    async def stop_waiting(self) -> bool:
+        """Give up a reconnection that goes on past ``reconnect_timeout`` for a running cell
+        (the user interrupted, and the host cannot be reached to interrupt it); whether
+        there was one. The cell fails saying so; the remote kernel may still run it."""
+        if self._waiting_since is None or self._gone or self._closing:
+            return False
+        self._give_up(HostConnectionError(
+            f"The connection to the host of kernel {self.kernel_id} dropped "
+            f"{time.monotonic() - self._waiting_since:.0f} s ago and could not be made "
+            f"again, and you stopped waiting for it. The cell may still be running there, "
+            f"without us."))
+        task = self._reconnecting
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        if self.conn is not None:
+            await self.conn.close()  # one opened as the attempt was cancelled
+        return True
 
     def _runs_on_without_us(self) -> bool:
         """Whether the kernel was running something (or had a request of ours on its way)

@@ -318,8 +318,14 @@ class RemoteKernel:
         return dict(reply["content"])
 
     async def interrupt(self) -> None:
-        """Interrupt whatever the kernel runs, through the host."""
-        await self.host.interrupt(self.kernel_id)
+        """Interrupt whatever the kernel runs, through the host. A host that cannot be
+        reached while the link waits on for a running cell past its reconnect timeout
+        ends that wait instead (see ``KernelLink.stop_waiting``)."""
+        try:
+            await self.host.interrupt(self.kernel_id)
+        except HostConnectionError:
+            if not await self.link.stop_waiting():
+                raise
 
     # --- the agent -------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from tcp_proxy import TcpProxy, port_of
 from cloudgpu._core import SessionCore
 from cloudgpu._http import async_client
 from cloudgpu.client import Client
+from cloudgpu.errors import HostConnectionError
 from cloudgpu.hardware import HardwareSpec, parse_spec
 from cloudgpu.host_client import HostClient
 from cloudgpu.pool_client import PoolProvider
@@ -332,6 +333,52 @@ def test_a_cell_queued_through_an_outage_for_a_session_stopped_meanwhile_runs_on
     assert printed == "42\n", said
     status = [p[1] for kind, p in said if kind == "status"]
     assert any("previous one was stopped: stopped by its owner" in s for s in status), status
+
+
+def test_interrupting_a_cell_waited_for_past_the_reconnect_timeout_stops_the_wait(
+        proxy: TcpProxy, pool: PoolProcess, tmp_path: Path) -> None:
+    """Past ``reconnect_timeout``, a cell the notebook waits on for (its kernel runs it
+    without us) is given up when the user interrupts, since the host cannot be reached to
+    interrupt it: the cell fails at once, saying so, instead of waiting for ever."""
+    said: list[tuple[str, Any]] = []
+    notices: list[str] = []
+
+    def emit(kind: str, payload: Any) -> None:
+        said.append((kind, payload))
+        if kind == "notice":
+            notices.append(payload["text"])
+
+    async def go() -> str:
+        client = Client(ThroughProxy(pool, proxy), reconnect_timeout=1.0)
+        core = SessionCore(client, parse_spec("cpu"), key="cpu")
+        try:
+            await core.open(emit)
+            cell = asyncio.ensure_future(core.run_cell(
+                emit, "print('go', flush=True)\nimport time\ntime.sleep(60)", {}, []))
+            while not any(kind == "output" and p.get("msg_type") == "stream"
+                          for kind, p in said):
+                await asyncio.wait([cell], timeout=0.01)
+                assert not cell.done(), cell.exception()
+            await asyncio.to_thread(proxy.block)
+            try:
+                while not any("still reconnecting" in n for n in notices):
+                    await asyncio.wait([cell], timeout=0.02)
+                    assert not cell.done(), cell.exception()
+                await core.interrupt()
+                done, _ = await asyncio.wait([cell], timeout=30)
+                assert done, "the cell still waits after the interrupt"
+            finally:
+                await asyncio.to_thread(proxy.unblock)
+            with pytest.raises(HostConnectionError) as info:
+                cell.result()
+            return str(info.value)
+        finally:
+            await client.shutdown()
+            await client.aclose()
+
+    text = asyncio.run(go())
+    assert "could not be made again, and you stopped waiting for it" in text, text
+    assert "interrupt to stop waiting" in " ".join(notices), notices
 
 
 def test_a_connection_the_host_was_too_busy_to_accept_is_tried_again(host: HostProcess) -> None:
