@@ -13,10 +13,12 @@ def money(dollars: float) -> str:
 
 
 def duration(seconds: float) -> str:
-    """A rounded duration for messages: ``45 s``, ``15 min``."""
+    """A rounded duration for messages: ``45 s``, ``15 min``, ``24 h``."""
     if seconds < 120:
         return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.0f} h"
 
 
 def uptime(seconds: float) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cloudgpu._format import duration
 from cloudgpu.remote_host.pool.backend import Backend, load_backend
 from cloudgpu.remote_host.pool.backends import LocalBackend, StaticBackend
 from jupyter_client.blocking.client import BlockingKernelClient
@@ -926,3 +927,12 @@ def test_magic_shows_the_80_percent_budget_warning_under_the_next_cell(
     alice.wait_for(_session_id(kc, "H100"), lambda s: bool(s["warnings"]), within=30)
     line = ok(kc, "%%remote gpu=H100\npass").status_lines()[-1]
     assert "⚠ 80% of the session's max_cost of $20.00 used" in line, line
+
+
+@pytest.mark.parametrize(("seconds", "reads"), [
+    (1.5, "2 s"), (119, "119 s"), (120, "2 min"), (900, "15 min"), (7199, "120 min"),
+    (7200, "2 h"), (86400, "24 h"),
+])
+def test_durations_in_stop_reasons_read_in_a_unit_that_fits(seconds: float, reads: str) -> None:
+    """A day's busy_disconnected_timeout reads ``24 h``, not ``1440 min``."""
+    assert duration(seconds) == reads
