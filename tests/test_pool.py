@@ -31,13 +31,13 @@ from typing import Any
 
 import httpx
 import pytest
-from cloudgpu._format import duration
 from cloudgpu.remote_host.pool.backend import Backend, load_backend
 from cloudgpu.remote_host.pool.backends import LocalBackend, StaticBackend
 from jupyter_client.blocking.client import BlockingKernelClient
 from kernel_driver import CLIENT, Message, ok, run, start_kernel, stop_kernel, value
 from servers import HostFactory, HostProcess, PoolProcess, wait_until
 
+from cloudgpu._format import duration
 from cloudgpu.errors import AuthenticationError, CloudGPUError
 from cloudgpu.host_client import HostClient
 from cloudgpu.pool_client import PoolClient, describe_wait
