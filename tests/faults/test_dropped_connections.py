@@ -4,8 +4,11 @@ A real ``cloudgpu host`` (simulated GPUs), reached through a TCP proxy the test 
 (``tcp_proxy.py``): the proxy resets connections, as a network that goes away does, and
 refuses new ones during an outage. The client is cloudgpu's own session layer
 (``RemoteSession`` on ``RemoteKernel``), exactly what ``%%remote`` and the Cloud GPU kernel
-drive (their own tests through the proxy are in test_front_ends_reconnect.py). Every drop
-is triggered by an event the test sees (an output line, transfer progress), never by time.
+drive (their own tests through the proxy are in test_front_ends_reconnect.py). Where the
+pool's word matters (a session it keeps or stopped while the client was cut off), a real
+pool reaches the host directly and only the client goes through the proxy. Every drop is
+triggered by an event the test sees (an output line, transfer progress, a notice), never
+by time.
 """
 
 from __future__ import annotations
