@@ -661,12 +661,13 @@ class Pool:
             model = await self._judge(rec)
             if model is None:
                 continue
-            abandoned = self._abandoned(rec, model, now)
+            busy = model.get("execution_state") == "busy"
+            activity = _parse_time(model.get("last_activity"))
+            abandoned = self._abandoned(rec, model.get("connections", 1), busy, activity, now)
             if abandoned:
                 await self.stop(rec.id, abandoned)
                 continue
-            busy = model.get("execution_state") == "busy"
-            last = _parse_time(model.get("last_activity")) or rec.started or now
+            last = activity or rec.started or now
             if busy:
                 self._idle_since.pop(rec.id, None)
             else:
@@ -731,21 +732,23 @@ class Pool:
             self._unstopped[placement.kernel_id] = placement
         self.warm.refill()
 
-    def _abandoned(self, rec: SessionRecord, model: dict[str, Any], now: float) -> str | None:
+    def _abandoned(self, rec: SessionRecord, connections: int, busy: bool,
+                   activity: float | None, now: float) -> str | None:
         """Why ``rec`` is stopped as abandoned, if it is: no client was connected to it for
-        ``disconnected_timeout`` seconds since its kernel was last active.
+        ``disconnected_timeout`` seconds since its kernel was last active (``activity``,
+        as its host said, with ``connections`` and ``busy``).
 
         A cell still running keeps it, up to ``busy_disconnected_timeout``: a notebook
         whose laptop slept through a long training comes back to the cell's end and its
         output (the host replays what it missed), not to a stopped session.
         """
-        if not self.disconnected_timeout or model.get("connections", 1) > 0:
+        if not self.disconnected_timeout or connections > 0:
             self._disconnected_since.pop(rec.id, None)
             self._kept_busy.discard(rec.id)
             return None
         since = self._disconnected_since.setdefault(rec.id, now)
         away = now - since
-        if model.get("execution_state") == "busy":
+        if busy:
             if self.busy_disconnected_timeout and away >= self.busy_disconnected_timeout:
                 return (f"no notebook was connected to it for {duration(away)} while a cell "
                         f"ran (busy_disconnected_timeout "
@@ -756,7 +759,7 @@ class Pool:
                               "is running: it stays until the cell ends", rec.id,
                               duration(away))
             return None
-        last = _parse_time(model.get("last_activity")) or since
+        last = activity or since
         if now - max(since, last) < self.disconnected_timeout:
             return None
         reason = f"no notebook was connected to it for {duration(self.disconnected_timeout)}"

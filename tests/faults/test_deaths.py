@@ -188,21 +188,6 @@ def test_sessions_keep_running_while_the_pool_restarts_and_the_ledger_stays_exac
 
 
 CLIENT_THAT_VANISHES = """\
-import os, sys
-from cloudgpu import _loop
-from cloudgpu.client import Client
-from cloudgpu.hardware import parse_spec
-from cloudgpu.pool_client import PoolProvider
-
-client = Client(PoolProvider(sys.argv[1], sys.argv[2]))
-session = _loop.run_sync(client.session(parse_spec("H100")))
-_loop.run_sync(session.ready())
-print(session.grant.session_id, flush=True)
-os._exit(0)  # gone: no release, no goodbye
-"""
-
-
-CLIENT_THAT_VANISHES_MID_CELL = """\
 import asyncio, os, sys
 from pathlib import Path
 from cloudgpu import _loop
@@ -210,7 +195,8 @@ from cloudgpu.client import Client
 from cloudgpu.hardware import parse_spec
 from cloudgpu.pool_client import PoolProvider
 
-pool_url, token, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+pool_url, token = sys.argv[1], sys.argv[2]
+work = Path(sys.argv[3]) if len(sys.argv) > 3 else None
 CELL = f'''
 import pathlib, time
 work = pathlib.Path({str(work)!r})
@@ -225,21 +211,24 @@ async def main() -> None:
     session = await client.session(parse_spec("H100"))
     await session.ready()
     print(session.grant.session_id, flush=True)
-    asyncio.ensure_future(session.run_cell(CELL, {}, [], lambda kind, content: None))
-    while not (work / "started").exists():
-        await asyncio.sleep(0.05)
-    os._exit(0)  # the laptop shut mid-cell: no release, no goodbye
+    if work is not None:  # the laptop shuts mid-cell
+        asyncio.ensure_future(session.run_cell(CELL, {}, [], lambda kind, content: None))
+        while not (work / "started").exists():
+            await asyncio.sleep(0.05)
+    os._exit(0)  # gone: no release, no goodbye
 
 _loop.run_sync(main())
 """
 
 
-def vanish_mid_cell(pool: PoolProcess, work: Path) -> str:
-    """A client that starts a cell on an H100 session and exits while it runs; the cell
-    ends when ``work / "release"`` appears."""
-    script = work / "vanish_mid_cell.py"
-    script.write_text(CLIENT_THAT_VANISHES_MID_CELL)
-    out = subprocess.run([sys.executable, str(script), pool.url, pool.token, str(work)],
+def vanish(pool: PoolProcess, work: Path, mid_cell: bool = False) -> str:
+    """The session id of a client that opened an H100 session and exited without a word;
+    with ``mid_cell``, while a cell of its ran, which ends once ``work / "release"``
+    appears."""
+    script = work / "vanish.py"
+    script.write_text(CLIENT_THAT_VANISHES)
+    args = [str(work)] if mid_cell else []
+    out = subprocess.run([sys.executable, str(script), pool.url, pool.token, *args],
                          capture_output=True, text=True, timeout=90, check=True)
     return out.stdout.split()[0]
 
@@ -251,7 +240,7 @@ def test_a_running_cell_keeps_its_session_while_its_notebook_is_away(
     sleeper = host_factory.start("H100:1", name="sleeper")
     pool = pool_over(tmp_path, [sleeper], name="asleep", grace=1.5)
     try:
-        sid = vanish_mid_cell(pool, tmp_path)
+        sid = vanish(pool, tmp_path, mid_cell=True)
         kept = f"Session {sid} has had no notebook connected"
         wait_until(lambda: kept in pool.log.read_text(errors="replace")
                    or sessions(pool)[sid]["state"] != "running", within=30,
@@ -275,7 +264,7 @@ def test_a_cell_running_without_its_notebook_is_stopped_after_the_busy_limit(
     endless = host_factory.start("H100:1", name="endless")
     pool = pool_over(tmp_path, [endless], name="endless", grace=0.5, busy_limit=2)
     try:
-        sid = vanish_mid_cell(pool, tmp_path)
+        sid = vanish(pool, tmp_path, mid_cell=True)
         wait_until(lambda: sessions(pool)[sid]["state"] != "running", within=30,
                    what="the pool stopping the endless away session")
         view = sessions(pool)[sid]
@@ -292,11 +281,7 @@ def test_a_session_whose_client_never_returns_is_stopped_after_the_grace_period(
     lonely = host_factory.start("H100:1", name="lonely")
     pool = pool_over(tmp_path, [lonely], name="grace", grace=1.5)
     try:
-        script = tmp_path / "vanish.py"
-        script.write_text(CLIENT_THAT_VANISHES)
-        out = subprocess.run([sys.executable, str(script), pool.url, pool.token],
-                             capture_output=True, text=True, timeout=90, check=True)
-        sid = out.stdout.split()[0]
+        sid = vanish(pool, tmp_path)
         wait_until(lambda: sessions(pool)[sid]["state"] != "running", within=30,
                    what="the pool stopping the abandoned session")
         view = sessions(pool)[sid]
