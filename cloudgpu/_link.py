@@ -113,6 +113,12 @@ class KernelLink:
         self._notice: asyncio.Future[dict[str, Any]] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
 
+    @property
+    def connected(self) -> bool:
+        """Whether frames go out now; False while the link reconnects (what is sent then
+        waits for the connection) and once it gave up."""
+        return self._connected
+
     async def open(self) -> None:
         """Open the first websocket; a connection that breaks while opening is tried again
         (with backoff, for up to ``FIRST_CONNECT_TIMEOUT`` seconds).

@@ -14,9 +14,10 @@ by time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,38 @@ def pool(tmp_path_factory: pytest.TempPathFactory, host: HostProcess) -> Iterato
     started.stop()
 
 
+class ThroughProxy(PoolProvider):
+    """The pool's grants, with their host reached through the test's proxy."""
+
+    def __init__(self, pool: PoolProcess, proxy: TcpProxy) -> None:
+        super().__init__(pool.url, pool.token)
+        self.proxy_url = proxy.url
+
+    async def acquire(self, spec: HardwareSpec, **kw: Any) -> Grant:
+        grant = await super().acquire(spec, **kw)
+        return dataclasses.replace(grant, host_url=self.proxy_url)
+
+
+@contextlib.asynccontextmanager
+async def keyed_core(proxy: TcpProxy, pool: PoolProcess,
+                     **settings: Any) -> AsyncIterator[SessionCore]:
+    """A core on a cpu session kept under a key, as ``%%remote`` drives one, whose host is
+    reached through the proxy; ``settings`` are the client's."""
+    client = Client(ThroughProxy(pool, proxy), **settings)
+    try:
+        yield SessionCore(client, parse_spec("cpu"), key="cpu")
+    finally:
+        await client.shutdown()
+        await client.aclose()
+
+
+async def while_running(cell: asyncio.Future[Any], until: Callable[[], bool]) -> None:
+    """Until ``until()`` holds; the cell must still be running meanwhile."""
+    while not until():
+        await asyncio.wait([cell], timeout=0.01)
+        assert not cell.done(), cell.exception()
+
+
 def test_a_running_cell_is_waited_for_past_the_reconnect_timeout_while_the_pool_keeps_it(
         proxy: TcpProxy, pool: PoolProcess, tmp_path: Path) -> None:
     """A network away for longer than ``reconnect_timeout`` in the middle of a long cell:
@@ -254,14 +287,13 @@ def test_a_running_cell_is_waited_for_past_the_reconnect_timeout_while_the_pool_
     cell = Cell(on_line)
 
     async def go() -> CellResult:
-        provider = PoolProvider(pool.url, pool.token)
+        provider = ThroughProxy(pool, proxy)
         grant = await provider.acquire(parse_spec("cpu"))
 
         async def check() -> str | None:
             return await provider.ended_reason(grant)
 
-        through = dataclasses.replace(grant, host_url=proxy.url)
-        session = await RemoteSession.open(through, check=check, reconnect_timeout=1.0)
+        session = await RemoteSession.open(grant, check=check, reconnect_timeout=1.0)
         try:
             return await session.run_cell(code, {}, ["answer"], cell.sink)
         finally:
@@ -281,18 +313,6 @@ def test_a_running_cell_is_waited_for_past_the_reconnect_timeout_while_the_pool_
     assert any("nothing was lost" in n for n in cell.notices), cell.notices
 
 
-class ThroughProxy(PoolProvider):
-    """The pool's grants, with their host reached through the test's proxy."""
-
-    def __init__(self, pool: PoolProcess, proxy: TcpProxy) -> None:
-        super().__init__(pool.url, pool.token)
-        self.proxy_url = proxy.url
-
-    async def acquire(self, spec: HardwareSpec, **kw: Any) -> Grant:
-        grant = await super().acquire(spec, **kw)
-        return dataclasses.replace(grant, host_url=self.proxy_url)
-
-
 def test_a_cell_queued_through_an_outage_for_a_session_stopped_meanwhile_runs_on_a_new_one(
         proxy: TcpProxy, pool: PoolProcess) -> None:
     """A cell sent while the connection is down waits in the client; the pool stops the
@@ -304,19 +324,18 @@ def test_a_cell_queued_through_an_outage_for_a_session_stopped_meanwhile_runs_on
         said.append((kind, payload))
 
     async def go() -> tuple[CellResult, str | None, str | None]:
-        client = Client(ThroughProxy(pool, proxy))
-        core = SessionCore(client, parse_spec("cpu"), key="cpu")
-        try:
+        async with keyed_core(proxy, pool) as core:
             await core.open(emit)
             await core.run_cell(emit, "x = 1", {}, [])
             old = core.remote
             await asyncio.to_thread(proxy.block)
             try:
+                while old.kernel.link.connected:  # until the link has seen the drop
+                    await asyncio.sleep(0.01)
                 queued = old.kernel.link.sent
                 cell = asyncio.ensure_future(core.run_cell(emit, "print(41 + 1)", {}, []))
-                while old.kernel.link.sent == queued:  # the execute request waits in the link
-                    await asyncio.wait([cell], timeout=0.01)
-                    assert not cell.done(), cell.exception()
+                # the execute request waits in the link
+                await while_running(cell, lambda: old.kernel.link.sent > queued)
                 stop = await asyncio.to_thread(pool.request, "DELETE",
                                                f"/api/sessions/{old.grant.session_id}")
                 assert stop.status_code == 200, stop.text
@@ -324,9 +343,6 @@ def test_a_cell_queued_through_an_outage_for_a_session_stopped_meanwhile_runs_on
                 await asyncio.to_thread(proxy.unblock)
             result = await cell
             return result, old.grant.session_id, core.remote.grant.session_id
-        finally:
-            await client.shutdown()
-            await client.aclose()
 
     result, old, new = asyncio.run(go())
     assert result.status == "ok", result.error
@@ -352,21 +368,16 @@ def test_interrupting_a_cell_waited_for_past_the_reconnect_timeout_stops_the_wai
             notices.append(payload["text"])
 
     async def go() -> str:
-        client = Client(ThroughProxy(pool, proxy), reconnect_timeout=1.0)
-        core = SessionCore(client, parse_spec("cpu"), key="cpu")
-        try:
+        async with keyed_core(proxy, pool, reconnect_timeout=1.0) as core:
             await core.open(emit)
             cell = asyncio.ensure_future(core.run_cell(
                 emit, "print('go', flush=True)\nimport time\ntime.sleep(60)", {}, []))
-            while not any(kind == "output" and p.get("msg_type") == "stream"
-                          for kind, p in said):
-                await asyncio.wait([cell], timeout=0.01)
-                assert not cell.done(), cell.exception()
+            await while_running(cell, lambda: any(
+                kind == "output" and p.get("msg_type") == "stream" for kind, p in said))
             await asyncio.to_thread(proxy.block)
             try:
-                while not any("still reconnecting" in n for n in notices):
-                    await asyncio.wait([cell], timeout=0.02)
-                    assert not cell.done(), cell.exception()
+                await while_running(cell, lambda: any("still reconnecting" in n
+                                                      for n in notices))
                 await core.interrupt()
                 done, _ = await asyncio.wait([cell], timeout=30)
                 assert done, "the cell still waits after the interrupt"
@@ -375,9 +386,6 @@ def test_interrupting_a_cell_waited_for_past_the_reconnect_timeout_stops_the_wai
             with pytest.raises(HostConnectionError) as info:
                 cell.result()
             return str(info.value)
-        finally:
-            await client.shutdown()
-            await client.aclose()
 
     text = asyncio.run(go())
     assert "could not be made again, and you stopped waiting for it" in text, text
