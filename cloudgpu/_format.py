@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["duration", "money", "size", "uptime"]
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["away", "duration", "money", "size", "uptime"]
 
 
 def money(dollars: float) -> str:
@@ -39,3 +42,21 @@ def size(nbytes: float) -> str:
         if nbytes < 1024 or unit == "GiB":
             break
     return f"{nbytes:.1f} {unit}"
+
+
+def away(disconnected: Mapping[str, Any] | None, now: float) -> str | None:
+    """What a session's ``disconnected`` view (the pool's) means for its owner: ``no
+    notebook connected for 3 min; it is stopped in 2 min unless one connects again``, or
+    ``...; kept while its cell runs``; None while a notebook is connected."""
+    if not disconnected:
+        return None
+    text = f"no notebook connected for {duration(max(now - disconnected['since'], 0.0))}"
+    stop_at = disconnected.get("stop_at")
+    if disconnected.get("cell_running"):
+        text += "; kept while its cell runs"
+        if stop_at is not None:
+            text += f", for {duration(max(stop_at - now, 0.0))} more at most"
+    elif stop_at is not None:
+        text += (f"; it is stopped in {duration(max(stop_at - now, 0.0))} unless one "
+                 f"connects again")
+    return text

@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from cloudgpu._format import away
+
 __all__ = ["UI_STATES", "notebook_path", "session_view", "status_view"]
 
 UI_STATES = ("queued", "starting", "running", "idle")
@@ -86,6 +88,7 @@ def session_view(session: Mapping[str, Any], readings: Mapping[str, Any] | None,
         "rate_per_hour": session.get("rate_per_hour") or 0.0,
         "max_cost": session.get("max_cost"),
         "warnings": list(session.get("warnings") or []),
+        "away": away(session.get("disconnected"), now),
         "notebook": session.get("notebook"),
         "path": notebook_path(session.get("notebook"), root_dir),
         "simulated": bool(session.get("simulated")),

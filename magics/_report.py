@@ -6,7 +6,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cloudgpu._format import duration, money
+from cloudgpu._format import away, duration, money
 
 __all__ = ["cost", "hardware", "status"]
 
@@ -45,7 +45,10 @@ def status(sessions: list[dict[str, Any]], mine: set[str | None]) -> str:
                      money(s["cost"]), s.get("notebook") or ""])
     warnings = dict.fromkeys(s["isolation_warning"] for s in sessions
                              if s.get("isolation_warning"))
-    return "\n".join([_table(rows), "(* this notebook)", *(f"! {w}" for w in warnings)])
+    aways = [f"{s['id']}: {text}" for s in sessions
+             if (text := away(s.get("disconnected"), now))]
+    return "\n".join([_table(rows), "(* this notebook)", *(f"! {w}" for w in warnings),
+                      *aways])
 
 
 def hardware(types: Sequence[Mapping[str, Any]]) -> str:

@@ -3,7 +3,8 @@
 Shared by the tests of the ``%%remote`` magic (test_magic.py, test_pool.py: a local
 ipykernel with ``%load_ext cloudgpu``) and of the Cloud GPU kernel (test_kernel.py: the
 proxy kernel): start a kernel by name, send a cell, collect everything it publishes on
-iopub for that cell (``status`` included) with arrival times, read its reply.
+iopub for that cell (``status`` included) with arrival times, read its reply. And a
+client that goes away without a word (``vanish``), as a notebook whose laptop shut does.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import ast
 import os
 import queue
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.blocking.client import BlockingKernelClient
@@ -175,3 +179,50 @@ def value(kc: BlockingKernelClient, expr: str, timeout: float = 60) -> Any:
     result = reply["content"]["user_expressions"]["v"]
     assert result["status"] == "ok", result
     return ast.literal_eval(ast.literal_eval(result["data"]["text/plain"]))
+
+
+CLIENT_THAT_VANISHES = """\
+import asyncio, os, sys
+from pathlib import Path
+from cloudgpu import _loop
+from cloudgpu.client import Client
+from cloudgpu.hardware import parse_spec
+from cloudgpu.pool_client import PoolProvider
+
+pool_url, token, hardware = sys.argv[1:4]
+work = Path(sys.argv[4]) if len(sys.argv) > 4 else None
+CELL = f'''
+import pathlib, time
+work = pathlib.Path({str(work)!r})
+(work / "started").write_text("1")
+while not (work / "release").exists():
+    time.sleep(0.05)
+(work / "done").write_text("1")
+'''
+
+async def main() -> None:
+    client = Client(PoolProvider(pool_url, token))
+    session = await client.session(parse_spec(hardware))
+    await session.ready()
+    print(session.grant.session_id, flush=True)
+    if work is not None:  # the laptop shuts mid-cell
+        asyncio.ensure_future(session.run_cell(CELL, {}, [], lambda kind, content: None))
+        while not (work / "started").exists():
+            await asyncio.sleep(0.05)
+    os._exit(0)  # gone: no release, no goodbye
+
+_loop.run_sync(main())
+"""
+
+
+def vanish(pool_url: str, token: str, work: Path, mid_cell: bool = False,
+           hardware: str = "H100") -> str:
+    """The session id of a client that opened a session on ``hardware`` at the pool and
+    exited without a word; with ``mid_cell``, while a cell of its ran, which ends once
+    ``work / "release"`` appears (and then writes ``work / "done"``)."""
+    script = work / "vanish.py"
+    script.write_text(CLIENT_THAT_VANISHES)
+    args = [str(work)] if mid_cell else []
+    out = subprocess.run([sys.executable, str(script), pool_url, token, hardware, *args],
+                         capture_output=True, text=True, timeout=90, check=True)
+    return out.stdout.split()[0]

@@ -9,11 +9,14 @@ their notebook as JupyterLab does.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from kernel_driver import ok, start_kernel, stop_kernel
+from kernel_driver import ok, start_kernel, stop_kernel, vanish
 from servers import LabProcess, wait_until
+
+from cloudgpu._localpool import local_pool
 
 ENDPOINTS = [("GET", "status"), ("GET", "hardware"), ("GET", "sessions"), ("GET", "metrics"),
              ("DELETE", "sessions/0123456789abcdef")]
@@ -100,6 +103,32 @@ def test_an_idle_session_says_since_when_and_a_busy_one_that_it_runs(
 
     wait_until(lambda: h100()["state"] == "idle", 30, "the H100 session reading idle")
     assert h100()["idle_for"] is not None
+
+
+@pytest.mark.timeout(240)
+def test_a_session_no_notebook_is_connected_to_says_so_and_what_the_pool_does_about_it(
+        lab: LabProcess, two_remote_sessions: dict[str, Any], tmp_path: Path) -> None:
+    """A client that went away while its cell runs: the panel's status and ``%remote
+    status`` say that no notebook is connected, and that the cell keeps the session."""
+    url, token = local_pool()
+    sid = vanish(url, token, tmp_path, mid_cell=True, hardware="cpu")
+    try:
+        def away() -> str | None:
+            return next((s["away"] for s in _status(lab)["sessions"] if s["id"] == sid), None)
+
+        wait_until(lambda: away() is not None, 30, "the status saying no notebook is connected")
+        text = away()
+        assert text is not None and text.startswith("no notebook connected for "), text
+        assert "; kept while its cell runs, for 24 h more at most" in text, text
+        connected = [s for s in _status(lab)["sessions"] if s["path"] == "two.ipynb"]
+        assert connected and all(s["away"] is None for s in connected), connected
+        out = ok(two_remote_sessions["kernel"], "%remote status").stream()
+        assert f"{sid}: no notebook connected for " in out, out
+        assert "kept while its cell runs" in out, out
+    finally:
+        (tmp_path / "release").write_text("1")
+        wait_until(lambda: sid not in {s["id"] for s in _status(lab)["sessions"]}, 60,
+                   "the pool stopping the away session once its cell ended")
 
 
 @pytest.mark.timeout(240)

@@ -1,6 +1,7 @@
 /**
  * The sessions panel in the left sidebar: every session of the user, with its hardware,
- * state, uptime, cost and a small live utilization chart, each with a stop button.
+ * state, uptime, cost, a line when no notebook is connected, and a small live utilization
+ * chart, each with a stop button.
  * Cards are updated in place (keyed by session id), so a click is never lost to a redraw.
  */
 import { Notification } from '@jupyterlab/apputils';
@@ -97,6 +98,8 @@ export class SessionsPanel extends Widget {
     notebook.className = 'jp-cloudgpu-session-notebook';
     const figures = document.createElement('div');
     figures.className = 'jp-cloudgpu-session-figures';
+    const away = document.createElement('div');
+    away.className = 'jp-cloudgpu-session-away';
     const chart = document.createElementNS(SVG_NS, 'svg');
     chart.setAttribute('class', 'jp-cloudgpu-chart');
     chart.setAttribute('width', String(CHART_W));
@@ -109,8 +112,8 @@ export class SessionsPanel extends Widget {
     const gauge = document.createElement('div');
     gauge.className = 'jp-cloudgpu-session-gauge';
     gauge.append(chart, load);
-    node.append(title, notebook, figures, gauge);
-    return { node, hardware, state, stop, notebook, figures, chart, line, load };
+    node.append(title, notebook, figures, away, gauge);
+    return { node, hardware, state, stop, notebook, figures, away, chart, line, load };
   }
 
   private _fill(card: ICard, s: ISession): void {
@@ -130,6 +133,8 @@ export class SessionsPanel extends Widget {
     card.figures.textContent = parts.join(' · ');
     card.figures.title = s.warnings.join('\n');
     card.node.classList.toggle('jp-mod-warn', s.warnings.length > 0);
+    card.away.textContent = s.away ?? '';
+    card.away.hidden = !s.away;
     const value = utilizationOf(s);
     const r = s.readings;
     const what = r?.gpus.length && !r.simulated ? 'GPU' : 'CPU';
@@ -178,6 +183,7 @@ interface ICard {
   stop: HTMLButtonElement;
   notebook: HTMLDivElement;
   figures: HTMLDivElement;
+  away: HTMLDivElement;
   chart: SVGSVGElement;
   line: SVGPolylineElement;
   load: HTMLSpanElement;

@@ -39,6 +39,8 @@ export interface ISession {
   rate_per_hour: number;
   max_cost: number | null;
   warnings: string[];
+  /** No notebook is connected to it: for how long, and what the pool does about it. */
+  away: string | null;
   notebook: string | null;
   /** The notebook's path as JupyterLab names it, or null. */
   path: string | null;

@@ -62,6 +62,9 @@ export class CostStatus extends Widget {
       for (const s of status.sessions) {
         lines.push(`• ${s.display}, ${s.state}: ${liveMoney(s.cost)}${s.path ? ` (${s.path})` : ''}`);
         lines.push(...s.warnings.map(w => `  ⚠ ${w}`));
+        if (s.away) {
+          lines.push(`  ${s.away}`);
+        }
       }
       lines.push(`Pool: ${status.pool}`);
       if (summary?.cpuLoad) {

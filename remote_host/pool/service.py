@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -46,6 +47,16 @@ def start_of_day(now: float) -> float:
     """Local midnight before ``now``: budgets are per calendar day where the pool runs."""
     day = dt.datetime.fromtimestamp(now).replace(hour=0, minute=0, second=0, microsecond=0)
     return day.timestamp()
+
+
+@dataclasses.dataclass
+class _Away:
+    """A running session with no client connected, as the cull last saw it."""
+
+    since: float  # when a cull first found no client connected
+    cell_running: bool = False
+    stop_at: float | None = None  # when it is stopped unless one connects again
+    said_kept: bool = False  # the log said it stays for its running cell
 
 
 class Pool:
@@ -101,8 +112,7 @@ class Pool:
         # Heartbeats and culling take turns: a cull between a host's restart and the beat
         # that notices it would blame its sessions' kernels instead of the lost machine.
         self._watching = asyncio.Lock()
-        self._disconnected_since: dict[str, float] = {}
-        self._kept_busy: set[str] = set()  # sessions kept while away, for their running cell
+        self._away: dict[str, _Away] = {}  # running sessions no client is connected to
         self._idle_since: dict[str, float] = {}
         self.log = log or logging.getLogger("cloudgpu.pool")
         self.scheduler = Scheduler(catalog)
@@ -445,8 +455,7 @@ class Pool:
         self.sessions.pop(rec.id, None)
         self._progress.pop(rec.id, None)
         self._idle_since.pop(rec.id, None)
-        self._disconnected_since.pop(rec.id, None)
-        self._kept_busy.discard(rec.id)
+        self._away.pop(rec.id, None)
 
     async def stop(self, session_id: str, reason: str, state: str = "stopped") -> SessionRecord:
         """End a session whatever its state: dequeue it, or stop its kernel and free its GPUs."""
@@ -741,30 +750,38 @@ class Pool:
         A cell still running keeps it, up to ``busy_disconnected_timeout``: a notebook
         whose laptop slept through a long training comes back to the cell's end and its
         output (the host replays what it missed), not to a stopped session.
+
+        What it found is kept for the session's view (``_disconnected``), also where no
+        timeout applies.
         """
-        if not self.disconnected_timeout or connections > 0:
-            self._disconnected_since.pop(rec.id, None)
-            self._kept_busy.discard(rec.id)
+        if connections > 0:
+            self._away.pop(rec.id, None)
             return None
-        since = self._disconnected_since.setdefault(rec.id, now)
-        away = now - since
+        away = self._away.setdefault(rec.id, _Away(since=now))
+        away.cell_running, away.stop_at = busy, None
+        gone_for = now - away.since
+        if not self.disconnected_timeout:
+            return None
         if busy:
-            if self.busy_disconnected_timeout and away >= self.busy_disconnected_timeout:
-                return (f"no notebook was connected to it for {duration(away)} while a cell "
-                        f"ran (busy_disconnected_timeout "
-                        f"{duration(self.busy_disconnected_timeout)})")
-            if away >= self.disconnected_timeout and rec.id not in self._kept_busy:
-                self._kept_busy.add(rec.id)
+            if self.busy_disconnected_timeout:
+                if gone_for >= self.busy_disconnected_timeout:
+                    return (f"no notebook was connected to it for {duration(gone_for)} while a "
+                            f"cell ran (busy_disconnected_timeout "
+                            f"{duration(self.busy_disconnected_timeout)})")
+                away.stop_at = away.since + self.busy_disconnected_timeout
+            if gone_for >= self.disconnected_timeout and not away.said_kept:
+                away.said_kept = True
                 self.log.info("Session %s has had no notebook connected for %s, but a cell "
                               "is running: it stays until the cell ends", rec.id,
-                              duration(away))
+                              duration(gone_for))
             return None
-        last = activity or since
-        if now - max(since, last) < self.disconnected_timeout:
+        last = activity or away.since
+        away.stop_at = max(away.since, last) + self.disconnected_timeout
+        if now < away.stop_at:
             return None
         reason = f"no notebook was connected to it for {duration(self.disconnected_timeout)}"
-        if last > since:
-            reason += f" after its cell ended (away for {duration(away)} in all)"
+        if last > away.since:
+            reason += f" after its cell ended (away for {duration(gone_for)} in all)"
         return reason
 
     # -- views ---------------------------------------------------------------------------------
@@ -809,6 +826,7 @@ class Pool:
             "kernel_id": rec.kernel_id, "ahead": ahead, "waiting_for": waiting_for,
             "version": self.version(rec.id),
             "idle_since": self._idle_since.get(rec.id) if rec.state == "running" else None,
+            "disconnected": self._disconnected(rec),
             "environment": rec.environment, "progress": self._progress.get(rec.id, []),
             "error": rec.error, "hold_until": rec.hold_until,
             **self._isolation(self.scheduler.slots.get(rec.host_id or "")),
@@ -817,6 +835,16 @@ class Pool:
             body["token"] = rec.token
         return body
 
+
+    def _disconnected(self, rec: SessionRecord) -> dict[str, Any] | None:
+        """Since when no notebook has been connected to a running session (as the last
+        cull saw it), whether a cell runs meanwhile, and when the pool stops it unless one
+        connects again (``stop_at``, None: not for that); None while one is connected."""
+        away = self._away.get(rec.id) if rec.state == "running" else None
+        if away is None:
+            return None
+        return {"since": away.since, "cell_running": away.cell_running,
+                "stop_at": away.stop_at}
 
     def _isolation(self, slot: Slot | None) -> dict[str, Any]:
         """How a session's kernel is isolated, and a warning where that matters: a pool

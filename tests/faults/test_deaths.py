@@ -9,9 +9,8 @@ releasing), at a moment the test sees (a line of output arriving).
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +19,12 @@ from typing import Any
 import httpx
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
-from kernel_driver import CLIENT, Message, ok, run, start_kernel, stop_kernel, value
+from kernel_driver import CLIENT, Message, ok, run, start_kernel, stop_kernel, value, vanish
 from servers import HostFactory, HostProcess, PoolProcess, wait_until
+
+from cloudgpu._format import away as away_text
+from cloudgpu.provider import Grant
+from cloudgpu.session import RemoteSession
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -187,52 +190,6 @@ def test_sessions_keep_running_while_the_pool_restarts_and_the_ledger_stays_exac
                 p.stop()
 
 
-CLIENT_THAT_VANISHES = """\
-import asyncio, os, sys
-from pathlib import Path
-from cloudgpu import _loop
-from cloudgpu.client import Client
-from cloudgpu.hardware import parse_spec
-from cloudgpu.pool_client import PoolProvider
-
-pool_url, token = sys.argv[1], sys.argv[2]
-work = Path(sys.argv[3]) if len(sys.argv) > 3 else None
-CELL = f'''
-import pathlib, time
-work = pathlib.Path({str(work)!r})
-(work / "started").write_text("1")
-while not (work / "release").exists():
-    time.sleep(0.05)
-(work / "done").write_text("1")
-'''
-
-async def main() -> None:
-    client = Client(PoolProvider(pool_url, token))
-    session = await client.session(parse_spec("H100"))
-    await session.ready()
-    print(session.grant.session_id, flush=True)
-    if work is not None:  # the laptop shuts mid-cell
-        asyncio.ensure_future(session.run_cell(CELL, {}, [], lambda kind, content: None))
-        while not (work / "started").exists():
-            await asyncio.sleep(0.05)
-    os._exit(0)  # gone: no release, no goodbye
-
-_loop.run_sync(main())
-"""
-
-
-def vanish(pool: PoolProcess, work: Path, mid_cell: bool = False) -> str:
-    """The session id of a client that opened an H100 session and exited without a word;
-    with ``mid_cell``, while a cell of its ran, which ends once ``work / "release"``
-    appears."""
-    script = work / "vanish.py"
-    script.write_text(CLIENT_THAT_VANISHES)
-    args = [str(work)] if mid_cell else []
-    out = subprocess.run([sys.executable, str(script), pool.url, pool.token, *args],
-                         capture_output=True, text=True, timeout=90, check=True)
-    return out.stdout.split()[0]
-
-
 def test_a_running_cell_keeps_its_session_while_its_notebook_is_away(
         host_factory: HostFactory, tmp_path: Path) -> None:
     """A laptop asleep through a long cell: the cell runs to its end, and the session is
@@ -240,13 +197,18 @@ def test_a_running_cell_keeps_its_session_while_its_notebook_is_away(
     sleeper = host_factory.start("H100:1", name="sleeper")
     pool = pool_over(tmp_path, [sleeper], name="asleep", grace=1.5)
     try:
-        sid = vanish(pool, tmp_path, mid_cell=True)
+        sid = vanish(pool.url, pool.token, tmp_path, mid_cell=True)
         kept = f"Session {sid} has had no notebook connected"
         wait_until(lambda: kept in pool.log.read_text(errors="replace")
                    or sessions(pool)[sid]["state"] != "running", within=30,
                    what="the pool keeping the away session for its running cell")
         view = sessions(pool)[sid]
         assert view["state"] == "running", view
+        # Its view says so (the lab's panel and `%remote status` show it): no stop is
+        # planned while the cell runs (there is no busy limit here).
+        away = view["disconnected"]
+        assert away is not None and away["cell_running"] is True, view
+        assert away["stop_at"] is None and away["since"] <= time.time(), view
         (tmp_path / "release").write_text("1")
         wait_until(lambda: sessions(pool)[sid]["state"] != "running", within=30,
                    what="the pool stopping the session once its cell ended")
@@ -264,7 +226,7 @@ def test_a_cell_running_without_its_notebook_is_stopped_after_the_busy_limit(
     endless = host_factory.start("H100:1", name="endless")
     pool = pool_over(tmp_path, [endless], name="endless", grace=0.5, busy_limit=2)
     try:
-        sid = vanish(pool, tmp_path, mid_cell=True)
+        sid = vanish(pool.url, pool.token, tmp_path, mid_cell=True)
         wait_until(lambda: sessions(pool)[sid]["state"] != "running", within=30,
                    what="the pool stopping the endless away session")
         view = sessions(pool)[sid]
@@ -276,12 +238,48 @@ def test_a_cell_running_without_its_notebook_is_stopped_after_the_busy_limit(
         pool.stop()
 
 
+def test_a_session_no_notebook_is_connected_to_says_so_until_one_connects_again(
+        host_factory: HostFactory, tmp_path: Path) -> None:
+    """The pool's view of a session whose notebook went away: since when, and when it is
+    stopped unless one comes back; a client that connects again clears it."""
+    waiting = host_factory.start("H100:1", name="waiting")
+    pool = pool_over(tmp_path, [waiting], name="waiting", grace=3600)
+    try:
+        sid = vanish(pool.url, pool.token, tmp_path)
+        wait_until(lambda: sessions(pool)[sid]["disconnected"] is not None, within=30,
+                   what="the pool seeing that no notebook is connected")
+        view = sessions(pool)[sid]
+        away = view["disconnected"]
+        assert away["cell_running"] is False, view
+        assert away["since"] + 3600 <= away["stop_at"] <= time.time() + 3600, view
+        assert away_text(away, away["since"] + 60) == (
+            "no notebook connected for 60 s; it is stopped in 59 min unless one connects "
+            "again")
+
+        mine = pool.request("GET", f"/api/sessions/{sid}").json()  # with its host token
+
+        async def come_back() -> None:
+            grant = Grant(mine["host_url"], mine["token"], mine["kernel_id"], "H100:1",
+                          session_id=sid)
+            session = await RemoteSession.open(grant)
+            try:
+                await asyncio.to_thread(
+                    wait_until, lambda: sessions(pool)[sid]["disconnected"] is None, 30,
+                    "the pool seeing the notebook back")
+            finally:
+                await session.close(shutdown=False)
+
+        asyncio.run(come_back())
+    finally:
+        pool.stop()
+
+
 def test_a_session_whose_client_never_returns_is_stopped_after_the_grace_period(
         host_factory: HostFactory, tmp_path: Path) -> None:
     lonely = host_factory.start("H100:1", name="lonely")
     pool = pool_over(tmp_path, [lonely], name="grace", grace=1.5)
     try:
-        sid = vanish(pool, tmp_path)
+        sid = vanish(pool.url, pool.token, tmp_path)
         wait_until(lambda: sessions(pool)[sid]["state"] != "running", within=30,
                    what="the pool stopping the abandoned session")
         view = sessions(pool)[sid]

@@ -4,7 +4,8 @@ GPUs).
 
 One notebook, one page load: pick H100 in the toolbar's picker (the Cloud GPU kernel switches
 there), run a cell there, watch the status bar's cost rise, find the session in the sidebar
-panel and stop it there. Screenshots of the picker, the status bar and the panel (light and
+panel and stop it there; a second session, whose client went away mid-cell, says on its card
+that no notebook is connected. Screenshots of the picker, the status bar and the panel (light and
 dark themes) are saved under tests/ui/screenshots/ for a person to look at.
 """
 
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import pytest
 from cloudgpu.kernel import install_kernelspecs
+from kernel_driver import vanish
 from servers import LabProcess
 
 from cloudgpu import _process
+from cloudgpu._localpool import local_pool
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).parent / "screenshots"
@@ -77,7 +80,7 @@ def _cost(text: str) -> float:
 
 @pytest.mark.timeout(420)
 def test_pick_h100_run_a_cell_watch_cost_and_stop_it_in_the_panel_simulated(
-        lab: LabProcess, notebook: str, page: object) -> None:
+        lab: LabProcess, notebook: str, page: object, tmp_path: Path) -> None:
     from playwright.sync_api import Page, expect
 
     assert isinstance(page, Page)
@@ -140,6 +143,14 @@ def test_pick_h100_run_a_cell_watch_cost_and_stop_it_in_the_panel_simulated(
         expect(card.locator("polyline")).to_have_attribute("points", re.compile(r"\d+,\d+ "),
                                                            timeout=30_000)
         expect(card.locator(".jp-cloudgpu-session-load")).to_contain_text("(simulated GPU)")
+        # A session whose client went away mid-cell says so on its card.
+        away_id = vanish(*local_pool(), tmp_path, mid_cell=True, hardware="cpu")
+        away = page.locator(f".jp-cloudgpu-session[data-session-id='{away_id}']")
+        expect(away.locator(".jp-cloudgpu-session-away")).to_contain_text(
+            "no notebook connected for", timeout=30_000)
+        expect(away.locator(".jp-cloudgpu-session-away")).to_contain_text(
+            "kept while its cell runs")
+        expect(card.locator(".jp-cloudgpu-session-away")).to_be_hidden()
         # After the switch the picker counts the H100 as taken.
         expect(select.locator("option[value='H100']")).to_contain_text("0 of 1 free",
                                                                       timeout=30_000)
@@ -154,7 +165,9 @@ def test_pick_h100_run_a_cell_watch_cost_and_stop_it_in_the_panel_simulated(
         panel.screenshot(path=SCREENSHOTS / "panel-dark.png")
         page.screenshot(path=SCREENSHOTS / "lab-dark.png")
 
-        # Stop it there: the card goes, and the pool has no session for the notebook.
+        # Stop both there: the cards go, and the pool has no session for the notebook.
+        away.locator(".jp-cloudgpu-session-stop").click()
+        expect(away).to_have_count(0, timeout=60_000)
         card.locator(".jp-cloudgpu-session-stop").click()
         expect(card).to_have_count(0, timeout=60_000)
         left = lab.request("GET", "/cloudgpu/api/status").json()["sessions"]

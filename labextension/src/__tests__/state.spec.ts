@@ -28,6 +28,7 @@ function session(overrides: Partial<ISession> = {}): ISession {
     rate_per_hour: 3.95,
     max_cost: null,
     warnings: [],
+    away: null,
     notebook: '/home/me/work/a.ipynb',
     path: 'work/a.ipynb',
     simulated: true,
