@@ -109,7 +109,7 @@ class KernelLink:
         self._death: dict[str, Any] | None = None
         self._kernel_busy = False  # as its last status said
         self._waiting_since: float | None = None  # reconnecting past the timeout, since
-        self._sent_at_idle = 0  # what we had sent when the kernel last said it was idle
+        self._running: list[str] = []  # execute requests sent whose idle did not come yet
         self._notice: asyncio.Future[dict[str, Any]] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
 
@@ -147,8 +147,10 @@ class KernelLink:
 
     # --- sending ---------------------------------------------------------------------------
 
-    async def send(self, frame: bytes) -> None:
+    async def send(self, frame: bytes, execute: str | None = None) -> None:
         """Send one framed message; if the connection is down, it goes once it is back.
+        ``execute``: its msg_id, when it is an execute request (the link counts it as
+        running until the kernel's idle status for it comes).
 
         Raises:
             CloudGPUError: the link gave up (why is in the error).
@@ -158,6 +160,8 @@ class KernelLink:
                 raise HostConnectionError(f"The connection to kernel {self.kernel_id} is gone.")
             self.sent += 1
             self._keep(self.sent, frame)
+            if execute is not None:
+                self._running.append(execute)
             if self._connected and self.conn is not None:
                 self.written = self.sent
                 try:
@@ -182,9 +186,17 @@ class KernelLink:
             state = (msg.get("content") or {}).get("execution_state")
             self._kernel_busy = state == "busy"
             if state == "idle":
-                self._sent_at_idle = self.sent
+                self._ended((msg.get("parent_header") or {}).get("msg_id"))
+            elif state == "starting":
+                self._running.clear()  # a new kernel process: what was sent will not end
         if channel:
             self._on_message(channel, msg)
+
+    def _ended(self, msg_id: str | None) -> None:
+        """The kernel is idle after ``msg_id``: it ran, and so did every execute request
+        sent before it (a kernel runs them in order)."""
+        if msg_id in self._running:
+            del self._running[:self._running.index(msg_id) + 1]
 
     def _on_host_notice(self, content: dict[str, Any]) -> None:
         if "replay" in content:
@@ -269,10 +281,10 @@ class KernelLink:
                     if self._waiting_since is None:
                         self._waiting_since = started
                         self._on_notice(
-                            f"still reconnecting after {waited:.0f} s; the remote kernel was "
-                            f"running when the connection dropped and goes on without us, so "
-                            f"cloudgpu keeps trying for as long as the pool keeps the "
-                            f"session (interrupt to stop waiting)")
+                            f"still reconnecting after {waited:.0f} s; a cell was running (or "
+                            f"on its way to the remote kernel) when the connection dropped, "
+                            f"and goes on there without us, so cloudgpu keeps trying for as "
+                            f"long as the pool keeps the session (interrupt to stop waiting)")
                 await asyncio.sleep(random.uniform(delay / 2, delay))  # jitter
                 delay = min(delay * 2, MAX_DELAY)
                 continue
@@ -305,11 +317,11 @@ class KernelLink:
         return True
 
     def _runs_on_without_us(self) -> bool:
-        """Whether the kernel was running something (or had a request of ours on its way)
-        when the connection dropped, and a provider watches the session: it ends one that
-        runs on without a client for too long, and the link hears of that from it."""
-        return self._check is not None and (self._kernel_busy
-                                            or self.sent > self._sent_at_idle)
+        """Whether the kernel was running something (or had an execute request of ours
+        not yet ended) when the connection dropped, and a provider watches the session: it
+        ends one that runs on without a client for too long, and the link hears of that
+        from it."""
+        return self._check is not None and (self._kernel_busy or bool(self._running))
 
     async def _resend(self, conn: KernelConnection, host_received: int) -> None:
         """Send again what the host did not get, in order.

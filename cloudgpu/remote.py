@@ -258,7 +258,10 @@ class RemoteKernel:
         if self.lost.done():
             raise self.lost.result()
         try:
-            await self.link.send(_wire.encode(channel, msg))
+            header = msg["header"]
+            execute = header.get("msg_id") if channel == "shell" and \
+                header.get("msg_type") == "execute_request" else None
+            await self.link.send(_wire.encode(channel, msg), execute)
         except CloudGPUError:
             if self.lost.done():  # the link gave up meanwhile: say why
                 raise self.lost.result() from None
