@@ -48,6 +48,9 @@ RECONNECT_TIMEOUT = 120.0
 SEND_LOG_BYTES = 64 * 2**20
 FIRST_DELAY, MAX_DELAY = 0.1, 5.0
 NOTICE_TIMEOUT = 30.0
+#: Seconds a reconnection waits for the provider to say whether the session still runs
+#: (longer, and the kernel is resumed without its word).
+CHECK_BEFORE_RESUMING = 5.0
 FIRST_CONNECT_TIMEOUT = 20.0
 
 #: Something the user should hear about the connection, as a sentence.
@@ -70,7 +73,8 @@ class KernelLink:
         on_notice: sentences for the user (the connection dropped, came back, lost N).
         on_gone: called once with the error that says why the link gave up.
         check: asks the provider whether the session ended and why (None: it did not);
-            asked while reconnecting, so that a lost machine is not waited for.
+            asked while reconnecting, so that a lost machine is not waited for, and once
+            the kernel answers again, so that one whose session ended is not resumed.
         reconnect_timeout: seconds to keep trying to reconnect (with ``check``, for as
             long as the provider keeps the session while the kernel runs something).
     """
@@ -110,6 +114,8 @@ class KernelLink:
         self._kernel_busy = False  # as its last status said
         self._waiting_since: float | None = None  # reconnecting past the timeout, since
         self._running: list[str] = []  # execute requests sent whose idle did not come yet
+        # What a new connection delivered before the link knows it resumes on it.
+        self._held: list[tuple[str, _wire.Message]] | None = None
         self._notice: asyncio.Future[dict[str, Any]] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
 
@@ -189,7 +195,11 @@ class KernelLink:
                 self._ended((msg.get("parent_header") or {}).get("msg_id"))
             elif state == "starting":
                 self._running.clear()  # a new kernel process: what was sent will not end
-        if channel:
+        if not channel:
+            return
+        if self._held is not None:
+            self._held.append((channel, msg))
+        else:
             self._on_message(channel, msg)
 
     def _ended(self, msg_id: str | None) -> None:
@@ -246,29 +256,40 @@ class KernelLink:
         self._on_notice("the connection to the host dropped; reconnecting ...")
         delay = FIRST_DELAY
         while not self._gone and not self._closing:
+            self._held = []  # the replay waits until the kernel is known to be ours still
             try:
                 async with self._write:  # nothing new goes out before the host says what it has
                     conn = await self._connect()
                     self.conn, self._notice = conn, asyncio.get_running_loop().create_future()
                     replay = await asyncio.wait_for(asyncio.shield(self._notice), NOTICE_TIMEOUT)
+                    # The kernel answers, but the pool may have ended its session while we
+                    # were cut off (a host it judged lost): a kernel it will stop, whose
+                    # time nobody pays for. Ask before anything more is sent to it.
+                    why = await self._ask(CHECK_BEFORE_RESUMING)
+                    if why:
+                        self._stop_holding(deliver=False)  # not ours: sent after the end
+                        self._give_up(self._pool_says(why))
+                        await conn.close()
+                        return
                     await self._resend(conn, int(replay.get("received", 0)))
                     self._connected = True
             except (AuthenticationError, RemoteKernelDiedError) as e:
+                self._stop_holding()
                 why = await self._ask()
                 self._give_up(RemoteKernelDiedError(
                     f"The remote kernel {self.kernel_id} was stopped while the connection was "
                     f"down{f': {why}' if why else f' ({e})'}."))
                 return
             except _CannotResend as e:
+                self._stop_holding()
                 self._give_up(HostConnectionError(str(e)))
                 return
             except (HostConnectionError, asyncio.TimeoutError, OSError) as e:
+                self._stop_holding()  # counted as received: the next replay starts after it
                 log.info("Reconnecting to kernel %s failed: %s", self.kernel_id, e)
                 why = await self._ask()
                 if why:
-                    self._give_up(RemoteKernelDiedError(
-                        f"The connection to the cloudgpu host at {self.host.url} was lost "
-                        f"(remote kernel {self.kernel_id}), and the pool says: {why}."))
+                    self._give_up(self._pool_says(why))
                     return
                 waited = time.monotonic() - started
                 if waited > self.reconnect_timeout:
@@ -295,7 +316,14 @@ class KernelLink:
                 f"reconnected after {time.monotonic() - started:.1f} s; "
                 + (f"{lost} message{'s' if lost != 1 else ''} from the kernel were lost (the "
                    f"outage outlasted the host's replay buffer)" if lost else "nothing was lost"))
+            self._stop_holding()
             return
+
+    def _stop_holding(self, deliver: bool = True) -> None:
+        """Deliver what the new connection held back (or drop it), and hold no more."""
+        held, self._held = self._held, None
+        for channel, msg in held if deliver and held else ():
+            self._on_message(channel, msg)
 
     async def stop_waiting(self) -> bool:
         """Give up a reconnection that goes on past ``reconnect_timeout`` for a running cell
@@ -342,13 +370,18 @@ class KernelLink:
             self.written = max(self.written, number)
             await conn.send_frame(frame)
 
-    async def _ask(self) -> str | None:
+    async def _ask(self, timeout: float | None = None) -> str | None:
         if self._check is None:
             return None
         try:
-            return await self._check()
-        except CloudGPUError:
+            return await asyncio.wait_for(self._check(), timeout)
+        except (CloudGPUError, asyncio.TimeoutError):
             return None  # the provider cannot say either: keep trying the host
+
+    def _pool_says(self, why: str) -> RemoteKernelDiedError:
+        return RemoteKernelDiedError(
+            f"The connection to the cloudgpu host at {self.host.url} was lost (remote "
+            f"kernel {self.kernel_id}), and the pool says: {why}.")
 
     def _give_up(self, error: CloudGPUError) -> None:
         if self._gone:

@@ -7,21 +7,28 @@ new connections until ``unblock()`` (an outage). Made with ``accepting=False``, 
 too busy to accept: its accept queue stays full, so a client's connection is never made,
 until ``start_accepting()``. ``hold()`` is a network that is slow one way: what hosts send
 on the websockets through it (kernel channels) waits in the proxy, in order, until
-``release()``, while what clients send still goes through. It runs on its own event loop in
-a thread, so a test can drive it from plain synchronous code.
+``release()``, while what clients send still goes through (``hold(new=True)``: connections
+made meanwhile too, from their first byte). It runs on its own event loop in a thread, so a
+test can drive it from plain synchronous code. ``ThroughProxy`` is a pool provider whose
+grants point at a proxy instead of their host.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["TcpProxy", "port_of"]
+from cloudgpu.hardware import HardwareSpec
+from cloudgpu.pool_client import PoolProvider
+from cloudgpu.provider import Grant
+
+__all__ = ["TcpProxy", "ThroughProxy", "port_of"]
 
 
 def port_of(url: str) -> int:
@@ -48,6 +55,7 @@ class TcpProxy:
         # In the order they were accepted (a dict as an ordered set).
         self._pairs: dict[_Pair, None] = {}
         self._blocked = False
+        self._holding_new = False  # new connections start held (``hold(new=True)``)
         # Not accepting: the listening socket, and the connection that fills its queue.
         self._listener: socket.socket | None = None
         self._queued: socket.socket | None = None
@@ -94,6 +102,8 @@ class TcpProxy:
             _reset(writer)
             return
         pair = _Pair(writer, up_writer)
+        if self._holding_new:
+            pair.flowing.clear()
         self._pairs[pair] = None
         try:
             await asyncio.gather(_pump(reader, up_writer, seen=pair.sent),
@@ -119,17 +129,20 @@ class TcpProxy:
         """Reset only the connection accepted last (if it is still open); returns 1 or 0."""
         return int(self._call(self._drop(latest=True)))
 
-    async def _hold(self) -> int:
+    async def _hold(self, new: bool) -> int:
+        self._holding_new = new
         held = [pair for pair in self._pairs if pair.websocket]
         for pair in held:
             pair.flowing.clear()
             pair.sent_while_held = 0
         return len(held)
 
-    def hold(self) -> int:
+    def hold(self, new: bool = False) -> int:
         """Keep what hosts send on the open websockets in the proxy until :meth:`release`
-        (what clients send goes on); returns how many websockets are held."""
-        return int(self._call(self._hold()))
+        (what clients send goes on); returns how many websockets are held. With ``new``,
+        connections accepted meanwhile are held from their start (a websocket's upgrade
+        answer too: its client waits in the handshake)."""
+        return int(self._call(self._hold(new)))
 
     def sent_while_held(self) -> int:
         """Bytes clients sent on the held websockets since :meth:`hold`."""
@@ -137,6 +150,7 @@ class TcpProxy:
                    if not pair.flowing.is_set())
 
     async def _release(self) -> None:
+        self._holding_new = False
         for pair in self._pairs:
             pair.flowing.set()
 
@@ -224,3 +238,16 @@ def _reset(writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.close()
+
+
+class ThroughProxy(PoolProvider):
+    """A pool's grants, with their host reached through ``proxy`` (the pool itself reaches
+    the host its own way)."""
+
+    def __init__(self, pool_url: str, token: str, proxy: TcpProxy) -> None:
+        super().__init__(pool_url, token)
+        self.proxy_url = proxy.url
+
+    async def acquire(self, spec: HardwareSpec, **kw: Any) -> Grant:
+        grant = await super().acquire(spec, **kw)
+        return dataclasses.replace(grant, host_url=self.proxy_url)

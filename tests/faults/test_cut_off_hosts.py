@@ -1,5 +1,6 @@
 """A host the pool cannot reach for a while: the kernels of the sessions that ended
-meanwhile are stopped once it answers again, and their GPUs are free.
+meanwhile are stopped once it answers again, and their GPUs are free; a notebook that
+reaches such a kernel first is told that its session ended, not resumed there.
 
 A real pool reaches a real host (simulated GPUs) through the test's TCP proxy; the test
 cuts that path (``TcpProxy.block``: every connection reset, new ones refused) while it
@@ -8,15 +9,20 @@ ends a session, and mends it after. Nothing else stands in for anything.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from servers import HostProcess, PoolProcess, wait_until
-from tcp_proxy import TcpProxy, port_of
+from tcp_proxy import TcpProxy, ThroughProxy, port_of
+
+from cloudgpu.errors import RemoteKernelDiedError
+from cloudgpu.hardware import parse_spec
+from cloudgpu.session import RemoteSession
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -122,3 +128,69 @@ def test_the_kernels_of_a_host_judged_lost_are_stopped_when_it_answers_again(
         # The host takes sessions again, on the GPU the stray kernel held.
         again = running_h100(pool)
         api(pool, "DELETE", f"/api/sessions/{again['id']}")
+
+
+def test_a_notebook_reaching_its_kernel_again_after_the_pool_lost_the_host_is_not_resumed(
+        proxied_pool: PoolProcess, proxy: TcpProxy, host: HostProcess, tmp_path: Path) -> None:
+    """A partition cuts both the pool and the notebook off the host; the pool judges it lost
+    and ends the session. The notebook reaches the kernel again first (the pool still
+    cannot): it is told the pool's word, instead of resuming on a kernel nobody pays for,
+    which the pool stops as soon as it reaches the host."""
+    notebook_path = TcpProxy(("127.0.0.1", port_of(host.url)))
+    back, printed = tmp_path / "back", []
+    code = (f"import os, time\nprint('go', flush=True)\n"
+            f"while not os.path.exists({str(back)!r}): time.sleep(0.01)\n"
+            f"print('after', flush=True)")
+
+    def sink(kind: str, payload: dict[str, Any]) -> None:
+        if kind == "output" and payload.get("msg_type") == "stream":
+            printed.append(payload["content"]["text"])
+
+    async def until(done: Callable[[], bool], cell: asyncio.Future[Any]) -> None:
+        while not done():
+            await asyncio.wait([cell], timeout=0.01)
+            assert not cell.done(), cell.exception()
+
+    async def go() -> tuple[str, str]:
+        provider = ThroughProxy(proxied_pool.url, proxied_pool.token, notebook_path)
+        grant = await provider.acquire(parse_spec("cpu"))
+
+        async def check() -> str | None:
+            return await provider.ended_reason(grant)
+
+        session = await RemoteSession.open(grant, check=check)
+        try:
+            cell = asyncio.ensure_future(session.run_cell(code, {}, [], sink))
+            await until(lambda: "go" in "".join(printed), cell)
+            await asyncio.to_thread(notebook_path.block)
+            await until(lambda: not session.kernel.link.connected, cell)
+            attempts = notebook_path.connections
+            await asyncio.to_thread(notebook_path.hold, True)
+            notebook_path.unblock()
+            # A reconnection reaches the host, and waits in its handshake.
+            await until(lambda: notebook_path.connections > attempts, cell)
+            await asyncio.to_thread(proxy.block)  # the pool's path too
+            await asyncio.to_thread(
+                wait_until, lambda: api(proxied_pool, "GET", f"/api/sessions/"
+                                        f"{grant.session_id}")["state"] == "lost",
+                60, "the pool judging the host lost")
+            back.touch()  # the kernel, cut off from the pool, ends the cell meanwhile
+            await asyncio.to_thread(notebook_path.release)
+            with pytest.raises(RemoteKernelDiedError) as info:
+                await cell
+            return str(info.value), grant.kernel_id
+        finally:
+            proxy.unblock()
+            notebook_path.unblock()
+            notebook_path.release()
+            await session.close(shutdown=False)
+            await provider.aclose()
+
+    try:
+        text, kernel_id = asyncio.run(go())
+    finally:
+        notebook_path.close()
+    assert "the pool says: its machine was lost" in text, text
+    assert "after" not in "".join(printed), printed
+    wait_until(lambda: not host.kernel_alive(kernel_id), within=60,
+               what="the pool stopping the stray kernel once it reaches the host")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -25,15 +24,14 @@ import httpx
 import numpy as np
 import pytest
 from servers import HostFactory, HostProcess, PoolProcess
-from tcp_proxy import TcpProxy, port_of
+from tcp_proxy import TcpProxy, ThroughProxy, port_of
 
 from cloudgpu._core import SessionCore
 from cloudgpu._http import async_client
 from cloudgpu.client import Client
 from cloudgpu.errors import HostConnectionError
-from cloudgpu.hardware import HardwareSpec, parse_spec
+from cloudgpu.hardware import parse_spec
 from cloudgpu.host_client import HostClient
-from cloudgpu.pool_client import PoolProvider
 from cloudgpu.provider import Grant
 from cloudgpu.serialize import dumps, loads
 from cloudgpu.session import CellResult, RemoteSession
@@ -231,24 +229,12 @@ def pool(tmp_path_factory: pytest.TempPathFactory, host: HostProcess) -> Iterato
     started.stop()
 
 
-class ThroughProxy(PoolProvider):
-    """The pool's grants, with their host reached through the test's proxy."""
-
-    def __init__(self, pool: PoolProcess, proxy: TcpProxy) -> None:
-        super().__init__(pool.url, pool.token)
-        self.proxy_url = proxy.url
-
-    async def acquire(self, spec: HardwareSpec, **kw: Any) -> Grant:
-        grant = await super().acquire(spec, **kw)
-        return dataclasses.replace(grant, host_url=self.proxy_url)
-
-
 @contextlib.asynccontextmanager
 async def keyed_core(proxy: TcpProxy, pool: PoolProcess,
                      **settings: Any) -> AsyncIterator[SessionCore]:
     """A core on a cpu session kept under a key, as ``%%remote`` drives one, whose host is
     reached through the proxy; ``settings`` are the client's."""
-    client = Client(ThroughProxy(pool, proxy), **settings)
+    client = Client(ThroughProxy(pool.url, pool.token, proxy), **settings)
     try:
         yield SessionCore(client, parse_spec("cpu"), key="cpu")
     finally:
@@ -287,7 +273,7 @@ def test_a_running_cell_is_waited_for_past_the_reconnect_timeout_while_the_pool_
     cell = Cell(on_line)
 
     async def go() -> CellResult:
-        provider = ThroughProxy(pool, proxy)
+        provider = ThroughProxy(pool.url, pool.token, proxy)
         grant = await provider.acquire(parse_spec("cpu"))
 
         async def check() -> str | None:
