@@ -259,9 +259,8 @@ class RemoteKernel:
             raise self.lost.result()
         try:
             header = msg["header"]
-            execute = header.get("msg_id") if channel == "shell" and \
-                header.get("msg_type") == "execute_request" else None
-            await self.link.send(_wire.encode(channel, msg), execute)
+            runs = channel == "shell" and header.get("msg_type") == "execute_request"
+            await self.link.send(_wire.encode(channel, msg), header.get("msg_id") if runs else None)
         except CloudGPUError:
             if self.lost.done():  # the link gave up meanwhile: say why
                 raise self.lost.result() from None
