@@ -195,8 +195,8 @@ class KernelLink:
                 self._ended((msg.get("parent_header") or {}).get("msg_id"))
             elif state == "starting":
                 self._running.clear()  # a new kernel process: what was sent will not end
-        if not channel:
-            return
+        if not channel or self._gone:
+            return  # (once the link gave up, what a closing connection still brings is not ours)
         if self._held is not None:
             self._held.append((channel, msg))
         else:
