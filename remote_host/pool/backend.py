@@ -29,7 +29,7 @@ from cloudgpu.host_client import HostClient
 from .scheduler import Slot
 
 __all__ = ["Backend", "BackendEvents", "HostsBackend", "Placement", "load_backend",
-           "progress_to", "report_progress", "stop_on_host_if_idle"]
+           "progress_to", "report_progress", "slot_of", "stop_on_host_if_idle"]
 
 ENTRY_POINT_GROUP = "cloudgpu.backends"
 HEARTBEAT_TIMEOUT = 5.0
@@ -185,19 +185,12 @@ class HostsBackend(Backend):
         """Read a host's inventory and offer it as a slot (by default its URL is the slot id)."""
         client = HostClient(url, token)
         info = await client.info()
-        inventory = info["inventory"]
-        total: dict[str, int] = {}
-        for gpu in inventory["gpus"]:
-            total[gpu["type"]] = total.get(gpu["type"], 0) + 1
         slot_id = slot_id or client.url
         old = self.hosts.get(slot_id)
         self.hosts[slot_id] = client
         if old is not None:
             await old.aclose()
-        isolation = info.get("isolation") or {}  # absent from hosts before isolation
-        return Slot(slot_id, total, simulated=bool(inventory["simulated"]),
-                    isolation=str(isolation.get("mode", "none")),
-                    isolated=bool(isolation.get("isolated")))
+        return slot_of(slot_id, info)
 
     async def launch(self, slot_id: str, choice: Choice, scoped_token: str | None,
                      environment: list[str] | None = None) -> Placement:
@@ -236,14 +229,20 @@ class HostsBackend(Backend):
         else:
             report(build)
 
-    async def sweep(self, keep: set[str]) -> int:
-        """Stop every kernel on our hosts that is not in ``keep``."""
+    async def sweep(self, keep: set[str], slot_ids: list[str] | None = None) -> int:
+        """Stop every kernel on our hosts (or those of ``slot_ids``) that is not in
+        ``keep``; a host that cannot be asked is passed over (it is swept when it joins)."""
         stopped = 0
-        for host in self.hosts.values():
-            for kernel in await host.request("GET", "/api/kernels"):
-                if kernel["id"] not in keep:
-                    await host.shutdown(kernel["id"])
-                    stopped += 1
+        for slot_id, host in self.hosts.items():
+            if slot_ids is not None and slot_id not in slot_ids:
+                continue
+            try:
+                for kernel in await host.request("GET", "/api/kernels"):
+                    if kernel["id"] not in keep:
+                        await host.shutdown(kernel["id"])
+                        stopped += 1
+            except HostConnectionError as e:
+                self.log.warning("Could not look for kernels to stop on %s: %s", host.url, e)
         return stopped
 
     async def stop(self, placement: Placement) -> None:
@@ -352,3 +351,16 @@ def load_backend(name: str) -> type[Backend]:
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
         raise CloudGPUError(f"Pool backend `{name}` ({found[name].value}) is not a Backend.")
     return cls
+
+
+def slot_of(slot_id: str, info: dict[str, Any]) -> Slot:
+    """The slot a host's info (``GET /api/cloudgpu/host``) offers: its GPUs by type, whether
+    they are simulated, how it isolates kernels."""
+    inventory = info["inventory"]
+    total: dict[str, int] = {}
+    for gpu in inventory["gpus"]:
+        total[gpu["type"]] = total.get(gpu["type"], 0) + 1
+    isolation = info.get("isolation") or {}  # absent from hosts before isolation
+    return Slot(slot_id, total, simulated=bool(inventory["simulated"]),
+                isolation=str(isolation.get("mode", "none")),
+                isolated=bool(isolation.get("isolated")))

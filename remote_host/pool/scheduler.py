@@ -122,6 +122,13 @@ class Scheduler:
             for gpu_type in self._types_for(choice):
                 if any(s.total[gpu_type] >= choice.count for s in self._slots_with(gpu_type)):
                     return
+        unheard = [s.id for s in self.slots.values() if s.down and not s.total]
+        if unheard:
+            raise HardwareUnavailableError(
+                f"No host in this pool that answers can give `{spec}`: it has "
+                f"{self.describe() or 'no hosts'}, and {len(unheard)} host(s) it has not "
+                f"heard from yet ({', '.join(unheard)}). Try again once they answer, or ask "
+                f"for hardware it has (`%remote hardware` lists it).")
         raise HardwareUnavailableError(
             f"No host in this pool can ever give `{spec}`: it has {self.describe() or 'no hosts'}."
             f" Ask for hardware it has (`%remote hardware` lists it)."

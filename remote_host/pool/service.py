@@ -141,13 +141,12 @@ class Pool:
             UnisolatedHostError: the pool is shared and a host does not isolate its kernels.
         """
         for slot in await self.backend.start():
-            if self.shared and not slot.isolated and not self.allow_unisolated:
+            refused = self._refusal(slot)
+            if refused:
                 await self.backend.close()
                 raise UnisolatedHostError(
-                    f"Host {slot.id} runs kernels without isolation ({slot.isolation}), and "
-                    f"this pool is shared: one user's code could read another's files and "
-                    f"variables there. Start the host with --isolation=bubblewrap (or "
-                    f"podman, docker), or pass --allow-unisolated to accept that.")
+                    f"{refused}. Start the host with --isolation=bubblewrap (or podman, "
+                    f"docker), or pass --allow-unisolated to accept that.")
             self.scheduler.add_slot(slot)
         await self.reconcile()
         self._tasks = [asyncio.create_task(self._every(self.meter_interval, self.meter)),
@@ -364,9 +363,28 @@ class Pool:
 
     # -- what the backend tells us -----------------------------------------------------------
 
+    def _refusal(self, slot: Slot) -> str | None:
+        """Why this pool takes no kernels on ``slot``, if it does not: the pool is shared
+        and its host does not isolate kernels (a host not heard from yet is judged when it
+        answers)."""
+        if slot.down and not slot.total:
+            return None
+        if self.shared and not slot.isolated and not self.allow_unisolated:
+            return (f"Host {slot.id} runs kernels without isolation ({slot.isolation}), and "
+                    f"this pool is shared: one user's code could read another's files and "
+                    f"variables there")
+        return None
+
     def slots_changed(self, slots: list[Slot]) -> None:
         """The backend's hardware changed (a node joined or left, others took GPUs): show
-        it, and grant what now fits."""
+        it, and grant what now fits. A host a shared pool must refuse is left out."""
+        for slot in slots:
+            refused = self._refusal(slot)
+            if refused:
+                self.log.error("%s: it is left out. Restart it with --isolation=bubblewrap "
+                               "(or podman, docker), or the pool with --allow-unisolated.",
+                               refused)
+        slots = [slot for slot in slots if not self._refusal(slot)]
         gone = self.scheduler.update_slots(slots)
         if gone:
             self.log.info("Slots gone from the backend: %s", ", ".join(gone))

@@ -12,28 +12,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import HostProcess, PoolProcess, wait_until
+from servers import HostFactory, HostProcess, PoolProcess, wait_until
 from tcp_proxy import TcpProxy, ThroughProxy, port_of
 
 from cloudgpu.errors import RemoteKernelDiedError
 from cloudgpu.hardware import parse_spec
+from cloudgpu.host_client import HostClient
 from cloudgpu.session import RemoteSession
 
 pytestmark = pytest.mark.timeout(120)
 
-#: The faults' quick pool (``conftest.FAST_POOL``), keeping one warm A100 kernel.
-WARM_POOL = """\
+#: The faults' quick pool (``conftest.FAST_POOL``), with the warm kernels it keeps.
+QUICK_POOL = """\
 c.PoolApp.cull_interval = 0.3
 c.PoolApp.meter_interval = 0.3
 c.PoolApp.heartbeat_interval = 0.5
 c.PoolApp.disconnected_timeout = 0
-c.PoolApp.warm_kernels = {'A100-80GB': 1}
+c.PoolApp.warm_kernels = {warm}
 """
+WARM_POOL = QUICK_POOL.format(warm="{'A100-80GB': 1}")
 
 
 @contextlib.contextmanager
@@ -145,6 +148,8 @@ def test_a_notebook_reaching_its_kernel_again_after_the_pool_lost_the_host_is_no
     def sink(kind: str, payload: dict[str, Any]) -> None:
         if kind == "output" and payload.get("msg_type") == "stream":
             printed.append(payload["content"]["text"])
+        elif kind == "notice":
+            printed.append(f"[{payload['text']}]")
 
     async def until(done: Callable[[], bool], cell: asyncio.Future[Any]) -> None:
         while not done():
@@ -191,6 +196,90 @@ def test_a_notebook_reaching_its_kernel_again_after_the_pool_lost_the_host_is_no
     finally:
         notebook_path.close()
     assert "the pool says: its machine was lost" in text, text
-    assert "after" not in "".join(printed), printed
+    assert "after" not in "".join(printed), (printed, text)
     wait_until(lambda: not host.kernel_alive(kernel_id), within=60,
                what="the pool stopping the stray kernel once it reaches the host")
+
+
+def test_a_pool_starts_without_a_host_that_does_not_answer_and_adds_it_once_it_does(
+        host_factory: HostFactory, tmp_path: Path) -> None:
+    """One of a static pool's hosts is cut off as the pool (re)starts: the pool starts with
+    the others instead of not at all, and the late host's GPUs join once it answers, after
+    the kernels a previous pool left there are stopped."""
+    hosts = host_factory.start_many({"early": "H100:1", "late": "H200:1"})
+    early, late = hosts["early"], hosts["late"]
+    path = TcpProxy(("127.0.0.1", port_of(late.url)))
+    config = tmp_path / "late_pool_config.py"
+    config.write_text(QUICK_POOL.format(warm="{}"))
+    try:
+        path.block()
+
+        async def leave_a_kernel() -> str:
+            admin = HostClient(late.url, late.token)
+            try:
+                return str((await admin.start_kernel("cpu"))["id"])
+            finally:
+                await admin.aclose()
+
+        left_behind = asyncio.run(leave_a_kernel())
+        pool = PoolProcess(tmp_path, [early, dataclasses.replace(late, url=path.url)], config,
+                           name="late").start()
+        try:
+            def total(gpu: str) -> int:
+                hardware = api(pool, "GET", "/api/hardware")["hardware"]
+                return int(next(h for h in hardware if h["type"] == gpu)["total"] or 0)
+
+            assert (total("H100"), total("H200")) == (1, 0)
+            pool.wait_for_log("does not answer: the pool starts without it")
+            early_ask = pool.request("POST", "/api/sessions", json={"hardware": "H200"})
+            assert early_ask.status_code >= 400, early_ask.text
+            assert "1 host(s) it has not heard from yet" in early_ask.json()["message"]
+            path.unblock()
+            wait_until(lambda: total("H200") == 1, within=60,
+                       what="the late host's GPU joining the pool")
+            pool.wait_for_log("its GPUs join the pool (1x H200); stopped 1 kernel(s) left")
+            assert not late.kernel_alive(left_behind)
+            sid = api(pool, "POST", "/api/sessions", json={"hardware": "H200"})["id"]
+            wait_until(lambda: api(pool, "GET", f"/api/sessions/{sid}")["state"] == "running",
+                       within=60, what="an H200 session running on the late host")
+            assert [g["kernel_id"] for g in late.gpus()] == \
+                [api(pool, "GET", f"/api/sessions/{sid}")["kernel_id"]]
+            api(pool, "DELETE", f"/api/sessions/{sid}")
+        finally:
+            pool.stop()
+    finally:
+        path.close()
+        early.stop()
+        late.stop()
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None,
+                    reason="bubblewrap is not installed (apt-get install bubblewrap)")
+def test_a_shared_pool_leaves_out_a_late_host_that_does_not_isolate_its_kernels(
+        host_factory: HostFactory, tmp_path: Path) -> None:
+    """What a shared pool refuses at its start (a host running kernels unsandboxed), it
+    refuses from a host that joins later too."""
+    sandboxed = host_factory.start("H100:1", name="sandboxed-early",
+                                   args=["--isolation=bubblewrap"])
+    open_host = host_factory.start("H200:1", name="open-late")
+    path = TcpProxy(("127.0.0.1", port_of(open_host.url)))
+    config = tmp_path / "shared_pool_config.py"
+    config.write_text(QUICK_POOL.format(warm="{}"))
+    try:
+        path.block()
+        pool = PoolProcess(tmp_path, [sandboxed, dataclasses.replace(open_host, url=path.url)],
+                           config, name="shared", allow_unisolated=False).start()
+        try:
+            path.unblock()
+            pool.wait_for_log(f"Host {path.url} runs kernels without isolation (none), and "
+                              f"this pool is shared", within=60)
+            pool.wait_for_log("it is left out")
+            hardware = api(pool, "GET", "/api/hardware")["hardware"]
+            h200 = next(h for h in hardware if h["type"] == "H200")
+            assert h200["total"] == 0 and not h200["not_isolated"], h200
+        finally:
+            pool.stop()
+    finally:
+        path.close()
+        sandboxed.stop()
+        open_host.stop()
