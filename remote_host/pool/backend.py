@@ -83,6 +83,9 @@ class BackendEvents(Protocol):
         """A kernel the backend started is gone, for ``reason`` (said to its user).
         ``placement.kernel_id`` may be empty: its ``host_url`` names it then."""
 
+    def kernels(self) -> set[str]:
+        """The kernels the pool's sessions and warm kernels hold now (a sweep keeps them)."""
+
 
 class Backend(LoggingConfigurable):
     """Where a pool's kernels run."""

@@ -179,6 +179,13 @@ class Pool:
         """
         for rec in self.ledger.active():
             if rec.state == "running" and rec.kernel_id:
+                if self._unheard(rec.host_id or ""):
+                    # Its host did not answer the pool's start: the session stays, and the
+                    # heartbeat judges the host (lost after its misses, as any host).
+                    self.log.warning("Session %s stays until its host %s answers, or is "
+                                     "judged lost", rec.id, rec.host_id)
+                    self._keep_running(rec)
+                    continue
                 model = await self._ask_host(rec)
                 end = kernel_end(model)
                 if end is not None:
@@ -186,9 +193,7 @@ class Pool:
                     self._finish(rec, "stopped", f"{end[1]} (while the pool was down)")
                     continue
                 if model is not None:
-                    self.sessions[rec.id] = rec
-                    self.scheduler.allocate(rec.host_id or "", rec.gpu_type or CPU, rec.count or 0)
-                    self._arm_budget(rec)
+                    self._keep_running(rec)
                     continue
                 rec.ended = rec.last_seen or rec.started or rec.created
                 self._finish(rec, "stopped", "its kernel was lost while the pool was down")
@@ -200,10 +205,15 @@ class Pool:
             self.scheduler.enqueue(rec.id, parse_spec(rec.hardware, self.catalog))
         # Kernels a crashed pool left behind (warm ones, or ones started for a session
         # it never recorded as running) hold hardware nobody is billed for: stop them.
-        keep = {r.kernel_id for r in self.sessions.values() if r.kernel_id}
-        swept = await self.backend.sweep(keep)
+        swept = await self.backend.sweep(self.kernels())
         if swept:
             self.log.info("Stopped %d kernel(s) no session owns", swept)
+
+    def _keep_running(self, rec: SessionRecord) -> None:
+        """A running session from the ledger goes on running (its GPUs stay taken)."""
+        self.sessions[rec.id] = rec
+        self.scheduler.allocate(rec.host_id or "", rec.gpu_type or CPU, rec.count or 0)
+        self._arm_budget(rec)
 
     async def _every(self, seconds: float, job: Callable[[], Any]) -> None:
         while True:
@@ -363,11 +373,17 @@ class Pool:
 
     # -- what the backend tells us -----------------------------------------------------------
 
+    def _unheard(self, slot_id: str) -> bool:
+        """Whether the pool has not heard from the slot's host since it started (it is
+        offered with no GPUs until then)."""
+        slot = self.scheduler.slots.get(slot_id)
+        return slot is not None and slot.down and not slot.total
+
     def _refusal(self, slot: Slot) -> str | None:
         """Why this pool takes no kernels on ``slot``, if it does not: the pool is shared
         and its host does not isolate kernels (a host not heard from yet is judged when it
         answers)."""
-        if slot.down and not slot.total:
+        if slot.down and not slot.total:  # not heard from yet
             return None
         if self.shared and not slot.isolated and not self.allow_unisolated:
             return (f"Host {slot.id} runs kernels without isolation ({slot.isolation}), and "
@@ -390,6 +406,12 @@ class Pool:
             self.log.info("Slots gone from the backend: %s", ", ".join(gone))
         self._notify()
         self._dispatch()
+
+    def kernels(self) -> set[str]:
+        """The kernels this pool's sessions and warm kernels hold now."""
+        held = {r.kernel_id for r in self.sessions.values() if r.kernel_id}
+        return held | {placement.kernel_id for ready in self.warm.ready.values()
+                       for placement, _ in ready}
 
     def placement_lost(self, placement: Placement, reason: str) -> None:
         """A kernel the backend started is gone: end its session with the backend's reason."""
@@ -609,7 +631,8 @@ class Pool:
         now = time.time()
         await self._end_holds(now)
         running = [r for r in self.sessions.values() if r.state == "running"]
-        alive = [r for r in running if self.health.healthy(r.host_id or "")]
+        alive = [r for r in running if self.health.healthy(r.host_id or "")
+                 and not self._unheard(r.host_id or "")]
         self.ledger.touch([r.id for r in alive], now)
         for rec in alive:
             rec.last_seen = now
@@ -753,7 +776,9 @@ class Pool:
         if slot_id in self.scheduler.slots:
             self.scheduler.slots[slot_id].down = True
         for rec in lost:
-            rec.ended = max(last_seen, rec.started or last_seen)
+            # (not past its own last sighting: one the pool kept at its start, on a host it
+            # never heard from, was last seen by the pool before)
+            rec.ended = max(min(last_seen, rec.last_seen or last_seen), rec.started or 0)
             await self.stop(rec.id, reason, state="lost")
         for placement in self.warm.forget_slot(slot_id):
             self._unstopped[placement.kernel_id] = placement

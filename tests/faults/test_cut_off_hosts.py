@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,9 @@ def api(pool: PoolProcess, method: str, path: str, **kw: Any) -> dict[str, Any]:
     return response.json()  # type: ignore[no-any-return]
 
 
-def running_h100(pool: PoolProcess) -> dict[str, Any]:
-    """A new H100 session, once it runs."""
-    sid = api(pool, "POST", "/api/sessions", json={"hardware": "H100"})["id"]
+def running_session(pool: PoolProcess, hardware: str) -> dict[str, Any]:
+    """A new session on ``hardware``, once it runs."""
+    sid = api(pool, "POST", "/api/sessions", json={"hardware": hardware})["id"]
     view: dict[str, Any] = {}
 
     def started() -> bool:
@@ -98,7 +99,7 @@ def held_by(host: HostProcess, kernel_id: str) -> int:
 
 def test_a_session_stopped_while_its_host_is_cut_off_has_its_kernel_stopped_after(
         proxied_pool: PoolProcess, proxy: TcpProxy, host: HostProcess) -> None:
-    view = running_h100(proxied_pool)
+    view = running_session(proxied_pool, "H100")
     kernel_id = view["kernel_id"]
     assert held_by(host, kernel_id) == 1
     with proxy.outage():
@@ -115,7 +116,7 @@ def test_a_session_stopped_while_its_host_is_cut_off_has_its_kernel_stopped_afte
 def test_the_kernels_of_a_host_judged_lost_are_stopped_when_it_answers_again(
         tmp_path: Path, host: HostProcess) -> None:
     with warm_pool_behind_its_own_proxy(tmp_path, host) as (pool, proxy):
-        view = running_h100(pool)
+        view = running_session(pool, "H100")
         kernel_id, sid = view["kernel_id"], view["id"]
         warm = warm_kernel(host)
         with proxy.outage():
@@ -129,7 +130,7 @@ def test_the_kernels_of_a_host_judged_lost_are_stopped_when_it_answers_again(
                                    "kernel once the host answered")
         assert held_by(host, kernel_id) == 0
         # The host takes sessions again, on the GPU the stray kernel held.
-        again = running_h100(pool)
+        again = running_session(pool, "H100")
         api(pool, "DELETE", f"/api/sessions/{again['id']}")
 
 
@@ -203,16 +204,23 @@ def test_a_notebook_reaching_its_kernel_again_after_the_pool_lost_the_host_is_no
 
 def test_a_pool_starts_without_a_host_that_does_not_answer_and_adds_it_once_it_does(
         host_factory: HostFactory, tmp_path: Path) -> None:
-    """One of a static pool's hosts is cut off as the pool (re)starts: the pool starts with
-    the others instead of not at all, and the late host's GPUs join once it answers, after
-    the kernels a previous pool left there are stopped."""
+    """A static pool is killed, and restarts while one of its hosts is cut off: it starts
+    with the others instead of not at all, keeps the session it had there (its heartbeat
+    judges the host, as ever), and the late host's GPUs join once it answers, after the
+    kernels left there that no session holds are stopped."""
     hosts = host_factory.start_many({"early": "H100:1", "late": "H200:1"})
     early, late = hosts["early"], hosts["late"]
     path = TcpProxy(("127.0.0.1", port_of(late.url)))
     config = tmp_path / "late_pool_config.py"
-    config.write_text(QUICK_POOL.format(warm="{}"))
+    # Misses enough that the pool does not judge the late host lost within the test.
+    config.write_text(QUICK_POOL.format(warm="{}") + "c.PoolApp.heartbeat_misses = 1000\n")
+    listed = [early, dataclasses.replace(late, url=path.url)]
     try:
-        path.block()
+        first = PoolProcess(tmp_path, listed, config, name="first").start()
+        try:
+            kept = running_session(first, "H200")
+        finally:
+            first.kill()
 
         async def leave_a_kernel() -> str:
             admin = HostClient(late.url, late.token)
@@ -222,8 +230,8 @@ def test_a_pool_starts_without_a_host_that_does_not_answer_and_adds_it_once_it_d
                 await admin.aclose()
 
         left_behind = asyncio.run(leave_a_kernel())
-        pool = PoolProcess(tmp_path, [early, dataclasses.replace(late, url=path.url)], config,
-                           name="late").start()
+        path.block()
+        pool = PoolProcess(tmp_path, listed, config, name="late", db=first.db).start()
         try:
             def total(gpu: str) -> int:
                 hardware = api(pool, "GET", "/api/hardware")["hardware"]
@@ -231,7 +239,8 @@ def test_a_pool_starts_without_a_host_that_does_not_answer_and_adds_it_once_it_d
 
             assert (total("H100"), total("H200")) == (1, 0)
             pool.wait_for_log("does not answer: the pool starts without it")
-            early_ask = pool.request("POST", "/api/sessions", json={"hardware": "H200"})
+            assert api(pool, "GET", f"/api/sessions/{kept['id']}")["state"] == "running"
+            early_ask = pool.request("POST", "/api/sessions", json={"hardware": "H200:2"})
             assert early_ask.status_code >= 400, early_ask.text
             assert "1 host(s) it has not heard from yet" in early_ask.json()["message"]
             path.unblock()
@@ -239,18 +248,50 @@ def test_a_pool_starts_without_a_host_that_does_not_answer_and_adds_it_once_it_d
                        what="the late host's GPU joining the pool")
             pool.wait_for_log("its GPUs join the pool (1x H200); stopped 1 kernel(s) left")
             assert not late.kernel_alive(left_behind)
-            sid = api(pool, "POST", "/api/sessions", json={"hardware": "H200"})["id"]
-            wait_until(lambda: api(pool, "GET", f"/api/sessions/{sid}")["state"] == "running",
-                       within=60, what="an H200 session running on the late host")
-            assert [g["kernel_id"] for g in late.gpus()] == \
-                [api(pool, "GET", f"/api/sessions/{sid}")["kernel_id"]]
-            api(pool, "DELETE", f"/api/sessions/{sid}")
+            assert late.kernel_alive(kept["kernel_id"])
+            assert api(pool, "GET", f"/api/sessions/{kept['id']}")["state"] == "running"
+            api(pool, "DELETE", f"/api/sessions/{kept['id']}")
+            again = running_session(pool, "H200")
+            assert [g["kernel_id"] for g in late.gpus()] == [again["kernel_id"]]
+            api(pool, "DELETE", f"/api/sessions/{again['id']}")
         finally:
             pool.stop()
     finally:
         path.close()
         early.stop()
         late.stop()
+
+
+def test_a_session_kept_for_a_host_that_never_answers_is_lost_at_its_last_sighting(
+        host_factory: HostFactory, tmp_path: Path) -> None:
+    """The late host never comes back: the pool judges it lost, as any host, and bills the
+    session it kept to when the pool last saw it, not to the restart."""
+    hosts = host_factory.start_many({"early2": "H100:1", "gone": "H200:1"})
+    path = TcpProxy(("127.0.0.1", port_of(hosts["gone"].url)))
+    config = tmp_path / "gone_pool_config.py"
+    config.write_text(QUICK_POOL.format(warm="{}"))
+    listed = [hosts["early2"], dataclasses.replace(hosts["gone"], url=path.url)]
+    try:
+        first = PoolProcess(tmp_path, listed, config, name="before").start()
+        try:
+            kept = running_session(first, "H200")
+        finally:
+            first.kill()
+        path.block()
+        restarted = time.time()
+        pool = PoolProcess(tmp_path, listed, config, name="after", db=first.db).start()
+        try:
+            wait_until(lambda: api(pool, "GET", f"/api/sessions/{kept['id']}")["state"]
+                       == "lost", within=60, what="the pool judging the silent host lost")
+            view = api(pool, "GET", f"/api/sessions/{kept['id']}")
+            assert view["stop_reason"].startswith("its machine was lost"), view
+            assert view["ended"] < restarted, (view["ended"], restarted)
+        finally:
+            pool.stop()
+    finally:
+        path.close()
+        for host in hosts.values():
+            host.stop()
 
 
 @pytest.mark.skipif(shutil.which("bwrap") is None,

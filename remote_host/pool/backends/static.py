@@ -64,9 +64,8 @@ class StaticBackend(HostsBackend):
         return list(self._slots.values())
 
     async def heartbeat(self) -> dict[str, dict[str, Any] | None]:
-        """Each host's info; a host that answers for the first time joins the pool (after
-        the kernels a previous pool left there are stopped: none can be a session's, since
-        the pool ended the sessions it could not ask about)."""
+        """Each host's info; a host that answers for the first time joins the pool, after
+        the kernels a previous pool left there that no session holds are stopped."""
         answers = await super().heartbeat()
         joined = [slot_id for slot_id in self._absent if answers.get(slot_id) is not None]
         for slot_id in joined:
@@ -75,7 +74,8 @@ class StaticBackend(HostsBackend):
             except (KeyError, TypeError) as e:
                 self.log.warning("Host %s answered without an inventory (%s)", slot_id, e)
                 continue
-            stopped = await self.sweep(set(), [slot_id])
+            keep = self.events.kernels() if self.events is not None else set()
+            stopped = await self.sweep(keep, [slot_id])
             self._absent.discard(slot_id)
             self._slots[slot_id] = slot
             self.log.warning("Host %s answers: its GPUs join the pool (%s)%s", slot_id,
