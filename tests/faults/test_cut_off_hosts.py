@@ -202,58 +202,40 @@ def test_a_notebook_reaching_its_kernel_again_after_the_pool_lost_the_host_is_no
                what="the pool stopping the stray kernel once it reaches the host")
 
 
-def test_a_pool_starts_without_a_host_that_does_not_answer_and_adds_it_once_it_does(
-        host_factory: HostFactory, tmp_path: Path) -> None:
-    """A static pool is killed, and restarts while one of its hosts is cut off: it starts
-    with the others instead of not at all, keeps the session it had there (its heartbeat
-    judges the host, as ever), and the late host's GPUs join once it answers, after the
-    kernels left there that no session holds are stopped."""
-    hosts = host_factory.start_many({"early": "H100:1", "late": "H200:1"})
-    early, late = hosts["early"], hosts["late"]
+@dataclasses.dataclass
+class Restart:
+    """A pool started again while one of its hosts is cut off."""
+
+    pool: PoolProcess
+    kept: dict[str, Any]  # the session the pool ran on the late host before
+    late: HostProcess
+    path: TcpProxy  # the pool's way to the late host
+    began: float  # when the pool started again
+
+
+@contextlib.contextmanager
+def restarted_without_its_late_host(host_factory: HostFactory, tmp: Path, name: str,
+                                    config: str = "") -> Iterator[Restart]:
+    """Two hosts: ``{name}-early`` (H100) and ``{name}-late`` (H200, reached through a
+    proxy). A static pool that runs an H200 session on the late one is killed, and starts
+    again on its ledger while the proxy is blocked."""
+    hosts = host_factory.start_many({f"{name}-early": "H100:1", f"{name}-late": "H200:1"})
+    early, late = hosts[f"{name}-early"], hosts[f"{name}-late"]
     path = TcpProxy(("127.0.0.1", port_of(late.url)))
-    config = tmp_path / "late_pool_config.py"
-    # Misses enough that the pool does not judge the late host lost within the test.
-    config.write_text(QUICK_POOL.format(warm="{}") + "c.PoolApp.heartbeat_misses = 1000\n")
+    config_file = tmp / f"{name}_pool_config.py"
+    config_file.write_text(QUICK_POOL.format(warm="{}") + config)
     listed = [early, dataclasses.replace(late, url=path.url)]
     try:
-        first = PoolProcess(tmp_path, listed, config, name="first").start()
+        first = PoolProcess(tmp, listed, config_file, name=f"{name}-before").start()
         try:
             kept = running_session(first, "H200")
         finally:
             first.kill()
-
-        async def leave_a_kernel() -> str:
-            admin = HostClient(late.url, late.token)
-            try:
-                return str((await admin.start_kernel("cpu"))["id"])
-            finally:
-                await admin.aclose()
-
-        left_behind = asyncio.run(leave_a_kernel())
         path.block()
-        pool = PoolProcess(tmp_path, listed, config, name="late", db=first.db).start()
+        began = time.time()
+        pool = PoolProcess(tmp, listed, config_file, name=f"{name}-after", db=first.db).start()
         try:
-            def total(gpu: str) -> int:
-                hardware = api(pool, "GET", "/api/hardware")["hardware"]
-                return int(next(h for h in hardware if h["type"] == gpu)["total"] or 0)
-
-            assert (total("H100"), total("H200")) == (1, 0)
-            pool.wait_for_log("does not answer: the pool starts without it")
-            assert api(pool, "GET", f"/api/sessions/{kept['id']}")["state"] == "running"
-            early_ask = pool.request("POST", "/api/sessions", json={"hardware": "H200:2"})
-            assert early_ask.status_code >= 400, early_ask.text
-            assert "1 host(s) it has not heard from yet" in early_ask.json()["message"]
-            path.unblock()
-            wait_until(lambda: total("H200") == 1, within=60,
-                       what="the late host's GPU joining the pool")
-            pool.wait_for_log("its GPUs join the pool (1x H200); stopped 1 kernel(s) left")
-            assert not late.kernel_alive(left_behind)
-            assert late.kernel_alive(kept["kernel_id"])
-            assert api(pool, "GET", f"/api/sessions/{kept['id']}")["state"] == "running"
-            api(pool, "DELETE", f"/api/sessions/{kept['id']}")
-            again = running_session(pool, "H200")
-            assert [g["kernel_id"] for g in late.gpus()] == [again["kernel_id"]]
-            api(pool, "DELETE", f"/api/sessions/{again['id']}")
+            yield Restart(pool, kept, late, path, began)
         finally:
             pool.stop()
     finally:
@@ -262,36 +244,59 @@ def test_a_pool_starts_without_a_host_that_does_not_answer_and_adds_it_once_it_d
         late.stop()
 
 
+def test_a_pool_starts_without_a_host_that_does_not_answer_and_adds_it_once_it_does(
+        host_factory: HostFactory, tmp_path: Path) -> None:
+    """A static pool restarts while one of its hosts is cut off: it starts with the others
+    instead of not at all, keeps the session it had there (its heartbeat judges the host,
+    as ever), and the late host's GPUs join once it answers, after the kernels left there
+    that no session holds are stopped."""
+    # Misses enough that the pool does not judge the late host lost within the test.
+    with restarted_without_its_late_host(host_factory, tmp_path, "late",
+                                         "c.PoolApp.heartbeat_misses = 1000\n") as it:
+        pool, kept = it.pool, it.kept
+
+        async def leave_a_kernel() -> str:  # behind the pool's back
+            admin = HostClient(it.late.url, it.late.token)
+            try:
+                return str((await admin.start_kernel("cpu"))["id"])
+            finally:
+                await admin.aclose()
+
+        left_behind = asyncio.run(leave_a_kernel())
+
+        def total(gpu: str) -> int:
+            hardware = api(pool, "GET", "/api/hardware")["hardware"]
+            return int(next(h for h in hardware if h["type"] == gpu)["total"] or 0)
+
+        assert (total("H100"), total("H200")) == (1, 0)
+        pool.wait_for_log("does not answer: the pool starts without it")
+        assert api(pool, "GET", f"/api/sessions/{kept['id']}")["state"] == "running"
+        early_ask = pool.request("POST", "/api/sessions", json={"hardware": "H200:2"})
+        assert early_ask.status_code >= 400, early_ask.text
+        assert "1 host(s) it has not heard from yet" in early_ask.json()["message"]
+        it.path.unblock()
+        wait_until(lambda: total("H200") == 1, within=60,
+                   what="the late host's GPU joining the pool")
+        pool.wait_for_log("its GPUs join the pool (1x H200); stopped 1 kernel(s) left")
+        assert not it.late.kernel_alive(left_behind)
+        assert it.late.kernel_alive(kept["kernel_id"])
+        assert api(pool, "GET", f"/api/sessions/{kept['id']}")["state"] == "running"
+        api(pool, "DELETE", f"/api/sessions/{kept['id']}")
+        again = running_session(pool, "H200")
+        assert [g["kernel_id"] for g in it.late.gpus()] == [again["kernel_id"]]
+        api(pool, "DELETE", f"/api/sessions/{again['id']}")
+
+
 def test_a_session_kept_for_a_host_that_never_answers_is_lost_at_its_last_sighting(
         host_factory: HostFactory, tmp_path: Path) -> None:
     """The late host never comes back: the pool judges it lost, as any host, and bills the
     session it kept to when the pool last saw it, not to the restart."""
-    hosts = host_factory.start_many({"early2": "H100:1", "gone": "H200:1"})
-    path = TcpProxy(("127.0.0.1", port_of(hosts["gone"].url)))
-    config = tmp_path / "gone_pool_config.py"
-    config.write_text(QUICK_POOL.format(warm="{}"))
-    listed = [hosts["early2"], dataclasses.replace(hosts["gone"], url=path.url)]
-    try:
-        first = PoolProcess(tmp_path, listed, config, name="before").start()
-        try:
-            kept = running_session(first, "H200")
-        finally:
-            first.kill()
-        path.block()
-        restarted = time.time()
-        pool = PoolProcess(tmp_path, listed, config, name="after", db=first.db).start()
-        try:
-            wait_until(lambda: api(pool, "GET", f"/api/sessions/{kept['id']}")["state"]
-                       == "lost", within=60, what="the pool judging the silent host lost")
-            view = api(pool, "GET", f"/api/sessions/{kept['id']}")
-            assert view["stop_reason"].startswith("its machine was lost"), view
-            assert view["ended"] < restarted, (view["ended"], restarted)
-        finally:
-            pool.stop()
-    finally:
-        path.close()
-        for host in hosts.values():
-            host.stop()
+    with restarted_without_its_late_host(host_factory, tmp_path, "gone") as it:
+        wait_until(lambda: api(it.pool, "GET", f"/api/sessions/{it.kept['id']}")["state"]
+                   == "lost", within=60, what="the pool judging the silent host lost")
+        view = api(it.pool, "GET", f"/api/sessions/{it.kept['id']}")
+        assert view["stop_reason"].startswith("its machine was lost"), view
+        assert view["ended"] < it.began, (view["ended"], it.began)
 
 
 @pytest.mark.skipif(shutil.which("bwrap") is None,
