@@ -420,6 +420,10 @@ class Client:
         """Live GPU readings of this user's running sessions, by session id."""
         return await (await self.get_provider()).metrics()
 
+    async def user_session(self, session_id: str) -> dict[str, Any]:
+        """One of this user's sessions by id, active or ended (``stop_reason`` says why)."""
+        return await (await self.get_provider()).session(session_id)
+
     async def stop_session(self, session_id: str) -> dict[str, Any]:
         """Stop one of this user's sessions by id (one another process may hold)."""
         return await (await self.get_provider()).stop(session_id)

@@ -254,6 +254,10 @@ class PoolProvider(SessionProvider):
         """Live readings of your running sessions (``GET /api/metrics``)."""
         return await self.pool.metrics()
 
+    async def session(self, session_id: str) -> dict[str, Any]:
+        """One of your sessions, active or ended (``GET /api/sessions/{id}``)."""
+        return await self.pool.session(session_id)
+
     async def stop(self, session_id: str) -> dict[str, Any]:
         """Stop one of your sessions (``DELETE /api/sessions/{id}``)."""
         return await self.pool.delete(session_id)

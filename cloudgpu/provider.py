@@ -134,6 +134,15 @@ class SessionProvider(abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} holds nothing to claim.")
 
+    async def session(self, session_id: str) -> dict[str, Any]:
+        """One of the user's sessions by id, active or ended (``state``, ``stop_reason``),
+        as the pool's REST API shows it.
+
+        Raises:
+            SessionNotFoundError: no such session of this user.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot look sessions up by id.")
+
     async def stop(self, session_id: str) -> dict[str, Any]:
         """Stop one of the user's sessions by id, whoever holds it; returns it as it ended.
 

@@ -139,7 +139,16 @@ class SessionsHandler(CloudGPUAPIHandler):
 
 
 class SessionHandler(CloudGPUAPIHandler):
-    """``DELETE /cloudgpu/api/sessions/{id}``: stop that session and free its hardware."""
+    """``GET /cloudgpu/api/sessions/{id}``: that session, active or ended (its
+    ``stop_reason``); ``DELETE``: stop it and free its hardware."""
+
+    @web.authenticated
+    async def get(self, session_id: str) -> None:
+        async def produce() -> dict[str, Any]:
+            found = await self.link.call(lambda c: c.user_session(session_id))
+            return {"session": session_view(found, None, self.root_dir, time.time())}
+
+        await self.answer(produce)
 
     @web.authenticated
     async def delete(self, session_id: str) -> None:

@@ -19,7 +19,7 @@ from servers import LabProcess, wait_until
 from cloudgpu._localpool import local_pool
 
 ENDPOINTS = [("GET", "status"), ("GET", "hardware"), ("GET", "sessions"), ("GET", "metrics"),
-             ("DELETE", "sessions/0123456789abcdef")]
+             ("GET", "sessions/0123456789abcdef"), ("DELETE", "sessions/0123456789abcdef")]
 API = "/cloudgpu/api/"
 #: One CPU-second of work in the remote kernel, however loaded this machine is.
 BUSY = ("import time\n"
@@ -154,8 +154,14 @@ def test_delete_stops_a_session_and_an_unknown_one_is_404(
     assert response.json()["session"]["id"] == a100["id"]
     left = [s["id"] for s in _status(lab)["sessions"]]
     assert a100["id"] not in left
+    # Asked after its end, it says why it ended (the panel tells what the pool stopped).
+    ended = lab.request("GET", API + f"sessions/{a100['id']}")
+    assert ended.status_code == 200, ended.text
+    assert ended.json()["session"]["stop_reason"] == "stopped by its owner", ended.text
+    assert "token" not in ended.json()["session"]
     missing = lab.request("DELETE", API + "sessions/0123456789abcdef")
     assert missing.status_code == 404
+    assert lab.request("GET", API + "sessions/0123456789abcdef").status_code == 404
     assert missing.json()["error"] == "SessionNotFoundError" and missing.json()["message"]
     # The notebook's next A100 cell says why its session ended and gets a new one.
     again = ok(two_remote_sessions["kernel"], "%%remote gpu=A100-80GB --no-pull\nz = 2",

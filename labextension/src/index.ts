@@ -4,6 +4,7 @@
  * server extension (`<base_url>/cloudgpu/api/`).
  */
 import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
+import { Notification } from '@jupyterlab/apputils';
 import { DocumentRegistry } from '@jupyterlab/docregistry';
 import { INotebookModel, INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
@@ -78,6 +79,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
         panel.parent = null;
       }
     };
+
+    model.ended.connect((_, notice) => {
+      Notification.warning(notice, { autoClose: false });
+    });
 
     const status = new CostStatus(model);
     status.notebook = tracker.currentWidget;

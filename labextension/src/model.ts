@@ -6,8 +6,8 @@
 import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
 
-import { fetchHardware, fetchStatus, stopSession } from './api';
-import { History, IHardwareList, IStatus } from './state';
+import { fetchHardware, fetchSession, fetchStatus, stopSession } from './api';
+import { endedNotice, History, IHardwareList, ISession, IStatus, vanished } from './state';
 
 /** Hardware changes rarely (prices, free counts): asked at most this often, in ms. */
 const HARDWARE_EVERY = 10_000;
@@ -46,6 +46,12 @@ export class CloudGPUModel {
     return this._changed;
   }
 
+  /** Emitted with a sentence when the pool stopped one of the user's sessions (a budget,
+   * idleness, a lost machine, no notebook connected), not when the user did. */
+  get ended(): ISignal<this, string> {
+    return this._ended;
+  }
+
   /** Poll every `seconds` from now on. */
   setInterval(seconds: number): void {
     this._poll.frequency = { ...this._poll.frequency, interval: seconds * 1000 };
@@ -69,8 +75,10 @@ export class CloudGPUModel {
       if (due) {
         this._hardwareAt = Date.now();
       }
+      const gone = this._status ? vanished(this._status.sessions, status.sessions, this._stoppedHere) : [];
       this._status = status;
       this._hardware = hardware;
+      void this._tellWhy(gone);
       this._error = null;
       this.history.record(status.sessions);
     } catch (error) {
@@ -83,8 +91,30 @@ export class CloudGPUModel {
 
   /** Stop a session at the pool, then refresh. */
   async stop(id: string): Promise<void> {
-    await stopSession(id);
+    this._stoppedHere.add(id);
+    try {
+      await stopSession(id);
+    } catch (error) {
+      this._stoppedHere.delete(id);
+      throw error;
+    }
     await this.refreshNow();
+  }
+
+  /** Ask why each session that left the list ended, and say so where the pool stopped it. */
+  private async _tellWhy(gone: ISession[]): Promise<void> {
+    for (const session of gone) {
+      let ended: ISession;
+      try {
+        ended = await fetchSession(session.id);
+      } catch {
+        continue; // not found any more, or the server is away: nothing sure to say
+      }
+      const notice = endedNotice({ ...ended, path: ended.path ?? session.path });
+      if (notice) {
+        this._ended.emit(notice);
+      }
+    }
   }
 
   dispose(): void {
@@ -97,4 +127,6 @@ export class CloudGPUModel {
   private _hardwareAt = 0;
   private _error: string | null = null;
   private _changed = new Signal<this, void>(this);
+  private _ended = new Signal<this, string>(this);
+  private _stoppedHere = new Set<string>();
 }

@@ -41,6 +41,8 @@ export interface ISession {
   warnings: string[];
   /** No notebook is connected to it: for how long, and what the pool does about it. */
   away: string | null;
+  /** Why it ended, once it did (null while it is active). */
+  stop_reason: string | null;
   notebook: string | null;
   /** The notebook's path as JupyterLab names it, or null. */
   path: string | null;
@@ -80,6 +82,27 @@ export interface IHardwareList {
 }
 
 /** The sessions of the notebook at `path` (both its Cloud GPU kernel's and its `%%remote` cells'). */
+/** What the pool says when a session is stopped at its owner's word, by hand or by a
+ * notebook that released it: nothing to tell its owner about. */
+export const OWNER_STOP = 'stopped by its owner';
+
+/** The sessions of `before` that `now` no longer lists, less those in `stoppedHere`. */
+export function vanished(before: ISession[], now: ISession[], stoppedHere: Set<string>): ISession[] {
+  const still = new Set(now.map(s => s.id));
+  return before.filter(s => !still.has(s.id) && !stoppedHere.has(s.id));
+}
+
+/** What to tell the user about a session that ended (its view after the end): why the
+ * pool stopped it, or null when its owner did, or when it did not end. */
+export function endedNotice(ended: ISession): string | null {
+  const reason = ended.stop_reason;
+  if (!reason || reason === OWNER_STOP) {
+    return null;
+  }
+  const where = ended.path ? ` (${ended.path})` : '';
+  return `cloudgpu: the ${ended.display} session${where} was stopped: ${reason}.`;
+}
+
 export function sessionsFor(status: IStatus | null, path: string | null): ISession[] {
   if (!status || !path) {
     return [];

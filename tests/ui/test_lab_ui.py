@@ -5,8 +5,9 @@ GPUs).
 One notebook, one page load: pick H100 in the toolbar's picker (the Cloud GPU kernel switches
 there), run a cell there, watch the status bar's cost rise, find the session in the sidebar
 panel and stop it there; a second session, whose client went away mid-cell, says on its card
-that no notebook is connected. Screenshots of the picker, the status bar and the panel (light and
-dark themes) are saved under tests/ui/screenshots/ for a person to look at.
+that no notebook is connected, and once the pool stops it, the lab says why. Screenshots
+of the picker, the status bar, the panel (light and dark themes) and that notice are saved
+under tests/ui/screenshots/ for a person to look at.
 """
 
 from __future__ import annotations
@@ -165,14 +166,24 @@ def test_pick_h100_run_a_cell_watch_cost_and_stop_it_in_the_panel_simulated(
         panel.screenshot(path=SCREENSHOTS / "panel-dark.png")
         page.screenshot(path=SCREENSHOTS / "lab-dark.png")
 
-        # Stop both there: the cards go, and the pool has no session for the notebook.
-        away.locator(".jp-cloudgpu-session-stop").click()
+        # Its cell ends: the pool stops it (no notebook came back), and the lab says why.
+        (tmp_path / "release").write_text("1")
         expect(away).to_have_count(0, timeout=60_000)
+        told = page.get_by_text(re.compile(
+            r"cloudgpu: the CPU session was stopped: no notebook was connected to it"))
+        expect(told).to_have_count(1, timeout=30_000)
+        told.locator("xpath=ancestor::*[contains(@class, 'Toastify__toast')][1]").screenshot(
+            path=SCREENSHOTS / "stopped-notice.png")
+
+        # Stop the H100 one there: the card goes, and the pool has no session for the
+        # notebook; the user stopped it, so nothing is said about it.
         card.locator(".jp-cloudgpu-session-stop").click()
         expect(card).to_have_count(0, timeout=60_000)
         left = lab.request("GET", "/cloudgpu/api/status").json()["sessions"]
         assert [s for s in left if s["path"] == notebook] == []
         expect(status).not_to_contain_text("H100", timeout=30_000)
+        expect(page.get_by_text(re.compile("H100 \\(simulated\\) session .*was stopped"))
+               ).to_have_count(0)
     except Exception:
         page.screenshot(path=SCREENSHOTS / "failure.png")
         print("\n".join(page.console_lines))  # type: ignore[attr-defined]

@@ -1,5 +1,6 @@
 import {
   budgetLevel,
+  endedNotice,
   History,
   IHardware,
   ISession,
@@ -10,7 +11,8 @@ import {
   sessionsFor,
   summarize,
   switchCommand,
-  utilizationOf
+  utilizationOf,
+  vanished
 } from '../state';
 
 function session(overrides: Partial<ISession> = {}): ISession {
@@ -29,6 +31,7 @@ function session(overrides: Partial<ISession> = {}): ISession {
     max_cost: null,
     warnings: [],
     away: null,
+    stop_reason: null,
     notebook: '/home/me/work/a.ipynb',
     path: 'work/a.ipynb',
     simulated: true,
@@ -157,5 +160,27 @@ describe('History', () => {
     expect(history.values('a1')).toEqual([20, 30, 40]);
     history.record([]);
     expect(history.values('a1')).toEqual([]);
+  });
+});
+
+describe('sessions the pool stopped', () => {
+  it('are those that left the list, less the ones stopped here', () => {
+    const [a, b, c] = [session({ id: 'a' }), session({ id: 'b' }), session({ id: 'c' })];
+    expect(vanished([a, b, c], [b], new Set()).map(s => s.id)).toEqual(['a', 'c']);
+    expect(vanished([a, b, c], [b], new Set(['c'])).map(s => s.id)).toEqual(['a']);
+    expect(vanished([], [a], new Set())).toEqual([]);
+  });
+
+  it("say why, unless the owner stopped it or it did not end", () => {
+    const idle = session({ stop_reason: 'idle: nothing ran for 15 min (idle_timeout 15 min)' });
+    expect(endedNotice(idle)).toBe(
+      'cloudgpu: the 1x H100 (simulated) session (work/a.ipynb) was stopped: idle: nothing ' +
+        'ran for 15 min (idle_timeout 15 min).'
+    );
+    expect(endedNotice(session({ path: null, stop_reason: 'its machine was lost' }))).toBe(
+      'cloudgpu: the 1x H100 (simulated) session was stopped: its machine was lost.'
+    );
+    expect(endedNotice(session({ stop_reason: 'stopped by its owner' }))).toBeNull();
+    expect(endedNotice(session())).toBeNull();
   });
 });
