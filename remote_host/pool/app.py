@@ -103,7 +103,8 @@ class PoolApp(Application):
     backend = Unicode("local", help="Backend name (`cloudgpu.backends` entry point): local, "
                       "static, ray, ...").tag(config=True)
     hosts = Unicode("", help="Comma-separated host URLs for the static backend, each "
-                    "`http://HOST:PORT?token=T`.").tag(config=True)
+                    "`http://HOST:PORT?token=T`. One that does not answer at the start "
+                    "joins once it does.").tag(config=True)
     db = Unicode(help="The SQLite ledger file.").tag(config=True)
     idle_timeout = Float(900.0, help="Seconds a session may sit idle before it is stopped "
                          "and its hardware freed (0: never). Per session: idle_timeout=.").tag(

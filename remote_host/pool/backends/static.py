@@ -25,7 +25,8 @@ class StaticBackend(HostsBackend):
     hosts_urls = List(
         Unicode(),
         help="Host URLs, each with its token: `http://10.0.0.5:8899?token=T`, or without "
-        "`?token=` when --StaticBackend.token applies to all.",
+        "`?token=` when --StaticBackend.token applies to all. A host that does not answer "
+        "when the pool starts joins once it does (only none answering is an error).",
     ).tag(config=True)
     token = Unicode("", help="The host token for hosts listed without one.").tag(config=True)
 
