@@ -137,7 +137,10 @@ class Soak:
             live = [s for s in self.client.sessions.values() if s.alive and s.remote]
             if live:
                 victim = self.random.choice(live)
-                os.kill(int(victim.remote["pid"]), signal.SIGKILL)
+                try:
+                    os.kill(int(victim.remote["pid"]), signal.SIGKILL)
+                except ProcessLookupError:
+                    continue  # killed before, and its client has not heard yet
                 self.tally.kills += 1
 
 

@@ -244,8 +244,9 @@ class KernelConnection:
                     f"The host at {host.url} refused our token for kernel {kernel_id} "
                     f"({status}): {message}") from e
             if status == 404:
+                said = f" ({message})" if message and message != "Not Found" else ""
                 raise RemoteKernelDiedError(
-                    f"The host at {host.url} has no kernel {kernel_id} any more.") from e
+                    f"The host at {host.url} has no kernel {kernel_id} any more{said}.") from e
             raise HostConnectionError(
                 f"The host at {host.url} refused the websocket for kernel {kernel_id}: "
                 f"HTTP {status}: {message}"

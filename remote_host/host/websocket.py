@@ -13,6 +13,7 @@ import struct
 from typing import Any
 
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
+from tornado import web
 from tornado.websocket import WebSocketClosedError
 
 from cloudgpu._wire import SUBPROTOCOL, v1_offsets
@@ -22,6 +23,7 @@ from .replay import Frame, ReplaySession, frame_size, v1_frame
 __all__ = ["HostWebsocketConnection"]
 
 _DIRECT_MIN = 1 << 20  # messages this big skip the copies (see write_frame)
+_DEATH_LOOK = 0.1  # seconds between looks for the kernel's end while a client waits to open
 
 
 class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
@@ -34,6 +36,10 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
       variable chunk was most of the host's work (35% in tornado's frame copy, by py-spy).
     - With ``cloudgpu_since``, the connection attaches to the session's
       :class:`~.replay.ReplaySession` instead of opening channels of its own.
+    - A kernel that ends while a client waits to open (its process died just before, and
+      the host noticed only after the client came) is refused with 404 and how it ended,
+      instead of holding the client for ``kernel_info_timeout`` (60 s) on a kernel that
+      will never answer.
     """
 
     replay: ReplaySession | None = None
@@ -46,6 +52,19 @@ class HostWebsocketConnection(ZMQChannelsWebsocketConnection):
             return max(int(text), 0)
         except ValueError:
             return None
+
+    async def prepare(self) -> None:
+        """Wait for the kernel to answer, as Jupyter does, or for it to end (404)."""
+        waiting = asyncio.ensure_future(super().prepare())
+        ended = self.multi_kernel_manager.ended
+        while not waiting.done():
+            await asyncio.wait([waiting], timeout=_DEATH_LOOK)
+            how = ended.get(self.kernel_id)
+            if how is not None and not waiting.done():
+                waiting.cancel()
+                raise web.HTTPError(404, reason=f"Kernel {self.kernel_id} ended: "
+                                    f"{how.get('reason') or how.get('state')}")
+        waiting.result()
 
     def connect(self) -> Any:
         """Connect to the kernel's ZMQ channels (the session's own, when it replays)."""

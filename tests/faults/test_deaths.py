@@ -10,6 +10,8 @@ releasing), at a moment the test sees (a line of output arriving).
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -23,6 +25,8 @@ from kernel_driver import CLIENT, Message, ok, run, start_kernel, stop_kernel, v
 from servers import HostFactory, HostProcess, PoolProcess, wait_until
 
 from cloudgpu._format import away as away_text
+from cloudgpu.errors import RemoteKernelDiedError
+from cloudgpu.host_client import HostClient
 from cloudgpu.provider import Grant
 from cloudgpu.session import RemoteSession
 
@@ -106,6 +110,52 @@ def test_a_dead_remote_kernel_fails_the_cell_frees_its_simulated_gpu_and_stops_b
     again = ok(kc, "%%remote gpu=H100\nprint('fresh')", timeout=90)
     assert again.stream() == "fresh\n"
     assert session_of(kc, "H100") != first
+
+
+def _dead(pid: int) -> bool:
+    """Whether process ``pid`` ended (gone, or a zombie its parent has not reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def test_a_connection_opened_as_its_kernel_dies_is_refused_once_the_host_notices(
+        host: HostProcess) -> None:
+    """A client connects to a kernel whose process was just killed (the OOM killer, say),
+    before the host noticed: the host refuses the connection as soon as it notices, saying
+    how the kernel ended, instead of holding the client for Jupyter's 60 s
+    ``kernel_info_timeout`` (a notebook reconnecting then learnt of the death that late)."""
+    async def go() -> list[str]:
+        admin = HostClient(host.url, host.token)
+        model = await admin.start_kernel("cpu")
+        session = await RemoteSession.open(Grant(host.url, host.token, model["id"], "cpu"))
+        try:
+            await session.run_cell("pass", {}, [], lambda kind, payload: None)
+            pid = int(session.remote["pid"])
+        finally:
+            await session.close(shutdown=False)
+        os.kill(pid, signal.SIGKILL)
+        # Dead (a zombie until reaped); the host looks for dead kernels every second, so
+        # the connection comes before it noticed (or, rarely, after: a plain 404 then).
+        await asyncio.to_thread(wait_until, lambda: _dead(pid), 30, "the kernel dying")
+        async def attempt(after: float) -> str:
+            await asyncio.sleep(after)  # spread over the second before the host notices
+            try:
+                conn = await admin.connect(model["id"], lambda *_: None)
+            except RemoteKernelDiedError as e:
+                return f"refused: {e}"
+            # Opened before the kernel's end showed: closed when the host notices it.
+            return f"closed: {await asyncio.wait_for(conn.closed, 60)}"
+
+        try:
+            return await asyncio.gather(*(attempt(0.15 * i) for i in range(6)))
+        finally:
+            await admin.aclose()
+
+    for text in asyncio.run(go()):
+        assert (text.startswith("refused: ") and "has no kernel" in text) or \
+            text == "closed: (4001, 'the kernel died')", text
 
 
 def test_a_dead_host_loses_its_sessions_within_seconds_and_the_cell_says_so(
