@@ -312,6 +312,17 @@ class SessionCore:
             raise stopped
         result.warnings = await warnings
         self.last_result = result
+        ended = self.client.ended_meanwhile(session)
+        if ended:
+            # The pool ended it (a host it judged lost) while we still reach its kernel:
+            # that kernel is stopped once the pool reaches it. Let it go now.
+            emit("notice", {"text": f"the pool ended this {session.grant.display} "
+                                    f"session while its kernel still ran cells ({ended}); "
+                                    f"the pool stops that kernel once it reaches it, so the "
+                                    f"next cell starts on a new session, without this "
+                                    f"one's variables"})
+            with contextlib.suppress(CloudGPUError):
+                await self.client.release(session)
         self._check(emit, session, result)
         return result
 

@@ -103,6 +103,7 @@ class Client:
         self.owned: set[RemoteSession] = set()
         self._lock = asyncio.Lock()
         self._warnings: dict[str, tuple[float, list[str]]] = {}  # per kernel: when, what
+        self._ended: dict[str, str] = {}  # per kernel: why the provider ended its session
         # The held warm session (see `prepare`), until the first session asked for decides.
         self._hold: concurrent.futures.Future[RemoteSession | None] | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
@@ -352,6 +353,7 @@ class Client:
     async def _close_and_release(self, session: RemoteSession) -> None:
         await session.close()
         self._warnings.pop(session.kernel_id, None)
+        self._ended.pop(session.kernel_id, None)
         await (await self.get_provider()).release(session.grant)
 
     async def _drop(self, key: str) -> None:
@@ -400,9 +402,16 @@ class Client:
         checked, known = self._warnings.get(session.kernel_id, (0.0, []))
         if time.monotonic() - checked < WARNINGS_EVERY:
             return known
-        known = await (await self.get_provider()).warnings(session.grant)
+        known, ended = await (await self.get_provider()).news(session.grant)
         self._warnings[session.kernel_id] = (time.monotonic(), known)
+        if ended:
+            self._ended[session.kernel_id] = ended
         return known
+
+    def ended_meanwhile(self, session: RemoteSession) -> str | None:
+        """Why the provider ended ``session`` while its kernel still ran our cells (as the
+        last :meth:`warnings` heard), or None."""
+        return self._ended.get(session.kernel_id)
 
     async def hardware(self) -> list[dict[str, Any]]:
         """The hardware on offer, with prices, free/total and queue lengths."""

@@ -231,12 +231,19 @@ class PoolProvider(SessionProvider):
 
     async def warnings(self, grant: Grant) -> list[str]:
         """Budget warnings the pool has for the session."""
+        return (await self.news(grant))[0]
+
+    async def news(self, grant: Grant) -> tuple[list[str], str | None]:
+        """The session's budget warnings, and its stop reason if the pool ended it (a host
+        it judged lost, whose kernel this client still reaches)."""
         if not grant.session_id:
-            return []
+            return [], None
         try:
-            return list((await self.pool.session(grant.session_id)).get("warnings", []))
+            session = await self.pool.session(grant.session_id)
         except CloudGPUError:
-            return []
+            return [], None
+        ended = session.get("stop_reason") if session["state"] != "running" else None
+        return list(session.get("warnings", [])), ended
 
     async def hardware(self) -> list[dict[str, Any]]:
         """The pool's hardware list (``GET /api/hardware``)."""

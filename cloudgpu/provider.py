@@ -100,6 +100,11 @@ class SessionProvider(abc.ABC):
     async def warnings(self, grant: Grant) -> list[str]:
         """Current warnings about a session, such as a budget nearly spent."""
 
+    async def news(self, grant: Grant) -> tuple[list[str], str | None]:
+        """A session's warnings, and why the provider ended it if it did while its kernel
+        still answers (None: it runs), in one question."""
+        return await self.warnings(grant), None
+
     @abc.abstractmethod
     async def hardware(self) -> list[dict[str, Any]]:
         """Every hardware type on offer: ``type``, ``aliases``, ``memory_gb``,

@@ -22,9 +22,13 @@ import pytest
 from servers import HostFactory, HostProcess, PoolProcess, wait_until
 from tcp_proxy import TcpProxy, ThroughProxy, port_of
 
+from cloudgpu._core import SessionCore
+from cloudgpu.client import Client
 from cloudgpu.errors import RemoteKernelDiedError
-from cloudgpu.hardware import parse_spec
+from cloudgpu.hardware import HardwareSpec, parse_spec
 from cloudgpu.host_client import HostClient
+from cloudgpu.pool_client import PoolProvider
+from cloudgpu.provider import Grant
 from cloudgpu.session import RemoteSession
 
 pytestmark = pytest.mark.timeout(120)
@@ -329,3 +333,81 @@ def test_a_shared_pool_leaves_out_a_late_host_that_does_not_isolate_its_kernels(
         path.close()
         sandboxed.stop()
         open_host.stop()
+
+
+class DirectTo(PoolProvider):
+    """A pool's grants, with the hosts it reaches through a proxy reached directly here."""
+
+    def __init__(self, pool: PoolProcess, direct: dict[str, str]) -> None:
+        super().__init__(pool.url, pool.token)
+        self.direct = direct
+
+    async def acquire(self, spec: HardwareSpec, **kw: Any) -> Grant:
+        grant = await super().acquire(spec, **kw)
+        return dataclasses.replace(grant, host_url=self.direct.get(grant.host_url,
+                                                                   grant.host_url))
+
+
+def test_a_notebook_still_reaching_a_kernel_the_pool_lost_moves_to_a_new_session(
+        host_factory: HostFactory, tmp_path: Path) -> None:
+    """Only the pool is cut off a host: it judges the host lost and ends the session, while
+    the notebook, whose connection never dropped, runs cells on a kernel nobody pays for.
+    A cell's check with the pool tells it; the next cell runs on a new session."""
+    hosts = host_factory.start_many({"cut": "H200:1", "spare": "H200:1"})
+    cut_path = TcpProxy(("127.0.0.1", port_of(hosts["cut"].url)))
+    spare_path = TcpProxy(("127.0.0.1", port_of(hosts["spare"].url)))
+    config = tmp_path / "partitioned_pool_config.py"
+    config.write_text(QUICK_POOL.format(warm="{}"))
+    said: list[str] = []
+
+    def emit(kind: str, payload: Any) -> None:
+        if kind == "notice":
+            said.append(payload["text"])
+        elif kind == "output" and payload.get("msg_type") == "stream":
+            said.append(payload["content"]["text"])
+
+    spare_path.block()  # so that the first session is on the host to be cut off
+    pool = PoolProcess(tmp_path, [dataclasses.replace(hosts["cut"], url=cut_path.url),
+                                  dataclasses.replace(hosts["spare"], url=spare_path.url)],
+                       config, name="partitioned").start()
+
+    async def go() -> tuple[str, str, str]:
+        client = Client(DirectTo(pool, {cut_path.url: hosts["cut"].url}))
+        try:
+            core = SessionCore(client, parse_spec("H200"), key="H200")
+            await core.open(emit)
+            await core.run_cell(emit, "x = 1", {}, [])
+            first = core.remote.grant
+            assert first.host_url == hosts["cut"].url, first
+            spare_path.unblock()
+            await asyncio.to_thread(wait_until, lambda: sum(
+                h["total"] or 0 for h in api(pool, "GET", "/api/hardware")["hardware"]
+                if h["type"] == "H200") == 2, 60, "the spare host joining")
+            await asyncio.to_thread(cut_path.block)  # the pool's way only
+            await asyncio.to_thread(
+                wait_until, lambda: api(pool, "GET", f"/api/sessions/{first.session_id}")
+                ["state"] == "lost", 60, "the pool judging the cut-off host lost")
+            for _ in range(200):  # cells go on there until a check with the pool tells
+                if any("the pool ended this" in text for text in said):
+                    break
+                await core.run_cell(emit, "import time\ntime.sleep(0.05)", {}, [])
+            await core.run_cell(emit, "print('moved')", {}, [])
+            return first.session_id or "", core.remote.grant.session_id or "", \
+                core.remote.grant.host_url
+        finally:
+            cut_path.unblock()
+            await client.shutdown()
+            await client.aclose()
+
+    try:
+        old, new, where = asyncio.run(go())
+    finally:
+        pool.stop()
+        cut_path.close()
+        spare_path.close()
+        for host in hosts.values():
+            host.stop()
+    told = [text for text in said if "the pool ended this" in text]
+    assert len(told) == 1 and "its machine was lost" in told[0], said
+    assert new != old and where == spare_path.url, (old, new, where)
+    assert said[-1] == "moved\n", said
