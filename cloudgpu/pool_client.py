@@ -227,7 +227,7 @@ class PoolProvider(SessionProvider):
             session = await self.pool.session(grant.session_id, check=True)
         except CloudGPUError:
             return None
-        return session.get("stop_reason") if session["state"] not in ("running",) else None
+        return _stop_reason(session)
 
     async def warnings(self, grant: Grant) -> list[str]:
         """Budget warnings the pool has for the session."""
@@ -242,8 +242,7 @@ class PoolProvider(SessionProvider):
             session = await self.pool.session(grant.session_id)
         except CloudGPUError:
             return [], None
-        ended = session.get("stop_reason") if session["state"] != "running" else None
-        return list(session.get("warnings", [])), ended
+        return list(session.get("warnings", [])), _stop_reason(session)
 
     async def hardware(self) -> list[dict[str, Any]]:
         """The pool's hardware list (``GET /api/hardware``)."""
@@ -272,6 +271,11 @@ class PoolProvider(SessionProvider):
     async def aclose(self) -> None:
         """Close the HTTP client (sessions are released by the client first)."""
         await self.pool.aclose()
+
+
+def _stop_reason(session: Mapping[str, Any]) -> str | None:
+    """Why the pool ended a session, from its view; None while it runs."""
+    return session.get("stop_reason") if session["state"] != "running" else None
 
 
 def _grant(session: Mapping[str, Any]) -> Grant:
