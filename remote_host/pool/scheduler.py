@@ -32,6 +32,9 @@ class Slot:
     #: keeps them from seeing one another.
     isolation: str = "none"
     isolated: bool = False
+    #: False for a host that did not answer when the pool started: offered with no GPUs
+    #: (and ``down``) until it does.
+    heard_from: bool = True
 
     def free(self, gpu_type: str) -> int:
         """Unused GPUs of ``gpu_type`` here (none while the host is down)."""
@@ -122,7 +125,7 @@ class Scheduler:
             for gpu_type in self._types_for(choice):
                 if any(s.total[gpu_type] >= choice.count for s in self._slots_with(gpu_type)):
                     return
-        unheard = [s.id for s in self.slots.values() if s.down and not s.total]
+        unheard = [s.id for s in self.slots.values() if not s.heard_from]
         if unheard:
             raise HardwareUnavailableError(
                 f"No host in this pool that answers can give `{spec}`: it has "

@@ -374,16 +374,15 @@ class Pool:
     # -- what the backend tells us -----------------------------------------------------------
 
     def _unheard(self, slot_id: str) -> bool:
-        """Whether the pool has not heard from the slot's host since it started (it is
-        offered with no GPUs until then)."""
+        """Whether the pool has not heard from the slot's host since it started."""
         slot = self.scheduler.slots.get(slot_id)
-        return slot is not None and slot.down and not slot.total
+        return slot is not None and not slot.heard_from
 
     def _refusal(self, slot: Slot) -> str | None:
         """Why this pool takes no kernels on ``slot``, if it does not: the pool is shared
         and its host does not isolate kernels (a host not heard from yet is judged when it
         answers)."""
-        if slot.down and not slot.total:  # not heard from yet
+        if not slot.heard_from:
             return None
         if self.shared and not slot.isolated and not self.allow_unisolated:
             return (f"Host {slot.id} runs kernels without isolation ({slot.isolation}), and "
@@ -394,14 +393,16 @@ class Pool:
     def slots_changed(self, slots: list[Slot]) -> None:
         """The backend's hardware changed (a node joined or left, others took GPUs): show
         it, and grant what now fits. A host a shared pool must refuse is left out."""
+        taken = []
         for slot in slots:
             refused = self._refusal(slot)
             if refused:
                 self.log.error("%s: it is left out. Restart it with --isolation=bubblewrap "
                                "(or podman, docker), or the pool with --allow-unisolated.",
                                refused)
-        slots = [slot for slot in slots if not self._refusal(slot)]
-        gone = self.scheduler.update_slots(slots)
+            else:
+                taken.append(slot)
+        gone = self.scheduler.update_slots(taken)
         if gone:
             self.log.info("Slots gone from the backend: %s", ", ".join(gone))
         self._notify()

@@ -51,7 +51,7 @@ class StaticBackend(HostsBackend):
             except HostConnectionError as e:
                 client = HostClient(url, token)
                 self.hosts[client.url] = client
-                slot = Slot(client.url, {}, down=True)
+                slot = Slot(client.url, {}, down=True, heard_from=False)
                 self._absent.add(slot.id)
                 unreachable.append(f"{client.url} ({e})")
             self._slots[slot.id] = slot
