@@ -9,8 +9,8 @@ until ``start_accepting()``. ``hold()`` is a network that is slow one way: what 
 on the websockets through it (kernel channels) waits in the proxy, in order, until
 ``release()``, while what clients send still goes through (``hold(new=True)``: connections
 made meanwhile too, from their first byte). It runs on its own event loop in a thread, so a
-test can drive it from plain synchronous code. ``ThroughProxy`` is a pool provider whose
-grants point at a proxy instead of their host.
+test can drive it from plain synchronous code. ``Rerouted`` is a pool provider whose
+grants point elsewhere than the pool says (at a proxy, say).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import dataclasses
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from cloudgpu.hardware import HardwareSpec
 from cloudgpu.pool_client import PoolProvider
 from cloudgpu.provider import Grant
 
-__all__ = ["TcpProxy", "ThroughProxy", "port_of"]
+__all__ = ["Rerouted", "TcpProxy", "port_of"]
 
 
 def port_of(url: str) -> int:
@@ -240,14 +240,17 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.close()
 
 
-class ThroughProxy(PoolProvider):
-    """A pool's grants, with their host reached through ``proxy`` (the pool itself reaches
-    the host its own way)."""
+class Rerouted(PoolProvider):
+    """A pool's grants, with their host reached another way than the pool reaches it:
+    ``to`` maps the host URLs the pool gives to those used here, or (a string) is where
+    every host is reached (a test's proxy)."""
 
-    def __init__(self, pool_url: str, token: str, proxy: TcpProxy) -> None:
+    def __init__(self, pool_url: str, token: str, to: str | Mapping[str, str]) -> None:
         super().__init__(pool_url, token)
-        self.proxy_url = proxy.url
+        self.to = to
 
     async def acquire(self, spec: HardwareSpec, **kw: Any) -> Grant:
         grant = await super().acquire(spec, **kw)
-        return dataclasses.replace(grant, host_url=self.proxy_url)
+        url = self.to if isinstance(self.to, str) else self.to.get(grant.host_url,
+                                                                   grant.host_url)
+        return dataclasses.replace(grant, host_url=url)

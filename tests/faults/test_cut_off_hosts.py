@@ -20,15 +20,13 @@ from typing import Any
 
 import pytest
 from servers import HostFactory, HostProcess, PoolProcess, wait_until
-from tcp_proxy import TcpProxy, ThroughProxy, port_of
+from tcp_proxy import Rerouted, TcpProxy, port_of
 
 from cloudgpu._core import SessionCore
 from cloudgpu.client import Client
 from cloudgpu.errors import RemoteKernelDiedError
-from cloudgpu.hardware import HardwareSpec, parse_spec
+from cloudgpu.hardware import parse_spec
 from cloudgpu.host_client import HostClient
-from cloudgpu.pool_client import PoolProvider
-from cloudgpu.provider import Grant
 from cloudgpu.session import RemoteSession
 
 pytestmark = pytest.mark.timeout(120)
@@ -162,7 +160,7 @@ def test_a_notebook_reaching_its_kernel_again_after_the_pool_lost_the_host_is_no
             assert not cell.done(), cell.exception()
 
     async def go() -> tuple[str, str]:
-        provider = ThroughProxy(proxied_pool.url, proxied_pool.token, notebook_path)
+        provider = Rerouted(proxied_pool.url, proxied_pool.token, notebook_path.url)
         grant = await provider.acquire(parse_spec("cpu"))
 
         async def check() -> str | None:
@@ -335,19 +333,6 @@ def test_a_shared_pool_leaves_out_a_late_host_that_does_not_isolate_its_kernels(
         open_host.stop()
 
 
-class DirectTo(PoolProvider):
-    """A pool's grants, with the hosts it reaches through a proxy reached directly here."""
-
-    def __init__(self, pool: PoolProcess, direct: dict[str, str]) -> None:
-        super().__init__(pool.url, pool.token)
-        self.direct = direct
-
-    async def acquire(self, spec: HardwareSpec, **kw: Any) -> Grant:
-        grant = await super().acquire(spec, **kw)
-        return dataclasses.replace(grant, host_url=self.direct.get(grant.host_url,
-                                                                   grant.host_url))
-
-
 def test_a_notebook_still_reaching_a_kernel_the_pool_lost_moves_to_a_new_session(
         host_factory: HostFactory, tmp_path: Path) -> None:
     """Only the pool is cut off a host: it judges the host lost and ends the session, while
@@ -372,7 +357,8 @@ def test_a_notebook_still_reaching_a_kernel_the_pool_lost_moves_to_a_new_session
                        config, name="partitioned").start()
 
     async def go() -> tuple[str, str, str]:
-        client = Client(DirectTo(pool, {cut_path.url: hosts["cut"].url}))
+        # The notebook reaches the host to be cut off directly: only the pool is cut off.
+        client = Client(Rerouted(pool.url, pool.token, {cut_path.url: hosts["cut"].url}))
         try:
             core = SessionCore(client, parse_spec("H200"), key="H200")
             await core.open(emit)

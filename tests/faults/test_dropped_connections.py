@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 from servers import HostFactory, HostProcess, PoolProcess
-from tcp_proxy import TcpProxy, ThroughProxy, port_of
+from tcp_proxy import Rerouted, TcpProxy, port_of
 
 from cloudgpu._core import SessionCore
 from cloudgpu._http import async_client
@@ -234,7 +234,7 @@ async def keyed_core(proxy: TcpProxy, pool: PoolProcess,
                      **settings: Any) -> AsyncIterator[SessionCore]:
     """A core on a cpu session kept under a key, as ``%%remote`` drives one, whose host is
     reached through the proxy; ``settings`` are the client's."""
-    client = Client(ThroughProxy(pool.url, pool.token, proxy), **settings)
+    client = Client(Rerouted(pool.url, pool.token, proxy.url), **settings)
     try:
         yield SessionCore(client, parse_spec("cpu"), key="cpu")
     finally:
@@ -273,7 +273,7 @@ def test_a_running_cell_is_waited_for_past_the_reconnect_timeout_while_the_pool_
     cell = Cell(on_line)
 
     async def go() -> CellResult:
-        provider = ThroughProxy(pool.url, pool.token, proxy)
+        provider = Rerouted(pool.url, pool.token, proxy.url)
         grant = await provider.acquire(parse_spec("cpu"))
 
         async def check() -> str | None:
