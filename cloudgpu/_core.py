@@ -102,6 +102,7 @@ class SessionInfo:
         uptime: seconds since it was connected (until it was closed).
         cost: dollars it has cost so far (until it was closed).
         rate_per_hour: dollars per hour its hardware costs.
+        warnings: the provider's warnings about it (a budget nearly spent), as last heard.
     """
 
     hardware: str
@@ -112,6 +113,7 @@ class SessionInfo:
     uptime: float
     cost: float
     rate_per_hour: float
+    warnings: tuple[str, ...] = ()
 
 
 class SessionCore:
@@ -248,7 +250,8 @@ class SessionCore:
                            host_url=grant.host_url, session_id=grant.session_id,
                            provider=self.client.provider.description,
                            uptime=mono - session.kernel.opened, cost=grant.cost(now),
-                           rate_per_hour=grant.rate_per_hour)
+                           rate_per_hour=grant.rate_per_hour,
+                           warnings=tuple(self.client.known_warnings(session)))
 
     async def close(self) -> None:
         """Release a session of this core's own (a keyed one stays for the next core)."""
@@ -288,13 +291,13 @@ class SessionCore:
                         pull: list[str], timeout: float | None,
                         may_replace: bool) -> CellResult:
         session = self.remote
-        warnings = asyncio.ensure_future(self.client.warnings(session))  # beside the cell
+        news = asyncio.ensure_future(self.news(session))  # beside the cell
         try:
             result = await self._execute(session, emit, code, push, pull, timeout)
             stopped = await self._stopped(session) \
                 if result.error is not None and not self._interrupted else None
         except (HostConnectionError, RemoteKernelDiedError) as e:
-            await _drop(warnings)
+            await _drop(news)
             reason = await self._ended(session)
             if reason and may_replace and self.key is not None and \
                     _stopped_unreached(e, session):
@@ -303,28 +306,43 @@ class SessionCore:
             raise (stopped_error(session.grant.display, reason, self.then) if reason
                    else e) from None
         except BaseException:
-            await _drop(warnings)
+            await _drop(news)
             raise
         if stopped is not None:
             # A provider stopping a session interrupts the cell first: say why, not just
             # "KeyboardInterrupt". Costs a round trip on failed cells only.
-            await _drop(warnings)
+            await _drop(news)
             raise stopped
-        result.warnings = await warnings
+        result.warnings, ended = await news
         self.last_result = result
-        ended = self.client.ended_meanwhile(session)
         if ended:
-            # The pool ended it (a host it judged lost) while we still reach its kernel:
-            # that kernel is stopped once the pool reaches it. Let it go now.
-            emit("notice", {"text": f"the pool ended this {session.grant.display} "
-                                    f"session while its kernel still ran cells ({ended}); "
-                                    f"the pool stops that kernel once it reaches it, so the "
-                                    f"next cell starts on a new session, without this "
-                                    f"one's variables"})
+            emit("notice", {"text": f"{ended}, so the next cell starts on a new session, "
+                                    f"without this one's variables"})
             with contextlib.suppress(CloudGPUError):
                 await self.client.release(session)
         self._check(emit, session, result)
         return result
+
+    async def news(self, session: RemoteSession) -> tuple[list[str], str | None]:
+        """What the provider says of ``session``, asked beside a cell (at most every
+        ``WARNINGS_EVERY`` seconds, see :meth:`Client.warnings`): its warnings (a budget
+        nearly spent), and, when it ended the session while the kernel still runs our cells
+        (a host it judged lost, which it reaches again only later), the sentence saying so.
+        A front end lets such a session go: nobody pays for that kernel, which the provider
+        stops once it reaches it."""
+        warnings = await self.client.warnings(session)
+        reason = self.client.ended_meanwhile(session)
+        ended = (f"the pool ended this {session.grant.display} session while its kernel "
+                 f"still ran cells ({reason}); the pool stops that kernel once it reaches it"
+                 ) if reason else None
+        return warnings, ended
+
+    def unsaid(self, warnings: Sequence[str]) -> list[str]:
+        """Those of the provider's ``warnings`` this core has not shown yet, now counted as
+        shown: each is said once, under the cell that first heard it."""
+        new = [text for text in warnings if text not in self._noticed]
+        self._noticed.update(new)
+        return new
 
     async def _execute(self, session: RemoteSession, emit: Emit, code: str,
                        push: dict[str, Serialized], pull: list[str],
@@ -507,10 +525,8 @@ class SessionCore:
         """A cell with what was pushed; the provider's new warnings are shown once."""
         push, self._staged = self._staged, {}
         result = await self.run_cell(emit, code, push, pull, timeout=timeout)
-        for text in result.warnings:
-            if text not in self._noticed:
-                self._noticed.add(text)
-                emit("notice", {"text": f"⚠ {text}"})
+        for text in self.unsaid(result.warnings):
+            emit("notice", {"text": f"⚠ {text}"})
         return result
 
 

@@ -398,15 +398,21 @@ class Client:
 
     async def warnings(self, session: RemoteSession) -> list[str]:
         """The provider's warnings about ``session``, asked at most every ``WARNINGS_EVERY``
-        seconds (a cell should not cost the pool a request each time)."""
+        seconds (a cell should not cost the pool a request each time, nor a notebook's
+        "Run all" one request per cell while the first is on its way)."""
         checked, known = self._warnings.get(session.kernel_id, (0.0, []))
         if time.monotonic() - checked < WARNINGS_EVERY:
             return known
+        self._warnings[session.kernel_id] = (time.monotonic(), known)  # asking now
         known, ended = await (await self.get_provider()).news(session.grant)
         self._warnings[session.kernel_id] = (time.monotonic(), known)
         if ended:
             self._ended[session.kernel_id] = ended
         return known
+
+    def known_warnings(self, session: RemoteSession) -> list[str]:
+        """The provider's warnings about ``session`` as :meth:`warnings` last heard them."""
+        return list(self._warnings.get(session.kernel_id, (0.0, []))[1])
 
     def ended_meanwhile(self, session: RemoteSession) -> str | None:
         """Why the provider ended ``session`` while its kernel still ran our cells (as the

@@ -17,7 +17,7 @@ from cloudgpu.hardware import HardwareSpec, parse_spec
 __all__ = ["USAGE", "Command", "parse_command", "status_text"]
 
 USAGE = """\
-%cloudgpu status                  where this notebook runs: hardware, kernel, uptime, cost
+%cloudgpu status                  where this notebook runs: hardware, kernel, uptime, cost, warnings
 %cloudgpu switch gpu=A100-80GB    move the session to other hardware, variables included"""
 
 _MAGIC = re.compile(r"^\s*%cloudgpu(?:\s|\?|$)")
@@ -84,4 +84,5 @@ def status_text(info: SessionInfo) -> str:
     return (f"hardware: {info.hardware}\n"
             f"kernel:   {info.kernel_id} on {info.host_url} ({info.provider})\n"
             f"uptime:   {uptime(info.uptime)}\n"
-            f"cost:     {cost}\n")
+            f"cost:     {cost}\n"
+            + "".join(f"warning:  {text}\n" for text in info.warnings))

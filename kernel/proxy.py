@@ -90,7 +90,10 @@ class ProxyKernel:
         self._lost: str | None = None  # why the last remote kernel is gone, until a new one
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._pending: dict[str, _Request] = {}  # relayed requests awaiting a reply
-        self._running: set[str] = set()  # relayed execute requests not yet answered
+        # Relayed execute requests not yet answered, in order (a dict as an ordered set):
+        # the remote kernel runs the first, and the others wait there behind it.
+        self._running: dict[str, None] = {}
+        self._unsaid: list[str] = []  # the provider's words for the next cell to show
         self._idle = asyncio.Event()
         self._idle.set()
         self._busy_sent: set[str] = set()  # requests said busy for, not yet idle
@@ -188,12 +191,33 @@ class ProxyKernel:
 
     def _on_notice(self, session: RemoteSession, text: str) -> None:
         """Say under the running cell what happened to the connection (dropped, back)."""
-        if session is not self.remote:
+        if session is self.remote:
+            self._say(text, later=False)
+
+    def _say(self, text: str, later: bool) -> None:
+        """Say ``text`` under the cell the remote kernel runs now; with none, under the next
+        one to start (``later``) or not at all."""
+        request = next((self._pending.get(msg_id) for msg_id in self._running), None)
+        if request is not None:
+            self._stream(request.msg["header"], "stderr", f"cloudgpu: {text}\n")
+        elif later:
+            self._unsaid.append(text)
+
+    async def _check_with_provider(self, remote: RemoteSession) -> None:
+        """Beside each cell (as the core does for ``%%remote``): the provider's new warnings
+        under the cell, and a session it ended while its kernel still runs our cells let
+        go, as a kernel it lost would be."""
+        try:
+            warnings, ended = await self.core.news(remote)
+        except (CloudGPUError, OSError) as e:
+            log.debug("Asking the provider about %s failed: %s", remote.kernel_id, e)
             return
-        for msg_id in list(self._running)[-1:]:
-            request = self._pending.get(msg_id)
-            if request is not None:
-                self._stream(request.msg["header"], "stderr", f"cloudgpu: {text}\n")
+        if remote is not self.remote:
+            return
+        for text in self.core.unsaid(warnings):
+            self._say(f"⚠ {text}", later=True)
+        if ended:
+            self._on_lost(remote, f"{ended}.")
 
     async def _release(self, session: RemoteSession) -> None:
         try:
@@ -353,8 +377,9 @@ class ProxyKernel:
         if request.msg_type.endswith("_request"):
             self._pending[request.msg_id] = request
             if request.msg_type == "execute_request":
-                self._running.add(request.msg_id)
+                self._running[request.msg_id] = None
                 self._idle.clear()
+                self._spawn(self._check_with_provider(remote))
         try:
             await remote.kernel.send(request.channel, wire)
         except CloudGPUError as e:  # lost meanwhile: its on_lost says so, once
@@ -380,6 +405,11 @@ class ProxyKernel:
                     self._busy_sent.discard(parent_id)
             elif msg_type == "execute_input":
                 self.execution_count = msg["content"].get("execution_count", self.execution_count)
+                self.local.send("iopub", msg)
+                unsaid, self._unsaid = self._unsaid, []
+                for text in unsaid:
+                    self._stream(parent, "stderr", f"cloudgpu: {text}\n")
+                return
             self.local.send("iopub", msg)
             return
         request = self._pending.get(parent_id)
@@ -391,7 +421,7 @@ class ProxyKernel:
         self.local.send(channel, msg, request.idents)
 
     def _done_running(self, msg_id: str) -> None:
-        self._running.discard(msg_id)
+        self._running.pop(msg_id, None)
         if not self._running:
             self._idle.set()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -30,12 +31,13 @@ import httpx
 import jupyter_kernel_test
 import nbformat
 import pytest
+from cloudgpu.remote_host.pool.ledger import Ledger, SessionRecord
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 from jupyter_core.paths import jupyter_runtime_dir
 from kernel_driver import HOST_PID, ok, run, shell_reply, start_kernel, stop_kernel, value
 from nbclient import NotebookClient
-from servers import wait_for_jupyter_server, wait_until
+from servers import HostFactory, PoolProcess, wait_for_jupyter_server, wait_until
 
 from cloudgpu import _process
 
@@ -437,6 +439,51 @@ def test_switch_carries_variables_to_simulated_a100_and_names_what_stays(
     assert re.fullmatch(r"\$[\d.]+ so far, at \$2\.50/hour", now["cost"]), now  # catalog price
     assert _process.wait_gone(old_pid, 20), \
         "the old remote kernel still runs: its hardware is still held"
+
+
+@pytest.mark.timeout(120)
+def test_a_budget_nearly_spent_is_said_under_a_cell_and_in_status(
+        host_factory: HostFactory, tmp_path: Path) -> None:
+    """The kernel checks with the pool beside its cells, as ``%%remote`` does: the pool's
+    warning that a budget is nearly spent shows under a cell, and in ``%cloudgpu status``.
+
+    The user spent $85 of a $100 daily budget earlier today (a session in the pool's
+    ledger), so the pool warns about the new session at its first meter, and never stops
+    it: a CPU costs next to nothing.
+    """
+    token, now = secrets.token_hex(24), time.time()
+    db = tmp_path / "budget-ledger.sqlite"
+    earlier = Ledger(db)
+    earlier.save(SessionRecord(id=secrets.token_hex(8), user="erin", hardware="H100",
+                               state="stopped", created=now - 2, started=now - 1, ended=now,
+                               gpu_type="H100", count=1, rate_per_hour=85 * 3600,
+                               stop_reason="stopped by its owner"))
+    earlier.close()
+    config = tmp_path / "budget_pool_config.py"
+    config.write_text(f"c.PoolApp.users = {({token: 'erin'})!r}\n"
+                      "c.PoolApp.daily_limit = 100.0\n"
+                      "c.PoolApp.meter_interval = 0.3\n")
+    pool = PoolProcess(tmp_path, [host_factory.start(name="budget")], config, name="budget",
+                       db=db).start()
+    warning = "85% of your daily budget of $100.00 used"
+    try:
+        km, kc = start_kernel("cloudgpu-cpu", CLOUDGPU_POOL=pool.url, CLOUDGPU_TOKEN=token)
+        try:
+            said = [ok(kc, "pass", timeout=90).stream("stderr")]
+
+            def warned() -> bool:  # a cell asks the pool at most every 5 s
+                if warning not in said[-1]:
+                    said.append(ok(kc, "pass").stream("stderr"))
+                return warning in said[-1]
+
+            wait_until(warned, within=30, what="a cell saying the pool's budget warning")
+            assert f"cloudgpu: ⚠ {warning}\n" in said[-1], said
+            assert status(kc)["warning"] == warning
+            assert warning not in ok(kc, "pass").stream("stderr")
+        finally:
+            stop_kernel(km, kc)
+    finally:
+        pool.stop()
 
 
 # --- failures, restart, shutdown ----------------------------------------------------------

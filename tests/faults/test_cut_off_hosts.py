@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -19,9 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cloudgpu.kernel import ProxyKernel
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.connect import write_connection_file
+from kernel_driver import ok, run
 from servers import HostFactory, HostProcess, PoolProcess, wait_until
 from tcp_proxy import Rerouted, TcpProxy, port_of
 
+from cloudgpu import _loop
 from cloudgpu._core import SessionCore
 from cloudgpu.client import Client
 from cloudgpu.errors import RemoteKernelDiedError
@@ -333,16 +340,64 @@ def test_a_shared_pool_leaves_out_a_late_host_that_does_not_isolate_its_kernels(
         open_host.stop()
 
 
+@dataclasses.dataclass
+class Partition:
+    """A pool over two hosts, reached through two proxies; only the pool's way to the
+    first is cut (:meth:`cut`), while a notebook reaches that host directly."""
+
+    pool: PoolProcess
+    hosts: dict[str, HostProcess]  # "cut", "spare"
+    cut_path: TcpProxy  # the pool's way to the host that is cut off
+    spare_path: TcpProxy
+
+    def client(self) -> Client:
+        """A notebook's client: it reaches the host to be cut off directly."""
+        return Client(Rerouted(self.pool.url, self.pool.token,
+                               {self.cut_path.url: self.hosts["cut"].url}))
+
+    def cut(self, session_id: str) -> None:
+        """Add the spare host, cut the pool off the first, until it judges ``session_id``
+        (on the first) lost."""
+        self.spare_path.unblock()
+        wait_until(lambda: sum(h["total"] or 0 for h in api(self.pool, "GET", "/api/hardware")
+                               ["hardware"] if h["type"] == "H200") == 2, 60,
+                   "the spare host joining")
+        self.cut_path.block()
+        wait_until(lambda: api(self.pool, "GET", f"/api/sessions/{session_id}")["state"]
+                   == "lost", 60, "the pool judging the cut-off host lost")
+
+
+@contextlib.contextmanager
+def partitioned(host_factory: HostFactory, tmp: Path, name: str) -> Iterator[Partition]:
+    """A :class:`Partition` whose first session goes to the host to be cut off."""
+    hosts = host_factory.start_many({f"{name}-cut": "H200:1", f"{name}-spare": "H200:1"})
+    hosts = {"cut": hosts[f"{name}-cut"], "spare": hosts[f"{name}-spare"]}
+    cut_path = TcpProxy(("127.0.0.1", port_of(hosts["cut"].url)))
+    spare_path = TcpProxy(("127.0.0.1", port_of(hosts["spare"].url)))
+    config = tmp / f"{name}_pool_config.py"
+    config.write_text(QUICK_POOL.format(warm="{}"))
+    spare_path.block()  # so that the first session is on the host to be cut off
+    try:
+        pool = PoolProcess(tmp, [dataclasses.replace(hosts["cut"], url=cut_path.url),
+                                 dataclasses.replace(hosts["spare"], url=spare_path.url)],
+                           config, name=name).start()
+        try:
+            yield Partition(pool, hosts, cut_path, spare_path)
+        finally:
+            cut_path.unblock()
+            pool.stop()
+    finally:
+        cut_path.close()
+        spare_path.close()
+        for host in hosts.values():
+            host.stop()
+
+
 def test_a_notebook_still_reaching_a_kernel_the_pool_lost_moves_to_a_new_session(
         host_factory: HostFactory, tmp_path: Path) -> None:
     """Only the pool is cut off a host: it judges the host lost and ends the session, while
     the notebook, whose connection never dropped, runs cells on a kernel nobody pays for.
     A cell's check with the pool tells it; the next cell runs on a new session."""
-    hosts = host_factory.start_many({"cut": "H200:1", "spare": "H200:1"})
-    cut_path = TcpProxy(("127.0.0.1", port_of(hosts["cut"].url)))
-    spare_path = TcpProxy(("127.0.0.1", port_of(hosts["spare"].url)))
-    config = tmp_path / "partitioned_pool_config.py"
-    config.write_text(QUICK_POOL.format(warm="{}"))
     said: list[str] = []
 
     def emit(kind: str, payload: Any) -> None:
@@ -351,28 +406,15 @@ def test_a_notebook_still_reaching_a_kernel_the_pool_lost_moves_to_a_new_session
         elif kind == "output" and payload.get("msg_type") == "stream":
             said.append(payload["content"]["text"])
 
-    spare_path.block()  # so that the first session is on the host to be cut off
-    pool = PoolProcess(tmp_path, [dataclasses.replace(hosts["cut"], url=cut_path.url),
-                                  dataclasses.replace(hosts["spare"], url=spare_path.url)],
-                       config, name="partitioned").start()
-
-    async def go() -> tuple[str, str, str]:
-        # The notebook reaches the host to be cut off directly: only the pool is cut off.
-        client = Client(Rerouted(pool.url, pool.token, {cut_path.url: hosts["cut"].url}))
+    async def go(cut: Partition) -> tuple[str, str, str]:
+        client = cut.client()
         try:
             core = SessionCore(client, parse_spec("H200"), key="H200")
             await core.open(emit)
             await core.run_cell(emit, "x = 1", {}, [])
             first = core.remote.grant
-            assert first.host_url == hosts["cut"].url, first
-            spare_path.unblock()
-            await asyncio.to_thread(wait_until, lambda: sum(
-                h["total"] or 0 for h in api(pool, "GET", "/api/hardware")["hardware"]
-                if h["type"] == "H200") == 2, 60, "the spare host joining")
-            await asyncio.to_thread(cut_path.block)  # the pool's way only
-            await asyncio.to_thread(
-                wait_until, lambda: api(pool, "GET", f"/api/sessions/{first.session_id}")
-                ["state"] == "lost", 60, "the pool judging the cut-off host lost")
+            assert first.host_url == cut.hosts["cut"].url, first
+            await asyncio.to_thread(cut.cut, first.session_id)
             for _ in range(200):  # cells go on there until a check with the pool tells
                 if any("the pool ended this" in text for text in said):
                     break
@@ -381,19 +423,67 @@ def test_a_notebook_still_reaching_a_kernel_the_pool_lost_moves_to_a_new_session
             return first.session_id or "", core.remote.grant.session_id or "", \
                 core.remote.grant.host_url
         finally:
-            cut_path.unblock()
+            cut.cut_path.unblock()
             await client.shutdown()
             await client.aclose()
 
-    try:
-        old, new, where = asyncio.run(go())
-    finally:
-        pool.stop()
-        cut_path.close()
-        spare_path.close()
-        for host in hosts.values():
-            host.stop()
+    with partitioned(host_factory, tmp_path, "magic") as cut:
+        old, new, where = asyncio.run(go(cut))
+        spare = cut.spare_path.url
     told = [text for text in said if "the pool ended this" in text]
     assert len(told) == 1 and "its machine was lost" in told[0], said
-    assert new != old and where == spare_path.url, (old, new, where)
+    assert new != old and where == spare, (old, new, where)
     assert said[-1] == "moved\n", said
+
+
+@contextlib.contextmanager
+def cloud_gpu_kernel_in_this_process(client: Client, hardware: str,
+                                     tmp: Path) -> Iterator[BlockingKernelClient]:
+    """A Cloud GPU kernel (the ``ProxyKernel`` its launcher runs, on the same loop) with a
+    client the test made, and a frontend talking to it over its ZMQ sockets on 127.0.0.1."""
+    path = tmp / "cloud-gpu-kernel.json"
+    write_connection_file(str(path), ip="127.0.0.1", key=secrets.token_hex(16).encode())
+
+    async def create() -> ProxyKernel:
+        return ProxyKernel(json.loads(path.read_text()), parse_spec(hardware), client=client)
+
+    kernel = _loop.run_sync(create(), timeout=30)
+    serving = _loop.submit(kernel.run())
+    kc = BlockingKernelClient(connection_file=str(path))
+    kc.load_connection_file()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        yield kc
+    finally:
+        kc.stop_channels()
+        _loop.get_loop().call_soon_threadsafe(kernel.stop)
+        serving.result(60)
+        _loop.run_sync(client.aclose(), timeout=60)
+
+
+def test_a_cloud_gpu_kernel_still_reaching_a_kernel_the_pool_lost_lets_it_go(
+        host_factory: HostFactory, tmp_path: Path) -> None:
+    """As above, for the Cloud GPU kernel: a cell's check with the pool tells it, and its
+    cells fail with the pool's word (as when it loses its kernel) instead of running on."""
+    with partitioned(host_factory, tmp_path, "kernel") as cut:
+        client = cut.client()
+        with cloud_gpu_kernel_in_this_process(client, "H200", tmp_path) as kc:
+            ok(kc, "x = 1", timeout=90)
+            grant = next(iter(client.sessions.values())).grant
+            assert grant.host_url == cut.hosts["cut"].url, grant
+            cut.cut(grant.session_id or "")
+            for _ in range(200):  # cells go on there until a check with the pool tells
+                ex = run(kc, "import time\ntime.sleep(0.05)")
+                if ex.status != "ok":
+                    break
+            assert ex.status == "error" and ex.reply["ename"] == "RemoteKernelDiedError", \
+                ex.describe()
+            text = ex.reply["evalue"]
+            assert "the pool ended this 1x H200 (simulated) session while its kernel still " \
+                   "ran cells (its machine was lost" in text, text
+            assert "Restart the kernel" in text, text
+            again = run(kc, "print(x)")
+            assert again.status == "error" and "the pool ended this" in again.tracebacks()
+            assert "no remote kernel: the pool ended this" in ok(kc, "%cloudgpu status").stream()
+            assert not client.sessions, "the kernel still holds the session the pool ended"
