@@ -478,6 +478,9 @@ def test_simulated_daily_limit_stops_the_running_session_and_refuses_new_ones(
     end = dave.ended(s["id"], within=20)
     assert end["state"] == "stopped"
     assert "daily budget" in end["stop_reason"] and "$3.00" in end["stop_reason"], end
+    # Warned once, as it crossed 80% (not again at each meter tick, as spending rose).
+    [warning] = end["warnings"]
+    assert re.fullmatch(r"(8\d|9\d)% of your daily budget of \$3\.00 used", warning), end
     assert not host_of(hosts, s["host_url"]).kernel_alive(s["kernel_id"])
 
     refused = dave.request("POST", "/api/sessions", json={"hardware": "A100-80GB"})

@@ -646,7 +646,8 @@ class Pool:
             for rec in [r for r in running if r.user == user]:
                 if spent >= limit:
                     await self.stop(rec.id, f"{what} is spent (${spent:.2f} today)")
-                elif spent >= WARN_AT * limit:
+                elif spent >= WARN_AT * limit and not any(what in w for w in rec.warnings):
+                    # Once, as spending crosses it: not again at each percent it rises.
                     await self._warn(rec, f"{spent / limit:.0%} of {what} used")
 
     def _arm_budget(self, rec: SessionRecord) -> None:
