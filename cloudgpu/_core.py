@@ -46,7 +46,8 @@ from .remote import Forward
 from .serialize import Serialized, dumps, loads
 from .session import CellResult, RemoteSession
 
-__all__ = ["INTERRUPT_GRACE", "SessionCore", "SessionInfo", "resolve_spec", "stopped_error"]
+__all__ = ["INTERRUPT_GRACE", "SessionCore", "SessionInfo", "resolve_spec", "stopped_error",
+           "stopped_kind"]
 
 INTERRUPT_GRACE = 10.0
 """Seconds remote code that ran past its timeout gets to stop once interrupted, before its
@@ -62,12 +63,18 @@ _BUDGET_WORDS = ("max_cost", "daily budget")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def stopped_kind(reason: str) -> type[CloudGPUError]:
+    """The error class for a session its provider stopped for ``reason``:
+    :class:`BudgetExceededError` when a budget was spent, :class:`RemoteKernelDiedError` for
+    any other reason (idleness, its owner, a lost machine)."""
+    return BudgetExceededError if any(w in reason for w in _BUDGET_WORDS) else RemoteKernelDiedError
+
+
 def stopped_error(hardware: str, reason: str, then: str = "") -> CloudGPUError:
-    """The error for a session its provider stopped: :class:`BudgetExceededError` when a
-    budget was spent, :class:`RemoteKernelDiedError` for any other reason (idleness, its
-    owner, a lost machine). ``then`` says what the user can do next."""
-    cls = BudgetExceededError if any(w in reason for w in _BUDGET_WORDS) else RemoteKernelDiedError
-    return cls(f"The {hardware} session was stopped: {reason}.{f' {then}' if then else ''}")
+    """The error for a session its provider stopped (see :func:`stopped_kind`). ``then``
+    says what the user can do next."""
+    return stopped_kind(reason)(
+        f"The {hardware} session was stopped: {reason}.{f' {then}' if then else ''}")
 
 
 async def resolve_spec(client: Client, text: str) -> HardwareSpec:

@@ -24,7 +24,7 @@ from jupyter_client.jsonutil import squash_dates
 
 from cloudgpu import _wire
 from cloudgpu._bridge import Emit
-from cloudgpu._core import SessionCore
+from cloudgpu._core import SessionCore, stopped_error, stopped_kind
 from cloudgpu.client import Client, get_client
 from cloudgpu.errors import CloudGPUError, CommandError
 from cloudgpu.hardware import HardwareSpec
@@ -94,6 +94,10 @@ class ProxyKernel:
         # the remote kernel runs the first, and the others wait there behind it.
         self._running: dict[str, None] = {}
         self._unsaid: list[str] = []  # the provider's words for the next cell to show
+        # Cells interrupted by someone else (a provider stopping the session does that
+        # first): their reply and idle, held until the provider says why.
+        self._held: dict[str, list[tuple[str, _wire.Message]]] = {}
+        self._let_through: str | None = None  # the cell whose held messages go on now
         self._idle = asyncio.Event()
         self._idle.set()
         self._busy_sent: set[str] = set()  # requests said busy for, not yet idle
@@ -392,6 +396,10 @@ class ProxyKernel:
         parent = msg["parent_header"]
         parent_id = parent.get("msg_id", "")
         msg_type = msg["msg_type"]
+        held = self._held.get(parent_id)
+        if held is not None and (channel == "shell" or msg_type == "status"):
+            held.append((channel, msg))
+            return
         if channel == "iopub":
             if msg_type == "status":
                 state = msg["content"].get("execution_state")
@@ -410,15 +418,56 @@ class ProxyKernel:
                 for text in unsaid:
                     self._stream(parent, "stderr", f"cloudgpu: {text}\n")
                 return
+            elif msg_type == "error":
+                self._hold_if_interrupted_elsewhere(parent_id, msg["content"])
             self.local.send("iopub", msg)
             return
         request = self._pending.get(parent_id)
         if request is None:
             return
+        if msg_type == "execute_reply" and \
+                self._hold_if_interrupted_elsewhere(parent_id, msg["content"]):
+            self._held[parent_id].append((channel, msg))  # the error output may come later
+            return
         if channel != "stdin" and msg_type.endswith("_reply"):
             del self._pending[parent_id]
             self._done_running(parent_id)
         self.local.send(channel, msg, request.idents)
+
+    def _hold_if_interrupted_elsewhere(self, parent_id: str, error: dict[str, Any]) -> bool:
+        """If a cell failed with a KeyboardInterrupt nobody asked for here (its error output
+        or its reply, whichever comes first), hold its reply and idle while the provider is
+        asked why (:meth:`_ask_why_interrupted`). Whether it is held now."""
+        request = self._pending.get(parent_id)
+        if error.get("ename") != "KeyboardInterrupt" or request is None or \
+                request.msg_type != "execute_request" or parent_id == self._let_through or \
+                request.generation != self._generation or self.remote is None:
+            return False
+        if parent_id not in self._held:
+            self._held[parent_id] = []
+            self._spawn(self._ask_why_interrupted(self.remote, parent_id))
+        return True
+
+    async def _ask_why_interrupted(self, remote: RemoteSession, parent_id: str) -> None:
+        """A provider stopping a session interrupts its cell first: ask it, and fail the
+        cell saying why (as ``%%remote`` does), instead of with a bare KeyboardInterrupt.
+        Otherwise (the code raised it itself, say) the cell ends as the kernel said."""
+        why = None
+        with contextlib.suppress(CloudGPUError, OSError, asyncio.TimeoutError):
+            why = await asyncio.wait_for(self.client.ended_reason(remote), 5)
+        if why:  # the cell fails as the session is let go (_lose), which drops what was held
+            if remote is self.remote:
+                self._on_lost(remote, str(stopped_error(remote.grant.display, why)))
+            elif self._losing is None or self._losing.done():
+                self._held.pop(parent_id, None)  # let go already
+            return
+        held = self._held.pop(parent_id, [])
+        self._let_through = parent_id
+        try:
+            for channel, msg in held:
+                self._on_remote(channel, msg)
+        finally:
+            self._let_through = None
 
     def _done_running(self, msg_id: str) -> None:
         self._running.pop(msg_id, None)
@@ -443,9 +492,11 @@ class ProxyKernel:
                       f"lost and its hardware was released. Restart the kernel to start a new "
                       f"one, or `%cloudgpu switch gpu=...`.")
         log.warning("%s", self._lost)
+        ename = stopped_kind(why).__name__ if why else "RemoteKernelDiedError"
         for request in list(self._pending.values()):
-            self._unavailable(request, "RemoteKernelDiedError", self._lost)
+            self._unavailable(request, ename, self._lost)
         self._pending.clear()
+        self._held.clear()
         self._running.clear()
         self._idle.set()
         await self._release(remote)

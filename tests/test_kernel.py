@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -332,6 +333,17 @@ def test_interrupt_stops_a_remote_sleep(kernel: tuple[KernelManager, BlockingKer
 
 
 @pytest.mark.timeout(60)
+def test_a_keyboard_interrupt_the_code_raises_itself_ends_its_cell_as_usual(
+        kc: BlockingKernelClient) -> None:
+    """Nobody interrupted it here, so the proxy asks the pool whether it stopped the
+    session (it did not), and then lets the cell end as the remote kernel said."""
+    ex = run(kc, "raise KeyboardInterrupt('by the code')")
+    assert ex.status == "error" and ex.reply["ename"] == "KeyboardInterrupt", ex.describe()
+    assert ex.reply["evalue"] == "by the code" and ex.states() == ["busy", "idle"]
+    assert ok(kc, "print('still here')").stream() == "still here\n"
+
+
+@pytest.mark.timeout(60)
 def test_debug_requests_reach_the_remote_debugger(kc: BlockingKernelClient) -> None:
     msg = kc.session.msg("debug_request", {"type": "request", "seq": 1, "command": "debugInfo",
                                            "arguments": {}})
@@ -441,49 +453,94 @@ def test_switch_carries_variables_to_simulated_a100_and_names_what_stays(
         "the old remote kernel still runs: its hardware is still held"
 
 
+@dataclass
+class BudgetPool:
+    """A pool with a daily budget of $100 a user, whose users spent some of it earlier
+    today (sessions in its ledger): tokens by user name."""
+
+    pool: PoolProcess
+    tokens: dict[str, str]
+
+
+#: What each of the budget pool's users spent earlier today, in dollars.
+SPENT_EARLIER = {"erin": 85.0, "frank": 90.0}
+
+
+@pytest.fixture(scope="module")
+def budget_pool(host_factory: HostFactory, tmp_path_factory: pytest.TempPathFactory,
+                ) -> Iterator[BudgetPool]:
+    """CPUs cost next to nothing there, and a (simulated) H100 $1 a second."""
+    tmp = tmp_path_factory.mktemp("budget-pool")
+    tokens = {user: secrets.token_hex(24) for user in SPENT_EARLIER}
+    now, ledger = time.time(), Ledger(tmp / "ledger.sqlite")
+    for user, spent in SPENT_EARLIER.items():
+        ledger.save(SessionRecord(id=secrets.token_hex(8), user=user, hardware="H100",
+                                  state="stopped", created=now - 2, started=now - 1,
+                                  ended=now, gpu_type="H100", count=1,
+                                  rate_per_hour=spent * 3600,
+                                  stop_reason="stopped by its owner"))
+    ledger.close()
+    config = tmp / "pool_config.py"
+    config.write_text(f"c.PoolApp.users = {({t: u for u, t in tokens.items()})!r}\n"
+                      "c.PoolApp.daily_limit = 100.0\n"
+                      "c.PoolApp.meter_interval = 0.3\n"
+                      "c.PoolApp.catalog_overrides = {'H100': {'price_per_hour': 3600}}\n")
+    pool = PoolProcess(tmp, [host_factory.start("H100:1", name="budget")], config,
+                       db=tmp / "ledger.sqlite").start()
+    try:
+        yield BudgetPool(pool, tokens)
+    finally:
+        pool.stop()
+
+
 @pytest.mark.timeout(120)
 def test_a_budget_nearly_spent_is_said_under_a_cell_and_in_status(
-        host_factory: HostFactory, tmp_path: Path) -> None:
+        budget_pool: BudgetPool) -> None:
     """The kernel checks with the pool beside its cells, as ``%%remote`` does: the pool's
     warning that a budget is nearly spent shows under a cell, and in ``%cloudgpu status``.
 
-    The user spent $85 of a $100 daily budget earlier today (a session in the pool's
-    ledger), so the pool warns about the new session at its first meter, and never stops
-    it: a CPU costs next to nothing.
+    The user spent $85 of the day's $100 earlier, so the pool warns about the new session
+    at its first meter, and never stops it: a CPU costs next to nothing.
     """
-    token, now = secrets.token_hex(24), time.time()
-    db = tmp_path / "budget-ledger.sqlite"
-    earlier = Ledger(db)
-    earlier.save(SessionRecord(id=secrets.token_hex(8), user="erin", hardware="H100",
-                               state="stopped", created=now - 2, started=now - 1, ended=now,
-                               gpu_type="H100", count=1, rate_per_hour=85 * 3600,
-                               stop_reason="stopped by its owner"))
-    earlier.close()
-    config = tmp_path / "budget_pool_config.py"
-    config.write_text(f"c.PoolApp.users = {({token: 'erin'})!r}\n"
-                      "c.PoolApp.daily_limit = 100.0\n"
-                      "c.PoolApp.meter_interval = 0.3\n")
-    pool = PoolProcess(tmp_path, [host_factory.start(name="budget")], config, name="budget",
-                       db=db).start()
     warning = "85% of your daily budget of $100.00 used"
+    km, kc = start_kernel("cloudgpu-cpu", CLOUDGPU_POOL=budget_pool.pool.url,
+                          CLOUDGPU_TOKEN=budget_pool.tokens["erin"])
     try:
-        km, kc = start_kernel("cloudgpu-cpu", CLOUDGPU_POOL=pool.url, CLOUDGPU_TOKEN=token)
-        try:
-            said = [ok(kc, "pass", timeout=90).stream("stderr")]
+        said = [ok(kc, "pass", timeout=90).stream("stderr")]
 
-            def warned() -> bool:  # a cell asks the pool at most every 5 s
-                if warning not in said[-1]:
-                    said.append(ok(kc, "pass").stream("stderr"))
-                return warning in said[-1]
+        def warned() -> bool:  # a cell asks the pool at most every 5 s
+            if warning not in said[-1]:
+                said.append(ok(kc, "pass").stream("stderr"))
+            return warning in said[-1]
 
-            wait_until(warned, within=30, what="a cell saying the pool's budget warning")
-            assert f"cloudgpu: ⚠ {warning}\n" in said[-1], said
-            assert status(kc)["warning"] == warning
-            assert warning not in ok(kc, "pass").stream("stderr")
-        finally:
-            stop_kernel(km, kc)
+        wait_until(warned, within=30, what="a cell saying the pool's budget warning")
+        assert f"cloudgpu: ⚠ {warning}\n" in said[-1], said
+        assert status(kc)["warning"] == warning
+        assert warning not in ok(kc, "pass").stream("stderr")
     finally:
-        pool.stop()
+        stop_kernel(km, kc)
+
+
+@pytest.mark.timeout(120)
+def test_a_cell_the_pool_stops_for_a_spent_budget_fails_saying_so(
+        budget_pool: BudgetPool) -> None:
+    """The pool stops a session whose budget is spent, interrupting its cell first: the
+    cell fails with the pool's reason (as a ``%%remote`` cell does), not with a bare
+    KeyboardInterrupt. The user spent $90 of $100 earlier; the H100 costs $1 a second."""
+    km, kc = start_kernel("cloudgpu-h100", CLOUDGPU_POOL=budget_pool.pool.url,
+                          CLOUDGPU_TOKEN=budget_pool.tokens["frank"])
+    try:
+        ex = run(kc, "import time\nprint('started', flush=True)\ntime.sleep(90)", timeout=100)
+        assert "started" in ex.stream(), ex.describe()
+        assert ex.status == "error" and ex.reply["ename"] == "BudgetExceededError", \
+            ex.describe()
+        why = "The 1x H100 (simulated) session was stopped: your daily budget of $100.00 is spent"
+        assert ex.reply["evalue"].startswith(why), ex.reply["evalue"]
+        assert "Restart the kernel" in ex.reply["evalue"]
+        assert ex.states() == ["busy", "idle"], ex.describe()
+        assert ok(kc, "%cloudgpu status").stream().startswith(f"no remote kernel: {why}")
+    finally:
+        stop_kernel(km, kc)
 
 
 # --- failures, restart, shutdown ----------------------------------------------------------
