@@ -169,6 +169,39 @@ def test_values_of_many_sizes_and_dtypes_round_trip_exactly_by_the_side_channel(
     run(go)
 
 
+def test_a_batch_no_cell_claims_is_freed_once_a_later_one_is_claimed(
+        host: HostProcess) -> None:
+    """Frames that came for a cell that was given up (aborted by the kernel, or cancelled
+    between its frames and its message) would be held for as long as the side connection
+    lasts: the next claim after ``given_up_after`` frees them, and takes its own whole."""
+    async def waiting(session: RemoteSession) -> int:
+        result = await session.run_cell("waiting = get_ipython().cloudgpu_agent.side."
+                                        "unclaimed()", {}, ["waiting"], lambda *_: None)
+        return int(_load(result.pulled["waiting"]))
+
+    async def go() -> None:
+        session, admin = await open_session(host)
+        try:
+            await session.run_cell("get_ipython().cloudgpu_agent.side.given_up_after = 0",
+                                   {}, [], lambda *_: None)
+            side = await session.kernel.side_channel()
+            assert side is not None
+            await side.send("given-up", [memoryview(bytes(2 * MIB))])  # no message follows
+            deadline = asyncio.get_running_loop().time() + 30
+            while await waiting(session) != 2 * MIB:  # the agent reads it in a thread
+                assert asyncio.get_running_loop().time() < deadline, "it never arrived"
+            x = np.arange(MIB, dtype=np.float64)
+            result = await session.run_cell("total = float(x.sum())", {"x": dumps(x, "x")},
+                                            ["total"], lambda *_: None)
+            assert not result.push_errors, result.push_errors
+            assert _load(result.pulled["total"]) == float(x.sum())
+            assert await waiting(session) == 0
+        finally:
+            await close(session, admin)
+
+    run(go)
+
+
 def test_turned_off_in_the_client_big_values_take_the_websocket(host: HostProcess) -> None:
     async def go() -> None:
         session, admin = await open_session(host, side_channel=False)

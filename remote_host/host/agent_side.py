@@ -7,7 +7,8 @@ socket attached (SCM_RIGHTS), or, for a TLS connection it relays, without: then 
 connection itself carries the bytes. One thread per channel reads what the client pushes
 into preallocated buffers; the kernel's main thread claims a batch's frames when the
 batch's last comm message arrives (:meth:`SideChannels.take`), and writes pulled frames
-itself (:meth:`SideChannels.send`).
+itself (:meth:`SideChannels.send`). Frames whose cell was given up (aborted, or cancelled
+before its message) are freed by a later claim, or when the channel closes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = ["SideChannels", "socket_path"]
 log = logging.getLogger("cloudgpu.agent")
 
 REGISTER_TIMEOUT = 30.0  # seconds a comm message may wait for its channel to be handed over
+GIVEN_UP_AFTER = 60.0  # seconds a batch passed over by a later one waits before it is freed
 
 
 def socket_path(connection_file: str | os.PathLike[str]) -> Path:
@@ -45,6 +47,7 @@ class _Channel:
         self.writer.settimeout(IO_TIMEOUT)
         self.closed: str | None = None
         self.arrived: dict[str, list[Buffer]] = {}
+        self.arrived_at: dict[str, float] = {}  # time.monotonic() of each arrived batch
         self.progressed = time.monotonic()
 
 
@@ -61,6 +64,8 @@ class SideChannels:
         self._listener.listen(16)
         self._channels: dict[str, _Channel] = {}
         self._changed = threading.Condition()
+        #: Seconds a batch passed over by a later one is kept (see :meth:`take`).
+        self.given_up_after = GIVEN_UP_AFTER
         threading.Thread(target=self._accept, name="cloudgpu-side", daemon=True).start()
 
     def _accept(self) -> None:
@@ -97,6 +102,7 @@ class SideChannels:
                 batch, frames = read_message(channel.sock, progressed)
                 with self._changed:
                     channel.arrived[batch] = frames
+                    channel.arrived_at[batch] = time.monotonic()
                     self._changed.notify_all()
         except EOFError:
             why = "the client closed it"
@@ -109,6 +115,7 @@ class SideChannels:
             if channel.closed is None:
                 channel.closed = why
                 channel.arrived.clear()  # nobody can ask for these any more: free them
+                channel.arrived_at.clear()
             self._changed.notify_all()
         for sock in (channel.sock, channel.writer):
             with contextlib.suppress(OSError):
@@ -141,7 +148,31 @@ class SideChannels:
                 if time.monotonic() - channel.progressed > 2 * IO_TIMEOUT:
                     raise OSError(f"nothing came by the side channel for {2 * IO_TIMEOUT:.0f} s")
                 self._changed.wait(1.0)
+            self._free_given_up(channel, batch)
+            channel.arrived_at.pop(batch, None)
             return channel.arrived.pop(batch)
+
+    def _free_given_up(self, channel: _Channel, claimed: str) -> None:
+        """Free the batches that came before ``claimed`` and waited ``given_up_after``
+        seconds: their cells were given up (aborted by the kernel, or cancelled between
+        their frames and their message), or they would have been claimed first.
+
+        A client sends its batches' messages in the order their frames came, and the kernel
+        claims them in that order; only two of its cells racing each other may swap, by the
+        moment one waits for the other's message, not by a minute."""
+        now = time.monotonic()
+        keys = list(channel.arrived)
+        for old in keys[:keys.index(claimed)]:
+            if now - channel.arrived_at.get(old, now) > self.given_up_after:
+                channel.arrived_at.pop(old, None)
+                log.warning("Side channel %s: batch %s (%d bytes) was never claimed; freed",
+                            channel.id, old, _size(channel.arrived.pop(old)))
+
+    def unclaimed(self) -> int:
+        """Bytes that came by the side channels and wait for their cell to claim them."""
+        with self._changed:
+            return sum(_size(frames) for channel in self._channels.values()
+                       for frames in channel.arrived.values())
 
     def send(self, channel_id: str, batch: str, frames: Sequence[memoryview]) -> None:
         """Send ``frames`` to the client as ``batch``.
@@ -163,3 +194,7 @@ class SideChannels:
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def _size(frames: Sequence[Buffer]) -> int:
+    return sum(len(frame) for frame in frames)
