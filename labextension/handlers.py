@@ -99,15 +99,23 @@ class CloudGPUAPIHandler(APIHandler):
 
 class StatusHandler(CloudGPUAPIHandler):
     """``GET /cloudgpu/api/status``: sessions with live readings, totals and today's spending:
-    all the status bar and the sessions panel show, in one request."""
+    all the status bar and the sessions panel show, in one request. With ``?ended_since=T``,
+    also the sessions that ended since then, and why."""
 
     @web.authenticated
     async def get(self) -> None:
+        since = self.get_query_argument("ended_since", None)
+        try:
+            ended_since = float(since) if since is not None else None
+        except ValueError:
+            raise web.HTTPError(400, "ended_since must be a time in seconds (the `now` of "
+                                     "an earlier status)") from None
+
         async def produce() -> dict[str, Any]:
             sessions, metrics, cost = await self.link.call(lambda c: asyncio.gather(
                 c.user_sessions(), c.metrics(), c.cost()))
             return status_view(sessions, metrics, cost, self.root_dir, time.time(),
-                               await self.link.description())
+                               await self.link.description(), ended_since)
 
         await self.answer(produce)
 

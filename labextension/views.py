@@ -17,6 +17,10 @@ __all__ = ["UI_STATES", "notebook_path", "session_view", "status_view"]
 UI_STATES = ("queued", "starting", "running", "idle")
 """What the sessions panel shows: ``running`` while a cell runs, ``idle`` while it waits."""
 
+ENDED_MARGIN = 60.0
+"""Seconds before ``ended_since`` that ended sessions are still listed from: the pool's
+clock may be behind the lab's (the browser tells each session once)."""
+
 
 def notebook_path(notebook: str | None, root_dir: str) -> str | None:
     """The notebook's path as JupyterLab names it (relative to the server root, ``/``-separated).
@@ -98,18 +102,28 @@ def session_view(session: Mapping[str, Any], readings: Mapping[str, Any] | None,
 
 
 def status_view(sessions: list[Mapping[str, Any]], metrics: Mapping[str, Mapping[str, Any]],
-                cost: Mapping[str, Any], root_dir: str, now: float,
-                pool: str) -> dict[str, Any]:
+                cost: Mapping[str, Any], root_dir: str, now: float, pool: str,
+                ended_since: float | None = None) -> dict[str, Any]:
     """Everything the status bar and the sessions panel show, in one answer.
 
     ``today`` is what the user spent since midnight (ended sessions included);
-    ``daily_limit`` is their budget (None: none).
+    ``daily_limit`` is their budget (None: none). ``ended`` lists the sessions that ended
+    since ``ended_since`` (the ``now`` of the browser's last answer; none without it), with
+    why, from today's spending, which lists them all: so the lab can say what the pool
+    stopped, even a session that began and ended between two polls, or while the tab was
+    hidden (it does not poll then).
     """
     views = [session_view(s, metrics.get(str(s["id"])), root_dir, now) for s in sessions]
+    ended = [{"id": s["id"], "display": _display(s),
+              "path": notebook_path(s.get("notebook"), root_dir),
+              "stop_reason": s.get("stop_reason"), "ended": s["ended"]}
+             for s in cost.get("sessions", []) if ended_since is not None
+             and s.get("ended") is not None and s["ended"] >= ended_since - ENDED_MARGIN]
     return {
         "pool": pool,
         "now": now,
         "sessions": views,
+        "ended": ended,
         "total_cost": sum(v["cost"] for v in views),
         "total_rate_per_hour": sum(v["rate_per_hour"] for v in views
                                    if v["state"] in ("running", "idle")),

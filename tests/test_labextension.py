@@ -147,13 +147,23 @@ def test_metrics_and_sessions_answer_by_session_id(
 @pytest.mark.timeout(240)
 def test_delete_stops_a_session_and_an_unknown_one_is_404(
         lab: LabProcess, two_remote_sessions: dict[str, Any]) -> None:
-    a100 = next(s for s in _status(lab)["sessions"]
+    before = _status(lab)
+    a100 = next(s for s in before["sessions"]
                 if s["path"] == "two.ipynb" and s["gpu_type"] == "A100-80GB")
     response = lab.request("DELETE", API + f"sessions/{a100['id']}")
     assert response.status_code == 200, response.text
     assert response.json()["session"]["id"] == a100["id"]
-    left = [s["id"] for s in _status(lab)["sessions"]]
-    assert a100["id"] not in left
+    after = _status(lab)
+    assert a100["id"] not in [s["id"] for s in after["sessions"]]
+    assert after["ended"] == []  # asked without ended_since: the first poll of a lab
+    # Asked since the last answer, the status lists what ended meanwhile, and why.
+    since = lab.request("GET", API + f"status?ended_since={before['now']}")
+    assert since.status_code == 200, since.text
+    [told] = [e for e in since.json()["ended"] if e["id"] == a100["id"]]
+    assert told["stop_reason"] == "stopped by its owner", told
+    assert (told["display"], told["path"]) == (a100["display"], "two.ipynb"), told
+    bad = lab.request("GET", API + "status?ended_since=soon")
+    assert bad.status_code == 400 and "ended_since" in bad.json()["message"], bad.text
     # Asked after its end, it says why it ended (the panel tells what the pool stopped).
     ended = lab.request("GET", API + f"sessions/{a100['id']}")
     assert ended.status_code == 200, ended.text

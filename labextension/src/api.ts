@@ -45,19 +45,13 @@ export async function requestAPI<T>(path: string, init: RequestInit = {}): Promi
 }
 
 /** `GET status`: sessions, readings and totals. */
-export function fetchStatus(): Promise<IStatus> {
-  return requestAPI<IStatus>('status');
+export function fetchStatus(endedSince?: number): Promise<IStatus> {
+  return requestAPI<IStatus>(endedSince === undefined ? 'status' : `status?ended_since=${endedSince}`);
 }
 
 /** `GET hardware`: what the pool offers. */
 export function fetchHardware(): Promise<IHardwareList> {
   return requestAPI<IHardwareList>('hardware');
-}
-
-/** `GET sessions/{id}`: one session, active or ended. */
-export async function fetchSession(id: string): Promise<ISession> {
-  const body = await requestAPI<{ session: ISession }>(`sessions/${encodeURIComponent(id)}`);
-  return body.session;
 }
 
 /** `DELETE sessions/{id}`: stop it. */

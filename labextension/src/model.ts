@@ -6,8 +6,8 @@
 import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
 
-import { fetchHardware, fetchSession, fetchStatus, stopSession } from './api';
-import { endedNotice, History, IHardwareList, ISession, IStatus, vanished } from './state';
+import { fetchHardware, fetchStatus, stopSession } from './api';
+import { endedNotice, History, IHardwareList, IStatus, untold } from './state';
 
 /** Hardware changes rarely (prices, free counts): asked at most this often, in ms. */
 const HARDWARE_EVERY = 10_000;
@@ -68,17 +68,25 @@ export class CloudGPUModel {
   async refresh(): Promise<void> {
     try {
       const due = Date.now() - this._hardwareAt > HARDWARE_EVERY;
+      // What ended since the last answer: sessions it listed, and any that began and ended
+      // in between, or while the tab was hidden (no polls then). The first answer lists
+      // what ended earlier today, to be left untold.
+      const first = this._status === null;
       const [status, hardware] = await Promise.all([
-        fetchStatus(),
+        fetchStatus(this._status?.now ?? 0),
         due ? fetchHardware() : Promise.resolve(this._hardware)
       ]);
       if (due) {
         this._hardwareAt = Date.now();
       }
-      const gone = this._status ? vanished(this._status.sessions, status.sessions, this._stoppedHere) : [];
       this._status = status;
       this._hardware = hardware;
-      void this._tellWhy(gone);
+      for (const ended of untold(status.ended, this._told)) {
+        const notice = first ? null : endedNotice(ended);
+        if (notice) {
+          this._ended.emit(notice);
+        }
+      }
       this._error = null;
       this.history.record(status.sessions);
     } catch (error) {
@@ -89,32 +97,10 @@ export class CloudGPUModel {
     }
   }
 
-  /** Stop a session at the pool, then refresh. */
+  /** Stop a session at the pool (not announced: its reason is its owner's), then refresh. */
   async stop(id: string): Promise<void> {
-    this._stoppedHere.add(id);
-    try {
-      await stopSession(id);
-    } catch (error) {
-      this._stoppedHere.delete(id);
-      throw error;
-    }
+    await stopSession(id);
     await this.refreshNow();
-  }
-
-  /** Ask why each session that left the list ended, and say so where the pool stopped it. */
-  private async _tellWhy(gone: ISession[]): Promise<void> {
-    for (const session of gone) {
-      let ended: ISession;
-      try {
-        ended = await fetchSession(session.id);
-      } catch {
-        continue; // not found any more, or the server is away: nothing sure to say
-      }
-      const notice = endedNotice({ ...ended, path: ended.path ?? session.path });
-      if (notice) {
-        this._ended.emit(notice);
-      }
-    }
   }
 
   dispose(): void {
@@ -128,5 +114,5 @@ export class CloudGPUModel {
   private _error: string | null = null;
   private _changed = new Signal<this, void>(this);
   private _ended = new Signal<this, string>(this);
-  private _stoppedHere = new Set<string>();
+  private _told = new Set<string>(); // ended sessions already looked at
 }

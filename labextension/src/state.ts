@@ -50,11 +50,22 @@ export interface ISession {
   readings: IReadings | null;
 }
 
+/** A session that ended since the last status (`IStatus.ended`). */
+export interface IEnded {
+  id: string;
+  display: string;
+  path: string | null;
+  stop_reason: string | null;
+  ended: number;
+}
+
 /** `GET /cloudgpu/api/status`. */
 export interface IStatus {
   pool: string;
   now: number;
   sessions: ISession[];
+  /** The sessions that ended since the `now` it was asked with (`ended_since`). */
+  ended: IEnded[];
   total_cost: number;
   total_rate_per_hour: number;
   today: number;
@@ -86,15 +97,17 @@ export interface IHardwareList {
  * notebook that released it: nothing to tell its owner about. */
 export const OWNER_STOP = 'stopped by its owner';
 
-/** The sessions of `before` that `now` no longer lists, less those in `stoppedHere`. */
-export function vanished(before: ISession[], now: ISession[], stoppedHere: Set<string>): ISession[] {
-  const still = new Set(now.map(s => s.id));
-  return before.filter(s => !still.has(s.id) && !stoppedHere.has(s.id));
+/** The sessions of `ended` not yet in `told`, now added to it: each is told of once,
+ * though the next status may list it again. */
+export function untold(ended: IEnded[], told: Set<string>): IEnded[] {
+  const fresh = ended.filter(e => !told.has(e.id));
+  fresh.forEach(e => told.add(e.id));
+  return fresh;
 }
 
-/** What to tell the user about a session that ended (its view after the end): why the
- * pool stopped it, or null when its owner did, or when it did not end. */
-export function endedNotice(ended: ISession): string | null {
+/** What to tell the user about a session that ended: why the pool stopped it, or null
+ * when its owner did, or when it did not end. */
+export function endedNotice(ended: Pick<IEnded, 'display' | 'path' | 'stop_reason'>): string | null {
   const reason = ended.stop_reason;
   if (!reason || reason === OWNER_STOP) {
     return null;

@@ -697,7 +697,8 @@ class Pool:
             "by_notebook": by_notebook,
             "sessions": [{"id": r.id, "hardware": r.hardware, "gpu_type": r.gpu_type,
                           "count": r.count, "state": r.state, "notebook": r.notebook,
-                          "cost": r.cost(now), "simulated": r.simulated} for r in records],
+                          "cost": r.cost(now), "simulated": r.simulated, "ended": r.ended,
+                          "stop_reason": r.stop_reason} for r in records],
         }
 
     # -- idleness ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from cloudgpu.kernel import install_kernelspecs
 from kernel_driver import vanish
@@ -174,6 +175,15 @@ def test_pick_h100_run_a_cell_watch_cost_and_stop_it_in_the_panel_simulated(
         expect(told).to_have_count(1, timeout=30_000)
         told.locator("xpath=ancestor::*[contains(@class, 'Toastify__toast')][1]").screenshot(
             path=SCREENSHOTS / "stopped-notice.png")
+        # So it does for a session the pool stopped at once, before any poll saw it.
+        pool_url, pool_token = local_pool()
+        brief = httpx.post(f"{pool_url}/api/sessions", json={"hardware": "cpu",
+                                                              "max_cost": 1e-9},
+                           headers={"Authorization": f"token {pool_token}"}, timeout=30)
+        assert brief.status_code == 201, brief.text
+        expect(page.get_by_text(re.compile(
+            r"cloudgpu: the CPU session was stopped: the session's max_cost of \$0\.00 was "
+            r"reached"))).to_have_count(1, timeout=30_000)
 
         # Stop the H100 one there: the card goes, and the pool has no session for the
         # notebook; the user stopped it, so nothing is said about it.

@@ -12,7 +12,7 @@ import {
   summarize,
   switchCommand,
   utilizationOf,
-  vanished
+  untold
 } from '../state';
 
 function session(overrides: Partial<ISession> = {}): ISession {
@@ -54,6 +54,7 @@ function status(sessions: ISession[], overrides: Partial<IStatus> = {}): IStatus
     pool: 'local pool',
     now: 0,
     sessions,
+    ended: [],
     total_cost: sessions.reduce((s, x) => s + x.cost, 0),
     total_rate_per_hour: 0,
     today: 0,
@@ -164,11 +165,13 @@ describe('History', () => {
 });
 
 describe('sessions the pool stopped', () => {
-  it('are those that left the list, less the ones stopped here', () => {
-    const [a, b, c] = [session({ id: 'a' }), session({ id: 'b' }), session({ id: 'c' })];
-    expect(vanished([a, b, c], [b], new Set()).map(s => s.id)).toEqual(['a', 'c']);
-    expect(vanished([a, b, c], [b], new Set(['c'])).map(s => s.id)).toEqual(['a']);
-    expect(vanished([], [a], new Set())).toEqual([]);
+  it('are each told of once, though statuses overlap', () => {
+    const ended = (id: string) => ({ id, display: 'CPU', path: null, stop_reason: 'x', ended: 1 });
+    const told = new Set<string>();
+    expect(untold([ended('a'), ended('b')], told).map(e => e.id)).toEqual(['a', 'b']);
+    expect(untold([ended('b'), ended('c')], told).map(e => e.id)).toEqual(['c']);
+    expect(untold([], told)).toEqual([]);
+    expect([...told]).toEqual(['a', 'b', 'c']);
   });
 
   it("say why, unless the owner stopped it or it did not end", () => {
