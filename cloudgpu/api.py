@@ -85,6 +85,8 @@ class SessionCost(TypedDict):
     notebook: str | None
     cost: float
     simulated: bool
+    ended: float | None  # epoch seconds, None while it is active
+    stop_reason: str | None
 
 
 class CostReport(TypedDict):
