@@ -54,6 +54,12 @@ export function fetchHardware(): Promise<IHardwareList> {
   return requestAPI<IHardwareList>('hardware');
 }
 
+/** `GET sessions/{id}`: one session, active or ended. */
+export async function fetchSession(id: string): Promise<ISession> {
+  const body = await requestAPI<{ session: ISession }>(`sessions/${encodeURIComponent(id)}`);
+  return body.session;
+}
+
 /** `DELETE sessions/{id}`: stop it. */
 export async function stopSession(id: string): Promise<ISession> {
   const body = await requestAPI<{ session: ISession }>(`sessions/${encodeURIComponent(id)}`, {

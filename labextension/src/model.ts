@@ -6,8 +6,16 @@
 import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
 
-import { fetchHardware, fetchStatus, stopSession } from './api';
-import { endedNotice, History, IHardwareList, IStatus, untold } from './state';
+import { fetchHardware, fetchSession, fetchStatus, stopSession } from './api';
+import {
+  endedNotice,
+  History,
+  IHardwareList,
+  ISession,
+  IStatus,
+  unaccounted,
+  untold
+} from './state';
 
 /** Hardware changes rarely (prices, free counts): asked at most this often, in ms. */
 const HARDWARE_EVERY = 10_000;
@@ -79,14 +87,13 @@ export class CloudGPUModel {
       if (due) {
         this._hardwareAt = Date.now();
       }
+      const missing = first ? [] : unaccounted(this._status?.sessions ?? [], status, this._told);
       this._status = status;
       this._hardware = hardware;
       for (const ended of untold(status.ended, this._told)) {
-        const notice = first ? null : endedNotice(ended);
-        if (notice) {
-          this._ended.emit(notice);
-        }
+        this._tell(first ? null : endedNotice(ended));
       }
+      void this._askWhy(missing);
       this._error = null;
       this.history.record(status.sessions);
     } catch (error) {
@@ -101,6 +108,25 @@ export class CloudGPUModel {
   async stop(id: string): Promise<void> {
     await stopSession(id);
     await this.refreshNow();
+  }
+
+  /** Ask why each session that left the list, though not as ended since, ended. */
+  private async _askWhy(missing: ISession[]): Promise<void> {
+    for (const session of missing) {
+      this._told.add(session.id);
+      try {
+        const ended = await fetchSession(session.id);
+        this._tell(endedNotice({ ...ended, path: ended.path ?? session.path }));
+      } catch {
+        // not found any more, or the server is away: nothing sure to say
+      }
+    }
+  }
+
+  private _tell(notice: string | null): void {
+    if (notice) {
+      this._ended.emit(notice);
+    }
   }
 
   dispose(): void {

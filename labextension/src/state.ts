@@ -105,6 +105,14 @@ export function untold(ended: IEnded[], told: Set<string>): IEnded[] {
   return fresh;
 }
 
+/** The sessions `before` listed that `now` neither lists nor says ended: their end was
+ * billed before `ended_since` (a host judged lost bills to when it was last seen), and
+ * each must be asked for. */
+export function unaccounted(before: ISession[], now: IStatus, told: Set<string>): ISession[] {
+  const known = new Set([...now.sessions, ...now.ended].map(s => s.id));
+  return before.filter(s => !known.has(s.id) && !told.has(s.id));
+}
+
 /** What to tell the user about a session that ended: why the pool stopped it, or null
  * when its owner did, or when it did not end. */
 export function endedNotice(ended: Pick<IEnded, 'display' | 'path' | 'stop_reason'>): string | null {

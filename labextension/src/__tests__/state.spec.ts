@@ -12,6 +12,7 @@ import {
   summarize,
   switchCommand,
   utilizationOf,
+  unaccounted,
   untold
 } from '../state';
 
@@ -172,6 +173,15 @@ describe('sessions the pool stopped', () => {
     expect(untold([ended('b'), ended('c')], told).map(e => e.id)).toEqual(['c']);
     expect(untold([], told)).toEqual([]);
     expect([...told]).toEqual(['a', 'b', 'c']);
+  });
+
+  it('are asked for when they left the list without showing as ended', () => {
+    const [a, b, c] = [session({ id: 'a' }), session({ id: 'b' }), session({ id: 'c' })];
+    const ended = { id: 'b', display: 'CPU', path: null, stop_reason: 'x', ended: 1 };
+    expect(unaccounted([a, b, c], status([c], { ended: [ended] }), new Set()).map(s => s.id))
+      .toEqual(['a']);
+    expect(unaccounted([a, b, c], status([c]), new Set(['a']))).toEqual([b]);
+    expect(unaccounted([], status([a]), new Set())).toEqual([]);
   });
 
   it("say why, unless the owner stopped it or it did not end", () => {
