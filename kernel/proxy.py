@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -552,7 +552,7 @@ class ProxyKernel:
                 self._stream(header, "stdout", await self._status())
             elif command.action == "switch":
                 assert command.spec is not None
-                await self._switch(request, command.spec)
+                await self._switch(request, command.spec, command.options)
             else:
                 self._stream(header, "stdout", USAGE + "\n")
         except (CloudGPUError, _Interrupted) as e:
@@ -586,9 +586,12 @@ class ProxyKernel:
         if self.remote is None:
             why = self._lost or f"the last start on {self.spec.display} failed"
             return f"no remote kernel: {why}\n"
-        return status_text(self.core.info())
+        return status_text(self.core.info(), self.core.options)
 
-    async def _switch(self, request: _Request, spec: HardwareSpec) -> None:
+    async def _switch(self, request: _Request, spec: HardwareSpec,
+                      options: Mapping[str, float]) -> None:
+        """Move to ``spec``; its ``options`` (``max_cost``, ``idle_timeout``) hold for the new
+        session and those after it, once it is there."""
         header = request.msg["header"]
         if self._startup is not None and not self._startup.done():
             # Still waiting for the old hardware, with nothing to carry: stop waiting.
@@ -607,10 +610,15 @@ class ProxyKernel:
             self._install(new, info)
 
         self._status_target = header
+        kept = dict(self.core.options)
+        self.core.options.update(options)
         try:
             report = await self._unless_interrupted(self.core.switch(
                 self._events(say=lambda text: self._stream(header, "stderr", text)), spec,
                 forward=self._on_remote, prepare=take_over, announce=False))
+        except BaseException:
+            self.core.options = kept  # nothing changed
+            raise
         finally:
             self._status_target = None
         grant = self.core.remote.grant

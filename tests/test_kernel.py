@@ -371,6 +371,9 @@ def test_cloudgpu_mistakes_are_clear_errors_that_never_reach_the_remote(
     assert "%cloudgpu switch gpu=A100-80GB" in ex.tracebacks()
     ex = run(kc, "%cloudgpu switch")
     assert "Say which hardware" in ex.tracebacks()
+    for wrong in ("max_cost=-1", "max_cost=lots", "idle_timeout=inf"):
+        ex = run(kc, f"%cloudgpu switch gpu=H100 {wrong}")
+        assert ex.status == "error" and "must be a positive number" in ex.tracebacks(), wrong
     # Nothing reached the remote kernel: it never heard of a %cloudgpu magic.
     assert ok(kc, "print(sum('cloudgpu' in c for c in In[:-1]))").stream() == "0\n"
 
@@ -561,6 +564,28 @@ def test_a_cell_the_pool_stops_for_a_spent_budget_fails_saying_so(
         assert "Restart the kernel" in ex.reply["evalue"]
         assert ex.states() == ["busy", "idle"], ex.describe()
         assert ok(kc, "%cloudgpu status").stream().startswith(f"no remote kernel: {why}")
+    finally:
+        stop_kernel(km, kc)
+
+
+@pytest.mark.timeout(120)
+def test_a_switch_can_set_a_max_cost_that_the_pool_then_stops_the_session_at(
+        budget_pool: BudgetPool) -> None:
+    """``%cloudgpu switch gpu=H100 max_cost=5``: the new session has a budget of its own
+    ($1 a second here), shown in ``%cloudgpu status``, and its cell fails saying so."""
+    km, kc = start_kernel("cloudgpu-cpu", CLOUDGPU_POOL=budget_pool.pool.url,
+                          CLOUDGPU_TOKEN=budget_pool.tokens["erin"])
+    try:
+        ok(kc, "x = 41", timeout=90)
+        assert "limits" not in status(kc)
+        ok(kc, "%cloudgpu switch gpu=H100 max_cost=5 idle_timeout=600", timeout=90)
+        assert status(kc)["limits"] == "max_cost $5.00, idle_timeout 10 min"
+        ex = run(kc, "import time\nprint(x + 1, flush=True)\ntime.sleep(90)", timeout=100)
+        assert ex.stream() == "42\n", ex.describe()  # the variable moved
+        assert ex.status == "error" and ex.reply["ename"] == "BudgetExceededError", \
+            ex.describe()
+        assert "session was stopped: the session's max_cost of $5.00 was reached" in \
+            ex.reply["evalue"], ex.reply["evalue"]
     finally:
         stop_kernel(km, kc)
 
