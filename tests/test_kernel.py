@@ -404,11 +404,12 @@ def test_switch_carries_variables_to_simulated_a100_and_names_what_stays(
     assert status(kc)["hardware"] == "CPU"
 
     # Hardware the pool cannot give: a clear error, and the session stays as it was.
-    ex = run(kc, "%cloudgpu switch gpu=H200", timeout=60)
+    ex = run(kc, "%cloudgpu switch gpu=H200 max_cost=5", timeout=60)
     assert ex.status == "error"
     assert "Could not switch to 1x H200" in ex.tracebacks()
     assert "Nothing changed: still on CPU" in ex.tracebacks()
     assert value(kc, "p.norm()") == 5.0
+    assert "limits" not in status(kc)  # not even the budget that came with it
 
     # The old kernel's agent fails taking the variables (a fault injected there): the same,
     # at once, rather than a wait for an answer that never comes.
