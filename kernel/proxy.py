@@ -88,6 +88,7 @@ class ProxyKernel:
         self.execution_count = 0
         self._startup: asyncio.Task[None] | None = None
         self._lost: str | None = None  # why the last remote kernel is gone, until a new one
+        self._lost_as = "RemoteKernelDiedError"  # the error its cells fail with then
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._pending: dict[str, _Request] = {}  # relayed requests awaiting a reply
         # Relayed execute requests not yet answered, in order (a dict as an ordered set):
@@ -353,7 +354,7 @@ class ProxyKernel:
         if self.remote is not None:
             return self.remote
         if self._lost is not None:
-            self._unavailable(request, "RemoteKernelDiedError", self._lost)
+            self._unavailable(request, self._lost_as, self._lost)
             return None
         startup = self._startup
         error = startup.exception() if startup is not None and startup.done() and \
@@ -492,9 +493,9 @@ class ProxyKernel:
                       f"lost and its hardware was released. Restart the kernel to start a new "
                       f"one, or `%cloudgpu switch gpu=...`.")
         log.warning("%s", self._lost)
-        ename = stopped_kind(why).__name__ if why else "RemoteKernelDiedError"
+        self._lost_as = stopped_kind(why).__name__ if why else "RemoteKernelDiedError"
         for request in list(self._pending.values()):
-            self._unavailable(request, ename, self._lost)
+            self._unavailable(request, self._lost_as, self._lost)
         self._pending.clear()
         self._held.clear()
         self._running.clear()
