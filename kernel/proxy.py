@@ -222,7 +222,7 @@ class ProxyKernel:
         for text in self.core.unsaid(warnings):
             self._say(f"⚠ {text}", later=True)
         if ended:
-            self._on_lost(remote, f"{ended}.")
+            self._on_lost(remote, f"{ended}.", why=self.client.ended_meanwhile(remote))
 
     async def _release(self, session: RemoteSession) -> None:
         try:
@@ -458,7 +458,7 @@ class ProxyKernel:
             why = await asyncio.wait_for(self.client.ended_reason(remote), 5)
         if why:  # the cell fails as the session is let go (_lose), which drops what was held
             if remote is self.remote:
-                self._on_lost(remote, str(stopped_error(remote.grant.display, why)))
+                self._on_lost(remote, str(stopped_error(remote.grant.display, why)), why)
             elif self._losing is None or self._losing.done():
                 self._held.pop(parent_id, None)  # let go already
             return
@@ -475,19 +475,20 @@ class ProxyKernel:
         if not self._running:
             self._idle.set()
 
-    def _on_lost(self, remote: RemoteSession, what: str) -> None:
-        """The remote kernel died or its host went away: fail what waits on it, free the GPUs."""
+    def _on_lost(self, remote: RemoteSession, what: str, why: str | None = None) -> None:
+        """The remote kernel died or its host went away: fail what waits on it, free the GPUs.
+        ``why``: the provider's reason for ending the session, when it is known already."""
         if remote is not self.remote:
             return  # an old kernel we let go of
         self.remote = None
         self._lost = what
-        self._losing = asyncio.get_running_loop().create_task(self._lose(remote, what))
+        self._losing = asyncio.get_running_loop().create_task(self._lose(remote, what, why))
 
-    async def _lose(self, remote: RemoteSession, what: str) -> None:
-        why = None
-        with contextlib.suppress(CloudGPUError, OSError, asyncio.TimeoutError):
-            # A pool knows when it stopped the session itself (budget, idleness).
-            why = await asyncio.wait_for(self.client.ended_reason(remote), 5)
+    async def _lose(self, remote: RemoteSession, what: str, why: str | None) -> None:
+        if why is None:
+            with contextlib.suppress(CloudGPUError, OSError, asyncio.TimeoutError):
+                # A pool knows when it stopped the session itself (budget, idleness).
+                why = await asyncio.wait_for(self.client.ended_reason(remote), 5)
         said = f" The pool says: {why}." if why and why not in what else ""
         self._lost = (f"{what}{said} Its variables are "
                       f"lost and its hardware was released. Restart the kernel to start a new "
